@@ -1,0 +1,120 @@
+"""Public functional ops: validated entry points that pick an implementation.
+
+  cartesian_topk(lx, ly, k)                  -> (scores (T, k) f32, indices (T, k) i32)
+  atomic_experts(x, up, down, weights, indices, *, activation="silu", impl=None) -> (T, d)
+
+`impl` is "xla" (the plain-jnp oracle in `omnimoe.reference`) or "pallas" (the kernels in
+`omnimoe.pallas`); None picks Pallas on GPU and XLA elsewhere. Inputs are checked here,
+at the boundary, so that a wrong shape or dtype is a clear error rather than a kernel
+fault; index ranges are checked whenever the indices are concrete (outside jit).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnimoe import reference
+
+IMPLS = ("xla", "pallas")
+
+
+def default_impl() -> str:
+  """Pallas on GPU, plain XLA elsewhere (Pallas GPU kernels do not compile for CPU)."""
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def _resolve_impl(impl: str | None) -> str:
+  impl = default_impl() if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+  return impl
+
+
+def _check_rank(name: str, a, rank: int, meaning: str) -> None:
+  if np.ndim(a) != rank:
+    raise ValueError(f"{name} must have rank {rank} ({meaning}), got shape {np.shape(a)}")
+
+
+def _check_float(name: str, a) -> None:
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
+
+
+def _check_indices(indices, num_experts: int) -> None:
+  """Indices must be int32; their range is checked when they are concrete."""
+  if indices.dtype != jnp.int32:
+    raise TypeError(f"indices must be int32, got {indices.dtype}")
+  if isinstance(indices, jax.core.Tracer):
+    return
+  idx = np.asarray(indices)
+  if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
+    raise ValueError(f"indices must lie in [0, {num_experts}); got values in "
+                     f"[{idx.min()}, {idx.max()}]")
+
+
+def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, impl: str | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k over the Cartesian grid of `lx[t, i] + ly[t, j]`.
+
+  Args:
+    lx, ly: (T, n) row and column scores (log-probabilities), same T.
+    k: experts per token, a Python int with 1 <= k <= n_x * n_y.
+  Returns:
+    scores (T, k) float32 in descending order and indices (T, k) int32, the flat expert
+    ids `i * n_y + j`. Equal scores are ordered by ascending expert id.
+  """
+  _check_rank("lx", lx, 2, "tokens, rows")
+  _check_rank("ly", ly, 2, "tokens, columns")
+  _check_float("lx", lx)
+  _check_float("ly", ly)
+  if lx.shape[0] != ly.shape[0]:
+    raise ValueError(f"lx and ly must have the same number of tokens, got {lx.shape} "
+                     f"and {ly.shape}")
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+    raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+  num_experts = lx.shape[1] * ly.shape[1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {num_experts}, got {k}")
+  if _resolve_impl(impl) == "pallas":
+    from omnimoe.pallas import router_topk
+    return router_topk.cartesian_topk(lx, ly, int(k))
+  return reference.cartesian_topk(lx, ly, int(k))
+
+
+def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
+                   indices: jax.Array, *, activation: str = "silu",
+                   impl: str | None = None) -> jax.Array:
+  """Atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`.
+
+  Args:
+    x: (T, d) tokens. up, down: (N, d) expert tables. weights: (T, k) routing weights.
+    indices: (T, k) int32 expert ids in [0, N).
+    activation: one of `reference.ACTIVATIONS`.
+    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere).
+  Returns:
+    (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights.
+  """
+  _check_rank("x", x, 2, "tokens, hidden")
+  _check_rank("up", up, 2, "experts, hidden")
+  _check_rank("down", down, 2, "experts, hidden")
+  _check_rank("weights", weights, 2, "tokens, k")
+  _check_rank("indices", indices, 2, "tokens, k")
+  for name, a in (("x", x), ("up", up), ("down", down), ("weights", weights)):
+    _check_float(name, a)
+  if up.shape != down.shape:
+    raise ValueError(f"up and down must have the same shape, got {up.shape} and {down.shape}")
+  if x.shape[1] != up.shape[1]:
+    raise ValueError(f"hidden size mismatch: x has d={x.shape[1]}, tables have "
+                     f"d={up.shape[1]}")
+  if weights.shape != indices.shape or weights.shape[0] != x.shape[0]:
+    raise ValueError(f"weights and indices must both be (T, k) with T={x.shape[0]}, got "
+                     f"{weights.shape} and {indices.shape}")
+  if activation not in reference.ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got "
+                     f"{activation!r}")
+  _check_indices(indices, up.shape[0])
+  if _resolve_impl(impl) == "pallas":
+    from omnimoe.pallas import expert_ops
+    return expert_ops.atomic_experts(x, up, down, weights, indices, activation=activation)
+  return reference.atomic_experts(x, up, down, weights, indices, activation)

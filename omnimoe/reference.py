@@ -1,0 +1,70 @@
+"""Plain-jnp reference implementations: the oracle every kernel is tested against.
+
+Nothing here is tuned; everything here is written to be obviously right. The public,
+validated entry points are in `omnimoe.ops`; these functions assume valid inputs.
+
+Conventions shared with the kernels:
+  * Expert e of the Cartesian grid sits at row i = e // n_y, column j = e % n_y.
+  * Top-k tie rule: scores in descending order; equal scores are ordered by ascending
+    flat expert index e. (This makes product-key search exact; see `cartesian_topk`.)
+  * A (token, expert) pair whose expert index lies outside [0, N) contributes nothing
+    (forward and backward); kernels clamp-and-mask to the same effect.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+    "identity": lambda s: s,
+}
+
+
+def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k of `lx[t, i] + ly[t, j]` over the grid, by product-key search.
+
+  A pair (i, j) in the true top-k can only use a row among the top-k rows of lx and a
+  column among the top-k columns of ly: any other row i' is beaten by the k candidate
+  rows paired with the same column (higher score, or equal score and a lower flat
+  index under our tie rule). So we sort k x k candidates instead of n_x * n_y scores:
+  O(n + k^2) per token.
+
+  Args:
+    lx: (T, n_x) row scores (log-probabilities). ly: (T, n_y) column scores.
+    k: number of experts per token, 1 <= k <= n_x * n_y.
+  Returns:
+    scores (T, k) float32, descending; indices (T, k) int32 flat expert ids.
+  """
+  lx = lx.astype(jnp.float32)
+  ly = ly.astype(jnp.float32)
+  tokens, n_y = lx.shape[0], ly.shape[1]
+  row_scores, rows = lax.top_k(lx, min(k, lx.shape[1]))  # ties: lower index first
+  col_scores, cols = lax.top_k(ly, min(k, n_y))
+  cand = (row_scores[:, :, None] + col_scores[:, None, :]).reshape(tokens, -1)
+  flat = (rows[:, :, None] * n_y + cols[:, None, :]).reshape(tokens, -1)
+  # Sort by (-score, index). `+ 0.0` folds -0.0 into 0.0 so equal scores tie exactly.
+  neg, flat = lax.sort((-cand + 0.0, flat.astype(jnp.int32)), dimension=1, num_keys=2)
+  return -neg[:, :k], flat[:, :k]
+
+
+def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
+                   indices: jax.Array, activation: str = "silu") -> jax.Array:
+  """Token-centric atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * w_tk * down[e_tk]`.
+
+  Gathers a (T, k, d) copy of each table: fine as an oracle, memory-bound as a kernel.
+  Accumulates in float32; returns x.dtype.
+  """
+  f32 = jnp.float32
+  n = up.shape[0]
+  valid = (indices >= 0) & (indices < n)
+  safe = jnp.where(valid, indices, 0)
+  u = jnp.take(up, safe, axis=0).astype(f32)  # (T, k, d)
+  v = jnp.take(down, safe, axis=0).astype(f32)
+  s = jnp.einsum("td,tkd->tk", x.astype(f32), u)
+  a = ACTIVATIONS[activation](s) * weights.astype(f32) * valid
+  y = jnp.einsum("tk,tkd->td", a, v)
+  return y.astype(x.dtype)
