@@ -1,0 +1,79 @@
+"""Atomic experts with a custom VJP over the Pallas kernels.
+
+Reference: `omnimoe.reference.atomic_experts` (values) and its autodiff (gradients).
+This file holds no kernel: it wires the stages together and is independent of the
+backend the kernels are written for.
+
+  forward   expert_tokens.forward         token-centric: y, and s kept for backward
+  backward  expert_tokens.token_backward  token-centric: dx, dweights, per-pair ds and a
+            expert_tables.table_gradients expert-centric: bucketing, then dU, dV
+                                          as tensor-core segment sums
+
+Why this split (cost model, DESIGN.md section 2): the (T, d) outputs are cheapest where
+a program owns its tokens (no sort, no atomics), at the price of one table-row gather
+per pair; the (N, d) gradients are cheapest where a program owns its experts (each
+gradient row written once, no scatter). The sort (here a cheaper bucketing) exists only
+in the backward, where the gradients need it. The module docstrings give the details;
+experiments/kernels_notes.md gives the measured numbers.
+
+Gradients of up/down come back in the tables' dtype, dx in x's, dweights in weights';
+all accumulation is float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+from omnimoe.pallas import common, expert_tables, expert_tokens
+
+TokenConfig = expert_tokens.TokenConfig
+TableConfig = expert_tables.TableConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+  forward: TokenConfig = TokenConfig()
+  backward: TokenConfig = TokenConfig()
+  tables: TableConfig = TableConfig()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _atomic_experts(x, up, down, weights, indices, activation, config, interpret):
+  y, _ = expert_tokens.forward(x, up, down, weights, indices, activation=activation,
+                               config=config.forward, interpret=interpret)
+  return y
+
+
+def _fwd(x, up, down, weights, indices, activation, config, interpret):
+  y, s = expert_tokens.forward(x, up, down, weights, indices, activation=activation,
+                               config=config.forward, interpret=interpret)
+  return y, (x, up, down, weights, indices, s)
+
+
+def _bwd(activation, config, interpret, residuals, dy):
+  x, up, down, weights, indices, s = residuals
+  dx, dweights, ds, a = expert_tokens.token_backward(
+      dy, up, down, weights, indices, s, activation=activation, config=config.backward,
+      interpret=interpret)
+  dup, ddown = expert_tables.table_gradients(
+      x, dy, indices, ds, a, num_experts=up.shape[0], up_dtype=up.dtype,
+      down_dtype=down.dtype, config=config.tables, interpret=interpret)
+  return dx, dup, ddown, dweights, None
+
+
+_atomic_experts.defvjp(_fwd, _bwd)
+
+
+def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
+                   indices: jax.Array, *, activation: str = "silu",
+                   config: ExpertConfig = ExpertConfig(),
+                   interpret: bool | None = None) -> jax.Array:
+  """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
+
+  Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
+  [0, N) contribute nothing. Differentiable in x, up, down and weights.
+  """
+  return _atomic_experts(x, up, down, weights, indices, activation, config,
+                         common.resolve_interpret(interpret))

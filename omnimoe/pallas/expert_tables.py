@@ -1,0 +1,118 @@
+"""Expert-centric table gradients dU, dV: segment sums over pairs grouped by expert.
+
+Reference: the `up` / `down` cotangents of `omnimoe.reference.atomic_experts`
+(dU[e] = sum over pairs (t, e) of ds_tk x_t, dV[e] = sum of a_tk dy_t, DESIGN.md
+section 1); the custom VJP that calls this is in `expert_ops`.
+
+Why expert-centric here: these are the only outputs of (N, d) size. Token-centric they
+would be a scatter-add of T k rows into the tables (atomics on N d floats, and a zero
+fill first). Expert-centric, a program owns `bucket_size` consecutive experts and one
+`block_d` column tile of both gradients, reads the pairs of its bucket (contiguous
+after `bucketing.bucket_pairs`), gathers their x and dy rows (small (T, d) arrays that
+stay in L2) and writes its tile of dU and dV exactly once, zeros included: no atomics,
+no separate zero fill, every table byte written once with coalesced stores.
+
+The segment sum runs on tensor cores: for a chunk of `block_p` pairs of the bucket,
+  dU[bucket] += H_ds @ X,   H_ds[r, p] = ds_p if pair p's expert is bucket row r else 0
+(a (bucket_size x block_p) one-hot-by-expert matrix scaled by ds), X the gathered
+(block_p x block_d) rows of x; the same with a and dy for dV. This needs no sort inside
+the bucket and no per-expert loop with a data-dependent trip count. For bfloat16 inputs
+the coefficients enter the product rounded to bfloat16 (products and sums in float32);
+float32 inputs multiply in full float32. The bucket size follows the density of pairs
+per expert (`auto_bucket_size`): about `block_p` pairs per bucket, so the one-hot
+product wastes little (each pair costs 2 * bucket_size * d flops per table).
+Measured numbers: experiments/kernels_notes.md.
+
+Equivalent JAX code:
+  du = zeros((N, d)).at[idx].add(ds[..., None] * x[:, None, :])   # invalid ids dropped
+  dv = zeros((N, d)).at[idx].add(a[..., None] * dy[:, None, :])
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from omnimoe.pallas import bucketing, common
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+  bucket_size: int = 0   # experts per program; 0: `auto_bucket_size`
+  block_p: int = 32      # pairs per tensor-core step
+  block_d: int = 128     # hidden-dimension tile
+  num_warps: int = 4
+  num_stages: int = 2
+  bucketing: str = "atomic"
+
+
+def auto_bucket_size(config: TableConfig, pairs: int, num_experts: int) -> int:
+  """Bucket of about `block_p` pairs: 16 to 128 experts, a power of two."""
+  if config.bucket_size:
+    return config.bucket_size
+  want = config.block_p * num_experts / max(pairs, 1)
+  return int(min(128, common.pow2(int(want), minimum=16)))
+
+
+def _table_grad_kernel(starts_ref, order_ref, idx_ref, ds_ref, a_ref, x_ref, dy_ref,
+                       du_ref, dv_ref, *, k: int, bucket_size: int, block_p: int,
+                       block_d: int):
+  num_experts, d = du_ref.shape
+  pairs = order_ref.shape[0]
+  b, c = pl.program_id(0), pl.program_id(1)
+  lo, hi = starts_ref[b], starts_ref[b + 1]
+  experts = common.iota(bucket_size, b * bucket_size)
+  cols = common.iota(block_d, c * block_d)[None, :]
+  cols_c = jnp.minimum(cols, d - 1)
+  cdt = common.mma_dtype(x_ref.dtype, dy_ref.dtype)
+
+  def chunk(i, accs):
+    pos = common.iota(block_p, lo + i * block_p)
+    live = pos < hi
+    p = plt.load(order_ref.at[jnp.minimum(pos, pairs - 1)], mask=live, other=0)
+    p = jnp.where(live, p, 0)
+    e = plt.load(idx_ref.at[p], mask=live, other=-1)
+    hit = (experts[:, None] == e[None, :]) & live[None, :]
+    rows = (p // k)[:, None]
+    mask = live[:, None] & (cols < d)
+
+    def product(coef_ref, vec_ref):
+      coef = plt.load(coef_ref.at[p], mask=live, other=0.0)
+      vec = plt.load(vec_ref.at[rows, cols_c], mask=mask, other=0.0)
+      return common.dot(jnp.where(hit, coef[None, :], 0.0).astype(cdt), vec.astype(cdt))
+
+    acc_u, acc_v = accs
+    return acc_u + product(ds_ref, x_ref), acc_v + product(a_ref, dy_ref)
+
+  zeros = jnp.zeros((bucket_size, block_d), jnp.float32)
+  acc_u, acc_v = lax.fori_loop(0, (hi - lo + block_p - 1) // block_p, chunk, (zeros, zeros))
+  out = (experts[:, None], cols)
+  mask = (experts < num_experts)[:, None] & (cols < d)
+  plt.store(du_ref.at[out], acc_u.astype(du_ref.dtype), mask=mask)
+  plt.store(dv_ref.at[out], acc_v.astype(dv_ref.dtype), mask=mask)
+
+
+def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_dtype,
+                    config: TableConfig, interpret: bool):
+  """dU (N, d) in up_dtype and dV (N, d) in down_dtype from per-pair ds and a (T, k)."""
+  tokens, k = indices.shape
+  bucket_size = auto_bucket_size(config, tokens * k, num_experts)
+  order, starts = bucketing.bucket_pairs(indices, num_experts, bucket_size,
+                                         method=config.bucketing, interpret=interpret)
+  d = x.shape[1]
+  block_d = min(config.block_d, common.pow2(d, minimum=16))
+  kernel = functools.partial(_table_grad_kernel, k=k, bucket_size=bucket_size,
+                             block_p=config.block_p, block_d=block_d)
+  return common.triton_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),
+                 jax.ShapeDtypeStruct((num_experts, d), down_dtype)),
+      grid=(starts.shape[0] - 1, common.cdiv(d, block_d)),
+      num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
+      name="atomic_experts_bwd_tables")(
+          starts, order, indices.reshape(-1), ds.reshape(-1), a.reshape(-1), x, dy)

@@ -1,0 +1,163 @@
+"""Token-centric atomic-expert kernels: the forward and the backward's dx / dweights.
+
+Reference: `omnimoe.reference.atomic_experts` (forward) and its autodiff (backward); the
+custom VJP that ties these kernels together is in `expert_ops`.
+
+Why token-centric here (DESIGN.md section 2). These stages produce per-token outputs
+(y, dx: (T, d), and per-pair scalars), so a token-centric program owns its outputs and
+needs no sort, no atomics and no scatter. Its cost is one gathered table row per pair
+and table: T k d elements each. An expert-centric forward would read each used row once
+but must then scatter-add k rows into every y_t: atomics on (T, d) floats, T k d of
+them, far slower than the extra gathers, or a (T k, d) intermediate, which is more bytes
+than the gathers. The gather excess is small where it matters: at N = 2^20 nearly every
+pair has its own expert (unique rows ~ pairs), at N = 4096 both tables sit in L2 (16 MB),
+and at N = 65536 (two pairs per used row on average) the gathers read 2x the unique
+rows. The sort is kept for where it is unavoidable, the (N, d) weight gradients
+(`expert_bwd`). Measured numbers: experiments/kernels_notes.md.
+
+One program owns `block_t` tokens and all their k pairs. Phase 1 streams d in tiles of
+`block_d`: for every pair a row tile of the table is gathered (16-byte loads along d)
+and multiplied into an elementwise float32 accumulator, reduced over d once at the end
+(s = <x_t, U[e]> or da = <dy_t, V[e]>). Phase 2 streams d again: for every pair a row
+tile of the other table is gathered, scaled by the pair's coefficient and summed over
+the k pairs into the output tile. Expert ids outside [0, N) are clamped for the loads
+and masked, so such pairs contribute nothing (the reference's contract).
+
+Equivalent JAX code (forward; valid = 0 <= idx < N):
+  s = einsum("td,tkd->tk", x, up[idx]);  a = act(s) * w * valid
+  y = einsum("tk,tkd->td", a, down[idx])
+Backward (dy given): da = einsum("td,tkd->tk", dy, down[idx]); dw = da * act(s) * valid;
+  ds = da * w * act'(s) * valid; dx = einsum("tk,tkd->td", ds, up[idx]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plt
+
+from omnimoe.pallas import common
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+  block_t: int = 4      # tokens per program
+  block_d: int = 64     # hidden-dimension tile
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _pair_experts(idx_ref, rows, live, num_experts: int):
+  """Clamped expert ids (BT, K), the pairs that exist, and the pairs that count."""
+  k = idx_ref.shape[1]
+  slots = common.iota(common.pow2(k))[None, :]
+  exists = live[:, None] & (slots < k)
+  e = plt.load(idx_ref.at[rows[:, None], jnp.minimum(slots, k - 1)], mask=exists, other=-1)
+  valid = exists & (e >= 0) & (e < num_experts)
+  return jnp.where(valid, e, 0), exists, valid
+
+
+def _gather_tile(table_ref, experts, valid, c: int, block_d: int):
+  """Tile c of the table rows of every pair: (BT, K, block_d) float32, zero where masked."""
+  d = table_ref.shape[1]
+  cols = common.iota(block_d, c * block_d)[None, None, :]
+  return plt.load(table_ref.at[experts[:, :, None], jnp.minimum(cols, d - 1)],
+                  mask=valid[:, :, None] & (cols < d), other=0.0).astype(jnp.float32)
+
+
+def _gather_dot(vec_ref, table_ref, rows, live, experts, valid, block_d: int):
+  """<vec[t], table[e_tj]> for every pair (BT, K), float32."""
+  d = vec_ref.shape[1]
+
+  def tile(c, acc):
+    cols = common.iota(block_d, c * block_d)[None, :]
+    v = plt.load(vec_ref.at[rows[:, None], jnp.minimum(cols, d - 1)],
+                 mask=live[:, None] & (cols < d), other=0.0).astype(jnp.float32)
+    return acc + v[:, None, :] * _gather_tile(table_ref, experts, valid, c, block_d)
+
+  acc = jnp.zeros(experts.shape + (block_d,), jnp.float32)
+  return jnp.sum(lax.fori_loop(0, common.cdiv(d, block_d), tile, acc), axis=2)
+
+
+def _gather_combine(coef, table_ref, out_ref, t, live, experts, valid, block_d: int):
+  """out[t] = sum_j coef[t, j] table[e_tj], tile by tile, stored in out_ref.dtype."""
+  d = out_ref.shape[1]
+
+  def tile(c, carry):
+    cols = common.iota(block_d, c * block_d)[None, :]
+    out = jnp.sum(coef[:, :, None] * _gather_tile(table_ref, experts, valid, c, block_d),
+                  axis=1)
+    plt.store(out_ref.at[t[:, None], cols], out.astype(out_ref.dtype),
+              mask=live[:, None] & (cols < d))
+    return carry
+
+  lax.fori_loop(0, common.cdiv(d, block_d), tile, 0)
+
+
+def _store_pairs(ref, t, exists, value):
+  slots = common.iota(value.shape[1])[None, :]
+  plt.store(ref.at[t[:, None], slots], value.astype(ref.dtype), mask=exists)
+
+
+def _forward_kernel(x_ref, up_ref, down_ref, w_ref, idx_ref, y_ref, s_ref, *,
+                    activation: str, config: TokenConfig):
+  t, live, rows = common.token_block(config.block_t, x_ref.shape[0])
+  experts, exists, valid = _pair_experts(idx_ref, rows, live, up_ref.shape[0])
+  s = _gather_dot(x_ref, up_ref, rows, live, experts, valid, config.block_d)
+  k = idx_ref.shape[1]
+  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
+  g = plt.load(w_ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
+  act, _ = common.activation_with_grad(activation, s)
+  _store_pairs(s_ref, t, exists, s)
+  _gather_combine(jnp.where(valid, act * g, 0.0), down_ref, y_ref, t, live, experts, valid,
+                  config.block_d)
+
+
+def _token_backward_kernel(dy_ref, up_ref, down_ref, w_ref, idx_ref, s_ref,
+                           dx_ref, dw_ref, ds_ref, a_ref, *, activation: str,
+                           config: TokenConfig):
+  t, live, rows = common.token_block(config.block_t, dy_ref.shape[0])
+  experts, exists, valid = _pair_experts(idx_ref, rows, live, up_ref.shape[0])
+  da = _gather_dot(dy_ref, down_ref, rows, live, experts, valid, config.block_d)
+  k = idx_ref.shape[1]
+  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
+  g = plt.load(w_ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
+  s = plt.load(s_ref.at[rows[:, None], slots], mask=valid, other=0.0)
+  act, act_grad = common.activation_with_grad(activation, s)
+  ds = jnp.where(valid, da * g * act_grad, 0.0)
+  _store_pairs(dw_ref, t, exists, jnp.where(valid, da * act, 0.0))
+  _store_pairs(ds_ref, t, exists, ds)
+  _store_pairs(a_ref, t, exists, jnp.where(valid, act * g, 0.0))
+  _gather_combine(ds, up_ref, dx_ref, t, live, experts, valid, config.block_d)
+
+
+def _launch(kernel, name, out_shape, tokens, config: TokenConfig, interpret: bool):
+  return common.triton_call(kernel, out_shape=out_shape,
+                            grid=(common.cdiv(tokens, config.block_t),),
+                            num_warps=config.num_warps, num_stages=config.num_stages,
+                            interpret=interpret, name=name)
+
+
+def forward(x, up, down, weights, indices, *, activation: str, config: TokenConfig,
+            interpret: bool):
+  """y (T, d) in x.dtype and the pre-activations s (T, k) float32 (kept for backward)."""
+  kernel = functools.partial(_forward_kernel, activation=activation, config=config)
+  out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+               jax.ShapeDtypeStruct(indices.shape, jnp.float32))
+  return _launch(kernel, "atomic_experts_fwd", out_shape, x.shape[0], config,
+                 interpret)(x, up, down, weights, indices)
+
+
+def token_backward(dy, up, down, weights, indices, s, *, activation: str,
+                   config: TokenConfig, interpret: bool):
+  """dx (T, d) in dy.dtype, dweights (T, k) in weights.dtype, and per pair (float32)
+  ds = d(loss)/ds and a = act(s) * w, the coefficients of the table gradients."""
+  kernel = functools.partial(_token_backward_kernel, activation=activation, config=config)
+  pair = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
+  out_shape = (jax.ShapeDtypeStruct(dy.shape, dy.dtype),
+               jax.ShapeDtypeStruct(indices.shape, weights.dtype), pair, pair)
+  return _launch(kernel, "atomic_experts_bwd_tokens", out_shape, dy.shape[0], config,
+                 interpret)(dy, up, down, weights, indices, s)

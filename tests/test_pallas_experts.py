@@ -1,0 +1,123 @@
+"""The atomic-expert kernels (forward, custom VJP, bucketing) against brute force.
+
+Every kernel test runs in Pallas interpret mode on CPU, and compiled on a GPU when one
+is present (`-m gpu`; see tests/test_pallas_router.py for the command on a GPU host).
+Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe import ops, reference
+from omnimoe.pallas import bucketing, expert_ops
+from tests import brute_force as bf
+from tests.test_pallas_router import MODES
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+SMALL = expert_ops.ExpertConfig(
+    forward=expert_ops.TokenConfig(block_t=4, block_d=64),
+    backward=expert_ops.TokenConfig(block_t=8, block_d=32),
+    tables=expert_ops.TableConfig(block_p=16, block_d=64))
+
+
+def expert_inputs(rng, tokens, d, n_experts, k, dtype=jnp.float32):
+  x = rng.standard_normal((tokens, d)) / np.sqrt(d) * 3
+  up = rng.standard_normal((n_experts, d))
+  down = rng.standard_normal((n_experts, d))
+  w = rng.uniform(0.05, 1.0, (tokens, k))
+  idx = rng.integers(0, n_experts, (tokens, k)).astype(np.int32)
+  dy = rng.standard_normal((tokens, d))
+  return [jnp.asarray(a, dtype) for a in (x, up, down, w)], idx, jnp.asarray(dy, dtype)
+
+
+def check_against_brute_force(args, idx, dy, interpret, config, tol):
+  """Value and all four gradients of the silu op against float64 per-pair loops."""
+  f = functools.partial(expert_ops.atomic_experts, config=config, interpret=interpret)
+  y, vjp = jax.vjp(lambda *a: f(*a, jnp.asarray(idx)), *args)
+  grads = vjp(dy)
+  assert y.dtype == args[0].dtype and y.shape == args[0].shape
+  args64 = [np.asarray(a, np.float64) for a in args]
+  assert bf.rel_err(y, bf.atomic_experts(*args64, idx)) < tol
+  want = bf.atomic_experts_grads(*args64, idx, np.asarray(dy, np.float64))
+  for name, a, g, w in zip(("dx", "dup", "ddown", "dw"), args, grads, want):
+    assert g.dtype == a.dtype and g.shape == a.shape, name
+    assert bf.rel_err(g, w) < tol, name
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("tokens,d,n_experts,k,dtype", [
+    (37, 96, 50, 5, jnp.float32),    # T, d not multiples of the blocks
+    (37, 96, 9, 1, jnp.float32),     # k = 1
+    (21, 64, 300, 12, jnp.bfloat16),
+])
+def test_values_and_gradients(tokens, d, n_experts, k, dtype, interpret):
+  rng = np.random.default_rng(tokens + d + k)
+  args, idx, dy = expert_inputs(rng, tokens, d, n_experts, k, dtype)
+  idx[0, :] = idx[1, 0]  # a token taking one expert k times, shared with another token
+  check_against_brute_force(args, idx, dy, interpret, SMALL, TOL[dtype])
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
+  """Many chunks in one bucket; ids outside [0, N) contribute nothing, both ways."""
+  rng = np.random.default_rng(11)
+  args, idx, dy = expert_inputs(rng, 29, 40, 70, 4)
+  idx[:, 1] = 7
+  idx[::2, 2] = -5
+  idx[1::3, 3] = 70
+  idx[5, 0] = np.iinfo(np.int32).max
+  check_against_brute_force(args, idx, dy, interpret, SMALL, 1e-5)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+def test_activations_match_reference_autodiff(activation, interpret):
+  rng = np.random.default_rng(12)
+  args, idx, dy = expert_inputs(rng, 13, 48, 20, 3)
+  idx = jnp.asarray(idx)
+
+  def vjp(fn):
+    y, pull = jax.vjp(lambda *a: fn(*a, idx, activation=activation), *args)
+    return (y,) + pull(dy)
+
+  got = vjp(functools.partial(expert_ops.atomic_experts, config=SMALL, interpret=interpret))
+  want = vjp(reference.atomic_experts)
+  for g, w in zip(got, want):
+    assert bf.rel_err(g, w) < 1e-5
+
+
+def test_jit_grad_through_ops_with_default_config():
+  rng = np.random.default_rng(13)
+  args, idx, dy = expert_inputs(rng, 19, 160, 1000, 6)
+  idx = jnp.asarray(idx)
+
+  def grads(impl):
+    loss = lambda *a: jnp.vdot(ops.atomic_experts(*a, idx, impl=impl), dy)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+
+  (got_v, got_g), (want_v, want_g) = grads("pallas"), grads("xla")
+  assert bf.rel_err(got_v, want_v) < 1e-5
+  for g, w in zip(got_g, want_g):
+    assert bf.rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_bucketing_methods_agree(interpret):
+  """Same buckets, same members, whatever the placement order inside a bucket."""
+  rng = np.random.default_rng(14)
+  idx = rng.integers(-3, 600, (45, 7)).astype(np.int32)
+  idx[:10, :] = 17
+  results = [bucketing.bucket_pairs(jnp.asarray(idx), 600, 16, method=m, interpret=interpret)
+             for m in bucketing.METHODS]
+  (order_a, starts_a), (order_s, starts_s) = [(np.asarray(o), np.asarray(s))
+                                              for o, s in results]
+  np.testing.assert_array_equal(starts_a, starts_s)
+  flat = idx.reshape(-1)
+  assert starts_a[-1] == np.sum((flat >= 0) & (flat < 600))
+  for b in range(len(starts_a) - 1):
+    members = order_a[starts_a[b]:starts_a[b + 1]]
+    np.testing.assert_array_equal(np.sort(members), order_s[starts_s[b]:starts_s[b + 1]])
+    assert np.all(flat[members] // 16 == b)
