@@ -1,0 +1,215 @@
+"""Experiment config: defaults for every model field, and validation before anything compiles.
+
+An experiment config is an `ml_collections.ConfigDict` with a `model` section (defined and
+checked here) and `train`, `data`, `mesh`, `checkpoint` sections (placeholders here; the
+trainer owns their meaning and checks). Every field has a concrete default of the right
+type, so that any of them can be overridden from the command line (`--config.a.b=value`).
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from omnimoe import reference
+
+FFN_KINDS = ("dense", "coarse_moe", "peer", "omnimoe")
+DTYPES = ("float32", "bfloat16")
+ROUTING_WEIGHTS = ("exp", "softmax")
+ROUTER_NORMS = ("batchnorm", "none")
+IMPLS = ("auto", "xla", "pallas")
+
+
+class ConfigError(ValueError):
+  """A config field breaks a rule; the message names the field path and the rule."""
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Defaults for `config.model`: a small byte-level OmniMoE LM (the released code's switches).
+
+  The released code's choices are the defaults: routing weights exp(score) (not
+  renormalised), BatchNorm on the router logits, silu on the scalar expert score. The
+  paper's variant is `routing_weights='softmax'`, `router_norm='none'`.
+  """
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 256
+  m.d_model = 64
+  m.n_layers = 2
+  m.n_heads = 4
+  m.max_len = 128
+  m.rope_base = 10000.0
+  m.dtype = "float32"  # compute dtype
+  m.param_dtype = "float32"
+  m.ffn = "omnimoe"  # one of FFN_KINDS
+
+  m.dense = ml_collections.ConfigDict()
+  m.dense.ffn_dim = 256
+
+  m.omnimoe = ml_collections.ConfigDict()
+  m.omnimoe.num_experts = 256  # N = n * n atomic experts
+  m.omnimoe.top_k = 8
+  m.omnimoe.shared_ffn_dim = 128  # width F of the shared SwiGLU MLP
+  m.omnimoe.activation = "silu"
+  m.omnimoe.routing_weights = "exp"
+  m.omnimoe.router_norm = "batchnorm"
+  m.omnimoe.impl = "auto"  # 'auto': Pallas on GPU, XLA elsewhere
+
+  m.coarse_moe = ml_collections.ConfigDict()
+  m.coarse_moe.num_experts = 16  # routed experts
+  m.coarse_moe.top_k = 2
+  m.coarse_moe.num_shared = 1  # always-on experts
+  m.coarse_moe.expert_dim = 64
+  m.coarse_moe.aux_loss_coef = 0.01
+
+  m.peer = ml_collections.ConfigDict()
+  m.peer.num_experts = 256  # N = n * n single-neuron experts
+  m.peer.top_k = 16  # per head, as in PEER
+  m.peer.num_heads = 4
+  m.peer.key_dim = 32  # query width; each half searches one sub-key table
+  m.peer.activation = "gelu"
+  m.peer.impl = "auto"
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """A full experiment config: `model_config()` plus the trainer's sections.
+
+  The `train`, `data`, `mesh`, `checkpoint` fields are placeholders with tiny-run values;
+  config files override them.
+  """
+  config = ml_collections.ConfigDict()
+  config.model = model_config()
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 100
+  config.train.batch_size = 8
+  config.train.seq_len = 32
+  config.train.lr = 3e-3
+  config.train.warmup_steps = 10
+  config.train.weight_decay = 0.1
+  config.train.grad_clip = 1.0
+  config.train.z_loss = 1e-4
+  config.train.seed = 0
+  config.train.log_every = 10
+  config.train.eval_every = 50
+  config.train.eval_steps = 4
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "builtin"
+  config.data.path = ""
+  config.data.val_fraction = 0.05
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all remaining devices
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 100
+  config.checkpoint.keep = 3
+  return config
+
+
+def _fail(path: str, value, rule: str) -> None:
+  raise ConfigError(f"model.{path}={value!r}: {rule}")
+
+
+def _get(cfg, path: str):
+  node = cfg
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"model.{path}: missing field")
+    node = node[part]
+  return node
+
+
+def _int(cfg, path: str, lo: int = 1, hi: int | None = None, hi_name: str = "") -> int:
+  """Checks that `path` is an int in [lo, hi]; returns it."""
+  value = _get(cfg, path)
+  if isinstance(value, bool) or not isinstance(value, int):
+    _fail(path, value, "must be an integer")
+  if value < lo:
+    _fail(path, value, f"must be >= {lo}")
+  if hi is not None and value > hi:
+    _fail(path, value, f"must be <= {hi_name} = {hi}")
+  return value
+
+
+def _choice(cfg, path: str, choices) -> str:
+  value = _get(cfg, path)
+  if value not in choices:
+    _fail(path, value, f"must be one of {sorted(choices)}")
+  return value
+
+
+def _square_experts(cfg, section: str) -> int:
+  """The Cartesian grid needs N = n * n; returns N."""
+  n = _int(cfg, f"{section}.num_experts")
+  if math.isqrt(n) ** 2 != n:
+    _fail(f"{section}.num_experts", n, "must be a perfect square (n*n)")
+  return n
+
+
+def _impl(cfg, path: str) -> None:
+  """None is accepted for callers that build configs in Python; 'auto' is its spelling."""
+  if _get(cfg, path) is not None:
+    _choice(cfg, path, IMPLS)
+
+
+def validate_model(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first `model.*` field that breaks a rule.
+
+  Only the section of the chosen `ffn` kind is checked, so other kinds' sections may hold
+  anything.
+  """
+  for path in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+    _int(cfg, path)
+  d, heads = cfg.d_model, cfg.n_heads
+  if d % heads:
+    _fail("d_model", d, f"must be divisible by model.n_heads = {heads}")
+  if (d // heads) % 2:
+    _fail("n_heads", heads, f"head_dim = d_model / n_heads = {d // heads} must be even (RoPE)")
+  if not isinstance(cfg.rope_base, (int, float)) or cfg.rope_base <= 1:
+    _fail("rope_base", cfg.rope_base, "must be a number > 1")
+  _choice(cfg, "dtype", DTYPES)
+  _choice(cfg, "param_dtype", DTYPES)
+  ffn = _choice(cfg, "ffn", FFN_KINDS)
+
+  if ffn == "dense":
+    _int(cfg, "dense.ffn_dim")
+  elif ffn == "omnimoe":
+    n = _square_experts(cfg, "omnimoe")
+    _int(cfg, "omnimoe.top_k", 1, n, "model.omnimoe.num_experts")
+    _int(cfg, "omnimoe.shared_ffn_dim")
+    _choice(cfg, "omnimoe.activation", reference.ACTIVATIONS)
+    _choice(cfg, "omnimoe.routing_weights", ROUTING_WEIGHTS)
+    _choice(cfg, "omnimoe.router_norm", ROUTER_NORMS)
+    _impl(cfg, "omnimoe.impl")
+  elif ffn == "coarse_moe":
+    e = _int(cfg, "coarse_moe.num_experts")
+    _int(cfg, "coarse_moe.top_k", 1, e, "model.coarse_moe.num_experts")
+    _int(cfg, "coarse_moe.num_shared", lo=0)
+    _int(cfg, "coarse_moe.expert_dim")
+    coef = cfg.coarse_moe.aux_loss_coef
+    if not isinstance(coef, (int, float)) or coef < 0:
+      _fail("coarse_moe.aux_loss_coef", coef, "must be a number >= 0")
+  else:  # peer
+    n = _square_experts(cfg, "peer")
+    _int(cfg, "peer.top_k", 1, n, "model.peer.num_experts")
+    _int(cfg, "peer.num_heads")
+    if _int(cfg, "peer.key_dim") % 2:
+      _fail("peer.key_dim", cfg.peer.key_dim, "must be even (two halves, one per sub-key table)")
+    _choice(cfg, "peer.activation", reference.ACTIVATIONS)
+    _impl(cfg, "peer.impl")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Validates the model section of a full experiment config (the trainer adds his own)."""
+  if "model" not in config:
+    raise ConfigError("model: missing section")
+  validate_model(config.model)
+
+
+def resolve_impl(impl: str | None) -> str | None:
+  """Config spelling to `omnimoe.ops` spelling: 'auto' (or None) -> None."""
+  return None if impl in (None, "auto") else impl

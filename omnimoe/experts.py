@@ -1,0 +1,40 @@
+"""Atomic expert bank: the tables U, V (N, d) and the dispatch to `omnimoe.ops`."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnimoe import ops
+
+
+class AtomicExpertBank(nn.Module):
+  """`y_t = sum_k act(<x_t, U[e_tk]>) * g_tk * V[e_tk]` over N single-neuron experts.
+
+  Initialisation: both tables N(0, 1/d). For U this keeps the scores `<x, U[e]>` O(1) for
+  RMS-normalised inputs, where the activation is non-linear (PyTorch's Embedding default
+  N(0, 1), used by the released code, makes them O(sqrt(d))). For V it gives each expert
+  an output direction of about unit norm; since the routing weights of a token sum to at
+  most 1, the routed branch starts small next to the shared MLP, like the down-scaled
+  output projections of residual branches.
+
+  `impl`: 'xla', 'pallas' or None (Pallas on GPU, XLA elsewhere), passed to the op.
+  """
+  num_experts: int
+  activation: str = "silu"
+  impl: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=d ** -0.5),
+                                        ("experts", "expert_embed"))
+    up = self.param("up", init, (self.num_experts, d), self.param_dtype)
+    down = self.param("down", init, (self.num_experts, d), self.param_dtype)
+    return ops.atomic_experts(x.astype(self.dtype), up.astype(self.dtype),
+                              down.astype(self.dtype), weights, indices,
+                              activation=self.activation, impl=self.impl)

@@ -1,0 +1,178 @@
+"""Decoder-only language model with a configurable FFN (dense, coarse MoE, PEER, OmniMoE).
+
+  logits, aux = model.apply(variables, tokens, train=True, mutable=['batch_stats'])  # train
+  logits, aux = model.apply(variables, tokens, train=False)                           # eval
+  logits, vars = model.apply({**variables}, prompt, train=False, decode=True,
+                             mutable=['cache'])                                       # prefill
+  (then feed one token at a time with {**variables, 'cache': vars['cache']})
+
+Blocks are pre-norm: `h = x + Attn(RMSNorm(x))`, `x' = h + FFN(RMSNorm(h))`; causal
+multi-head attention with rotary position embeddings (rotate-half convention). The output
+projection is untied from the token embedding (the paper's LMs and most MoE LMs untie it; it
+also keeps the embedding a pure lookup for the active-parameter count). Compute runs in
+`model.dtype`, parameters are stored in `model.param_dtype`, logits are float32.
+
+aux = {'aux_loss': scalar float32, summed over layers (0.0 unless coarse_moe);
+       'router_entropy': scalar float32, mean over routed layers (0.0 for dense);
+       'expert_load': (n_layers, N) float32 pairs routed to each expert per layer
+                      (absent for dense)}.
+
+Logical axis names of the parameters (`nn.with_logical_partitioning`; mapped to mesh
+axes by `omnimoe.sharding`):
+  'vocab'         vocabulary axis of the embedding and of the output projection
+  'embed'         the model width d
+  'mlp'           hidden width of SwiGLU MLPs (shared MLP, dense FFN, coarse-MoE experts)
+  'heads'         attention heads (and PEER query heads)
+  'head_dim'      per-head width (attention heads, PEER query/sub-key width)
+  'experts'       rows (N) of the atomic-expert tables U, V (OmniMoE and PEER)
+  'expert_embed'  the d axis of U, V
+  'router'        output axis of router gates (the n axis of the Cartesian gates and PEER
+                  sub-keys, the expert axis of the coarse-MoE gate)
+  'moe_experts'   the expert axis of coarse-MoE expert weights
+  'norm'          RMSNorm scales
+BatchNorm running statistics (collection 'batch_stats', (n,) per router axis) and the KV
+cache carry no names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from omnimoe import config as config_lib
+from omnimoe import layers
+
+
+def _rms_norm(dtype, param_dtype, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding of x (B, L, H, D) at integer positions (L,), rotate-half convention."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freq  # (L, half)
+  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with RoPE and an optional KV cache.
+
+  With `decode=True` the keys and values are written into collection 'cache'
+  (cached_key, cached_value: (B, max_len, H, head_dim); cache_index: scalar int32), created
+  on first use, and the queries attend to every cached position up to their own. So one
+  call can prefill a prompt and later calls feed one token at a time. Positions beyond
+  max_len are not checked under jit (dynamic_update_slice would clamp them).
+  """
+  n_heads: int
+  max_len: int
+  rope_base: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, decode: bool) -> jax.Array:
+    batch, length, d = x.shape
+    head_dim = d // self.n_heads
+    init = nn.initializers.lecun_normal()
+
+    def project(name):
+      return nn.DenseGeneral((self.n_heads, head_dim), use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=name,
+                             kernel_init=nn.with_logical_partitioning(
+                                 init, ("embed", "heads", "head_dim")))(x)
+
+    q, k, v = project("query"), project("key"), project("value")
+    if decode:
+      cache_shape = (batch, self.max_len, self.n_heads, head_dim)
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, self.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, self.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+      start = cache_index.value
+      positions = start + jnp.arange(length)
+      q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+      at = (0, start, 0, 0)
+      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(self.dtype), at)
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value,
+                                                        v.astype(self.dtype), at)
+      cache_index.value = start + length
+      mask = jnp.arange(self.max_len)[None, :] <= positions[:, None]  # (L, max_len)
+      out = jax.nn.dot_product_attention(q, cached_key.value, cached_value.value,
+                                         mask=mask[None, None])
+    else:
+      positions = jnp.arange(length)
+      q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out",
+                           kernel_init=nn.with_logical_partitioning(
+                               init, ("heads", "head_dim", "embed")))(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: attention then the configured FFN; returns (x, aux)."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, decode: bool):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h = _rms_norm(dtype, param_dtype, "attn_norm")(x)
+    x = x + Attention(cfg.n_heads, cfg.max_len, cfg.rope_base, dtype, param_dtype,
+                      name="attn")(h, decode=decode)
+    h = _rms_norm(dtype, param_dtype, "ffn_norm")(x)
+    y, aux = layers.ffn_from_config(cfg, dtype, param_dtype, name="ffn")(h, train=train)
+    return x + y.astype(x.dtype), aux
+
+
+def _merge_aux(auxes: list[dict]) -> dict:
+  """Per-layer aux dicts to the model's aux dict (see the module docstring)."""
+  out = {"aux_loss": sum(a["aux_loss"] for a in auxes)}
+  if "expert_load" in auxes[0]:
+    out["router_entropy"] = jnp.mean(jnp.stack([a["router_entropy"] for a in auxes]))
+    out["expert_load"] = jnp.stack([a["expert_load"] for a in auxes])
+  else:
+    out["router_entropy"] = jnp.zeros((), jnp.float32)
+  return out
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM: tokens (B, L) int32 -> (logits (B, L, V) float32, aux).
+
+  Build it with `build_model`, which validates the config first.
+  """
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool, decode: bool = False):
+    cfg = self.config
+    if tokens.shape[-1] > cfg.max_len:
+      raise ValueError(f"sequence length {tokens.shape[-1]} exceeds model.max_len="
+                       f"{cfg.max_len}")
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                 embedding_init=nn.with_logical_partitioning(
+                     nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+                 name="embed")(tokens)
+    auxes = []
+    for i in range(cfg.n_layers):
+      x, aux = Block(cfg, name=f"block_{i}")(x, train=train, decode=decode)
+      auxes.append(aux)
+    x = _rms_norm(dtype, param_dtype, "final_norm")(x)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nn.with_logical_partitioning(
+                          nn.initializers.lecun_normal(), ("embed", "vocab")),
+                      name="output")(x)
+    return logits.astype(jnp.float32), _merge_aux(auxes)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> Transformer:
+  """The one constructor: validates `model_cfg` (ConfigError on a bad field), then builds."""
+  config_lib.validate_model(model_cfg)
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg))

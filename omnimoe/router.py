@@ -1,0 +1,108 @@
+"""Cartesian product router: two small gates score an n x n grid of N = n * n experts.
+
+Expert e = i * n + j scores `lx[i] + ly[j]` with `lx = log_softmax(norm(x Rx))`,
+`ly = log_softmax(norm(x Ry))`, i.e. the log of `p_x(i) p_y(j)`; each token keeps its exact
+top-k (`omnimoe.ops.cartesian_topk`, product-key search).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omnimoe import ops
+
+# PyTorch BatchNorm1d's defaults (momentum 0.1 on the new value), as in the released code.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def expert_load(indices: jax.Array, num_experts: int) -> jax.Array:
+  """(N,) float32 count of (token, expert) pairs routed to each expert (a scatter-add).
+
+  Under jit an unused load is dead code and costs nothing.
+  """
+  return jnp.zeros((num_experts,), jnp.float32).at[indices.reshape(-1)].add(1.0)
+
+
+def grid_entropy(lx: jax.Array, ly: jax.Array) -> jax.Array:
+  """Mean over tokens of the entropy (nats) of the full routing distribution over N experts.
+
+  `p(i, j) = p_x(i) p_y(j)` factorises, so its entropy is exactly `H(p_x) + H(p_y)`; the
+  maximum is log N (uniform routing). Computed before top-k, so it is the same for both
+  routing-weight modes.
+  """
+  def axis_entropy(logp):
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return jnp.mean(axis_entropy(lx) + axis_entropy(ly))
+
+
+def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
+                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Top-k experts of the grid `lx[:, i] + ly[:, j]` and their routing weights.
+
+  The op only chooses the indices; the scores are re-gathered from `lx`, `ly` here, so
+  gradients reach the gates whatever the op's implementation (a Pallas top-k need not be
+  differentiable) at a cost of O(T k).
+
+  Args:
+    lx, ly: (T, n) row and column log-probabilities (float32).
+    routing_weights: 'exp' (g = exp(score) = p_x(i) p_y(j), the released code) or
+      'softmax' (softmax over the k selected scores, the paper).
+  Returns:
+    weights (T, k) float32, indices (T, k) int32 (flat ids i * n + j).
+  """
+  n = ly.shape[-1]
+  _, indices = ops.cartesian_topk(jax.lax.stop_gradient(lx), jax.lax.stop_gradient(ly), k,
+                                  impl=impl)
+  scores = (jnp.take_along_axis(lx, indices // n, axis=-1)
+            + jnp.take_along_axis(ly, indices % n, axis=-1))
+  if routing_weights == "exp":
+    weights = jnp.exp(scores)
+  else:
+    weights = jax.nn.softmax(scores, axis=-1)
+  return weights, indices
+
+
+class CartesianRouter(nn.Module):
+  """Routes each token to k of N = n * n atomic experts.
+
+  Gates `Rx, Ry: (d, n)` (no bias); logits are computed in float32, since top-k selection
+  is sensitive to rounding and the gates are tiny next to the FFN. With
+  `norm='batchnorm'` each axis is normalised by BatchNorm without scale or bias (batch
+  statistics when `train`, running statistics in collection 'batch_stats' otherwise), as
+  in the released code. Note that batch statistics mix tokens of the whole batch, so in
+  training a token's routing depends (slightly) on other and later tokens; evaluation
+  with running statistics is strictly per token.
+
+  Returns (weights (T, k) float32, indices (T, k) int32, stats) with
+  stats = {'entropy': scalar, see `grid_entropy`; 'load': (N,) float32, see `expert_load`}.
+  """
+  num_experts: int
+  top_k: int
+  routing_weights: str = "exp"
+  norm: str = "batchnorm"
+  impl: str | None = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool):
+    n = math.isqrt(self.num_experts)
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "router"))
+    x = x.astype(jnp.float32)
+    log_probs = []
+    for axis in ("x", "y"):
+      gate = self.param(f"gate_{axis}", init, (x.shape[-1], n), self.param_dtype)
+      logits = x @ gate.astype(jnp.float32)
+      if self.norm == "batchnorm":
+        logits = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False,
+                              momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32,
+                              name=f"norm_{axis}")(logits)
+      log_probs.append(jax.nn.log_softmax(logits, axis=-1))
+    lx, ly = log_probs
+    weights, indices = select_pairs(lx, ly, self.top_k, self.routing_weights, self.impl)
+    stats = {"entropy": grid_entropy(lx, ly), "load": expert_load(indices, self.num_experts)}
+    return weights, indices, stats

@@ -1,0 +1,324 @@
+"""Router, expert bank, FFN blocks and the LM, checked against brute force and by hand."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe import config as config_lib
+from omnimoe import layers, params, reference
+from omnimoe import router as router_lib
+from omnimoe.model import build_model
+
+KINDS = ("omnimoe", "dense", "coarse_moe", "peer")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_model_config(ffn="omnimoe", **omnimoe):
+  """A tiny LM config with awkward sizes (d 24, 3 heads of 8, N 49 = 7 x 7)."""
+  cfg = config_lib.model_config()
+  cfg.ffn = ffn
+  cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.max_len = 61, 24, 3, 2, 16
+  cfg.dense.ffn_dim = 40
+  cfg.omnimoe.update(num_experts=49, top_k=5, shared_ffn_dim=20, **omnimoe)
+  cfg.coarse_moe.update(num_experts=6, top_k=2, num_shared=1, expert_dim=12)
+  cfg.peer.update(num_experts=36, top_k=4, num_heads=3, key_dim=10)
+  return cfg
+
+
+def tokens(key, shape, vocab=61):
+  return jax.random.randint(jax.random.key(key), shape, 0, vocab, jnp.int32)
+
+
+def init(module, *args):
+  """Jitted `module.init(key, *args, train=False)` (op-by-op init is slow)."""
+  return jax.jit(lambda key, *a: module.init(key, *a, train=False))(jax.random.key(1), *args)
+
+
+def run(module, variables, *args):
+  """Jitted `module.apply(variables, *args, train=False)`."""
+  return jax.jit(lambda v, *a: module.apply(v, *a, train=False))(variables, *args)
+
+
+def normal(key, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- router
+
+
+def brute_force_route(x, p, n, k, weights_mode, mean=None, var=None):
+  """Full top-k over all N = n*n scores; normalisation with the given (mean, var) or none."""
+  log_probs = []
+  for axis in ("x", "y"):
+    logits = x @ p[f"gate_{axis}"]
+    if mean is not None:
+      logits = (logits - mean[axis]) / jnp.sqrt(var[axis] + router_lib.BN_EPSILON)
+    log_probs.append(jax.nn.log_softmax(logits, axis=-1))
+  lx, ly = log_probs
+  full = (lx[:, :, None] + ly[:, None, :]).reshape(x.shape[0], n * n)
+  scores, indices = jax.lax.top_k(full, k)
+  weights = jnp.exp(scores) if weights_mode == "exp" else jax.nn.softmax(scores, axis=-1)
+  return weights, indices, lx, ly
+
+
+@pytest.mark.parametrize("weights_mode", ["exp", "softmax"])
+@pytest.mark.parametrize("norm", ["batchnorm", "none"])
+def test_router_matches_brute_force_topk(weights_mode, norm):
+  n, k, x = 9, 7, normal(0, (37, 20))
+  router = router_lib.CartesianRouter(n * n, k, weights_mode, norm)
+  variables = init(router, x)
+  p = nn.unbox(variables["params"])
+  stats = variables.get("batch_stats")
+  for train in (False, True):
+    (w, idx, aux), _ = router.apply(variables, x, train=train, mutable=["batch_stats"])
+    if norm == "none":
+      mean = var = None
+    elif train:  # batch statistics (biased variance)
+      mean = {a: jnp.mean(x @ p[f"gate_{a}"], 0) for a in "xy"}
+      var = {a: jnp.var(x @ p[f"gate_{a}"], 0) for a in "xy"}
+    else:  # running statistics, at their initial values
+      mean = {a: stats[f"norm_{a}"]["mean"] for a in "xy"}
+      var = {a: stats[f"norm_{a}"]["var"] for a in "xy"}
+    w_ref, idx_ref, lx, ly = brute_force_route(x, p, n, k, weights_mode, mean, var)
+    assert w.dtype == jnp.float32 and idx.dtype == jnp.int32 and w.shape == (37, k)
+    np.testing.assert_array_equal(idx, idx_ref)
+    np.testing.assert_allclose(w, w_ref, **TOL)
+    # Entropy of p_x(i) p_y(j) over the full grid, by brute force.
+    full = (lx[:, :, None] + ly[:, None, :]).reshape(37, -1)
+    entropy = jnp.mean(-jnp.sum(jnp.exp(full) * full, axis=-1))
+    np.testing.assert_allclose(aux["entropy"], entropy, rtol=1e-5)
+    np.testing.assert_array_equal(aux["load"], np.bincount(np.ravel(idx_ref), minlength=n * n))
+
+
+def test_batchnorm_running_stats_update_and_are_used_in_eval():
+  n, x = 6, normal(2, (29, 16), scale=3.0) + 1.5
+  router = router_lib.CartesianRouter(n * n, 4, "exp", "batchnorm")
+  variables = init(router, x)
+  p = nn.unbox(variables["params"])
+  _, updated = router.apply(variables, x, train=True, mutable=["batch_stats"])
+  m = router_lib.BN_MOMENTUM
+  for a in "xy":
+    logits = x @ p[f"gate_{a}"]
+    new = updated["batch_stats"][f"norm_{a}"]
+    np.testing.assert_allclose(new["mean"], (1 - m) * jnp.mean(logits, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], m + (1 - m) * jnp.var(logits, 0), rtol=1e-5)
+  # Evaluation uses the running statistics (here: after one update), not the batch's.
+  evald = {"params": variables["params"], "batch_stats": updated["batch_stats"]}
+  w, idx, _ = router.apply(evald, x[:5], train=False)
+  stats = updated["batch_stats"]
+  w_ref, idx_ref, _, _ = brute_force_route(
+      x[:5], p, n, 4, "exp", {a: stats[f"norm_{a}"]["mean"] for a in "xy"},
+      {a: stats[f"norm_{a}"]["var"] for a in "xy"})
+  np.testing.assert_array_equal(idx, idx_ref)
+  np.testing.assert_allclose(w, w_ref, **TOL)
+
+
+def test_router_gradients_reach_gates():
+  x = normal(4, (23, 12))
+  router = router_lib.CartesianRouter(25, 3, "softmax", "none")
+  variables = init(router, x)
+
+  def loss(v):
+    w, _, _ = router.apply(v, x, train=False)
+    return jnp.sum(w * jnp.arange(3.0))
+
+  grads = nn.unbox(jax.grad(loss)(variables)["params"])
+  for a in "xy":
+    assert np.all(np.isfinite(grads[f"gate_{a}"])) and np.any(grads[f"gate_{a}"] != 0)
+
+
+# ----------------------------------------------------------------------------- FFN blocks
+
+
+def swiglu(x, p):
+  return (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+
+
+@pytest.mark.parametrize("weights_mode", ["exp", "softmax"])
+def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode):
+  x = normal(6, (2, 9, 24))
+  layer = layers.OmniMoELayer(49, 5, 20, "silu", weights_mode, "batchnorm")
+  variables = init(layer, x)
+  p = nn.unbox(variables["params"])
+  y, aux = run(layer, variables, x)
+  tokens = x.reshape(-1, 24)
+  stats = variables["batch_stats"]["router"]
+  w, idx, _, _ = brute_force_route(tokens, p["router"], 7, 5, weights_mode,
+                                   {a: stats[f"norm_{a}"]["mean"] for a in "xy"},
+                                   {a: stats[f"norm_{a}"]["var"] for a in "xy"})
+  routed = reference.atomic_experts(tokens, p["experts"]["up"], p["experts"]["down"], w, idx)
+  expected = swiglu(tokens, p["shared_mlp"]) + routed
+  np.testing.assert_allclose(y.reshape(-1, 24), expected, rtol=1e-4, atol=1e-5)
+  assert aux["expert_load"].shape == (49,) and float(aux["expert_load"].sum()) == 18 * 5
+  assert float(aux["aux_loss"]) == 0.0 and 0 < float(aux["router_entropy"]) <= math.log(49)
+
+
+def test_coarse_moe_matches_per_token_loop():
+  x = normal(8, (17, 24))
+  e, k, h = 6, 2, 12
+  layer = layers.CoarseMoE(e, k, 1, h, aux_loss_coef=0.3)
+  variables = init(layer, x)
+  p = nn.unbox(variables["params"])
+  y, aux = run(layer, variables, x)
+  probs = np.asarray(jax.nn.softmax(x @ p["router"]))
+  expected = np.array(swiglu(x, p["shared_mlp"]))
+  xs, w = np.asarray(x), jax.tree.map(np.asarray, p)
+  counts = np.zeros(e)
+  for t in range(x.shape[0]):
+    for i in np.argsort(-probs[t])[:k]:
+      gate = xs[t] @ w["w_gate"][i]
+      hid = gate / (1 + np.exp(-gate)) * (xs[t] @ w["w_up"][i])
+      expected[t] += probs[t, i] * (hid @ w["w_down"][i])
+      counts[i] += 1
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(aux["expert_load"], counts)
+  balance = e * np.sum(counts / (17 * k) * probs.mean(0))
+  np.testing.assert_allclose(aux["aux_loss"], 0.3 * balance, rtol=1e-5)
+
+
+def test_peer_matches_brute_force():
+  x = normal(10, (13, 24))
+  n, k, heads, key_dim = 6, 4, 3, 10
+  layer = layers.PEERLayer(n * n, k, heads, key_dim, "gelu")
+  variables = init(layer, x)
+  p = nn.unbox(variables["params"])
+  y, aux = run(layer, variables, x)
+  expected = jnp.zeros_like(x)
+  for head in range(heads):
+    q = x @ p["query"][:, head]
+    s1, s2 = q[:, :key_dim // 2] @ p["keys_x"], q[:, key_dim // 2:] @ p["keys_y"]
+    full = (s1[:, :, None] + s2[:, None, :]).reshape(13, -1)
+    scores, idx = jax.lax.top_k(full, k)
+    expected += reference.atomic_experts(x, p["experts"]["up"], p["experts"]["down"],
+                                         jax.nn.softmax(scores, -1), idx, "gelu")
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+  assert float(aux["expert_load"].sum()) == 13 * heads * k
+
+
+# ----------------------------------------------------------------------------- the LM
+
+
+@pytest.mark.parametrize("ffn", KINDS)
+def test_lm_builds_runs_is_causal_differentiable_and_counted(ffn):
+  cfg = tiny_model_config(ffn)
+  model = build_model(cfg)
+  batch, length = 3, 11
+  tok = tokens(12, (batch, length))
+  variables = init(model, tok)
+  apply = jax.jit(lambda v, t: model.apply(v, t, train=False))
+  logits, aux = apply(variables, tok)
+  assert logits.shape == (batch, length, 61) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  # Causal: a change at position 7 leaves positions < 7 alone (eval: per-token routing).
+  changed, _ = apply(variables, tok.at[:, 7].set((tok[:, 7] + 1) % 61))
+  np.testing.assert_allclose(changed[:, :7], logits[:, :7], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(changed[:, 7:], logits[:, 7:])
+
+  def loss(prm, state):
+    (out, aux), updated = model.apply({"params": prm, **state}, tok, train=True,
+                                      mutable=["batch_stats"])
+    logp = jax.nn.log_softmax(out)
+    nll = -jnp.mean(jnp.take_along_axis(logp, tok[..., None], -1))
+    return nll + aux["aux_loss"], (aux, updated)
+
+  state = {c: v for c, v in variables.items() if c != "params"}
+  grads, (aux, updated) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], state)
+  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
+    assert np.all(np.isfinite(g)), path
+  assert ("expert_load" in aux) == (ffn != "dense")
+  if ffn == "dense":
+    assert float(aux["router_entropy"]) == 0.0 and float(aux["aux_loss"]) == 0.0
+  else:
+    pairs = {"omnimoe": 5, "coarse_moe": 2, "peer": 3 * 4}[ffn] * batch * length
+    np.testing.assert_array_equal(aux["expert_load"].sum(axis=1), [pairs] * cfg.n_layers)
+    assert aux["expert_load"].shape == (cfg.n_layers, cfg[ffn].num_experts)
+    assert 0 < float(aux["router_entropy"]) <= math.log(cfg[ffn].num_experts)
+  if ffn == "omnimoe":  # BatchNorm running statistics moved
+    stats = lambda v: v["batch_stats"]["block_1"]["ffn"]["router"]["norm_y"]["var"]
+    assert not np.allclose(stats(variables), stats(updated))
+
+  # count_params (from shapes) against the real parameters.
+  actual = sum(int(np.size(a)) for a in jax.tree.leaves(nn.unbox(variables["params"])))
+  counts = params.count_params(cfg)
+  assert counts["total"] == actual
+  assert counts["active_non_embedding"] == counts["active"] - 61 * 24
+  experts = counts["by_part"].get("experts", {"total": 0, "active": 0})
+  d, n_layers = 24, cfg.n_layers
+  assert experts["active"] == {"dense": 0, "omnimoe": n_layers * 5 * 2 * d,
+                               "peer": n_layers * 3 * 4 * 2 * d,
+                               "coarse_moe": n_layers * 2 * 3 * d * 12}[ffn]
+  assert counts["total"] - counts["active"] == experts["total"] - experts["active"]
+
+
+def test_kv_cache_decode_equals_full_forward():
+  cfg = tiny_model_config("omnimoe")
+  model = build_model(cfg)
+  tok = tokens(16, (2, 10))
+  variables = init(model, tok)
+  full, _ = jax.jit(lambda t: model.apply(variables, t, train=False))(tok)
+
+  @jax.jit
+  def step(cache, t):
+    (logits, _), new = model.apply({**variables, "cache": cache}, t, train=False, decode=True,
+                                   mutable=["cache"])
+    return logits, new["cache"]
+
+  prefill = 6
+  (logits, _), cache = jax.jit(lambda t: model.apply(variables, t, train=False, decode=True,
+                                                     mutable=["cache"]))(tok[:, :prefill])
+  cache = cache["cache"]
+  pieces = [logits]
+  for i in range(prefill, tok.shape[1]):
+    logits, cache = step(cache, tok[:, i:i + 1])
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
+  assert int(cache["block_0"]["attn"]["cache_index"]) == tok.shape[1]
+  assert cache["block_0"]["attn"]["cached_key"].shape == (2, cfg.max_len, 3, 8)
+
+
+def test_bfloat16_compute_gives_float32_logits():
+  cfg = tiny_model_config("omnimoe")
+  cfg.dtype, cfg.n_layers = "bfloat16", 1
+  model = build_model(cfg)
+  tok = tokens(18, (2, 7))
+  variables = init(model, tok)
+  assert jax.tree.leaves(nn.unbox(variables["params"]))[0].dtype == jnp.float32
+  logits, _ = jax.jit(lambda v: model.apply(v, tok, train=False))(variables)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_too_long_input_and_bad_config_are_refused():
+  cfg = tiny_model_config()
+  with pytest.raises(ValueError, match="max_len"):
+    build_model(cfg).init(jax.random.key(0), tokens(0, (1, 17)), train=False)
+  cfg.omnimoe.num_experts = 50
+  with pytest.raises(config_lib.ConfigError, match="model.omnimoe.num_experts=50"):
+    build_model(cfg)
+
+
+def test_every_parameter_has_logical_names():
+  variables = jax.eval_shape(
+      lambda: build_model(tiny_model_config("omnimoe")).init(
+          jax.random.key(0), tokens(0, (1, 4)), train=False))
+  boxed = jax.tree.leaves(variables["params"],
+                          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert boxed and all(isinstance(b, nn.LogicallyPartitioned) for b in boxed)
+  for b in boxed:
+    assert len(b.names) == len(b.value.shape), b
+
+
+# ----------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize("ffn", ["dense", "coarse_moe", "peer"])
+def test_match_active(ffn):
+  cfg = tiny_model_config("omnimoe")
+  target = params.count_params(cfg)["active_non_embedding"]
+  matched = params.match_active(cfg, ffn)
+  got = params.count_params(matched)["active_non_embedding"]
+  assert matched.ffn == ffn
+  # Within one step of the solved size (e.g. one PEER head: d * key_dim + k * 2 * d).
+  assert abs(got - target) <= 24 * 10 + 4 * 2 * 24, (got, target)
