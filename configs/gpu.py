@@ -1,0 +1,50 @@
+"""A GPU-sized byte-level OmniMoE LM for one H100 (bf16 compute, float32 parameters).
+
+  python launch.py --config configs/gpu.py --workdir /tmp/run
+  python launch.py --config configs/gpu.py:dense --workdir /tmp/run  # or :coarse_moe, :peer
+
+d_model 1024, 8 layers, N = 65536 atomic experts (256 x 256 grid) per layer, k = 32, shared
+SwiGLU width 4096, sequences of 1024 bytes, batch 16 (16k tokens a step): about 1.2 B
+parameters in all (mostly the expert tables; float32 weights, gradients and AdamW moments
+take ~19 GB), of which 0.14 B are active per token. The batch is an estimate sized for the
+Pallas expert kernels; the plain-XLA expert path gathers (T, k, d) copies of the tables
+and needs a smaller batch. Not yet run end to end: step time and loss curve are to be
+measured.
+"""
+from omnimoe import config as config_lib
+from omnimoe import params
+
+
+def get_config(arg=None):
+  """The GPU config; arg: None or an FFN kind ('dense', 'coarse_moe', 'peer')."""
+  config = config_lib.base_config()
+  m = config.model
+  m.vocab_size = 256
+  m.d_model = 1024
+  m.n_layers = 8
+  m.n_heads = 16
+  m.max_len = 1024
+  m.dtype = "bfloat16"
+  m.param_dtype = "float32"
+  m.omnimoe.num_experts = 65536
+  m.omnimoe.top_k = 32
+  m.omnimoe.shared_ffn_dim = 4096
+  m.coarse_moe.num_experts = 64
+  m.coarse_moe.top_k = 6
+  m.coarse_moe.num_shared = 2
+  m.peer.num_experts = 65536
+  m.peer.key_dim = 256
+
+  config.train.steps = 20000
+  config.train.batch_size = 16
+  config.train.seq_len = 1024
+  config.train.lr = 6e-4
+  config.train.warmup_steps = 1000
+  config.train.log_every = 50
+  config.train.eval_every = 1000
+  config.train.eval_steps = 20
+  config.checkpoint.every = 1000
+  config.checkpoint.keep = 3
+  config.data.workers = 0  # grain worker processes (0: load in the training process)
+  config.train.debug_nan_step = -1  # testing hook: poison this step's loss (-1: off)
+  return params.ffn_variant(config, arg, multiple=64)
