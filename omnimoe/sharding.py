@@ -1,0 +1,99 @@
+"""Mesh axes and partition rules: the one place that says where every array lives.
+
+The mesh has three named axes: `data` (batch only), `fsdp` (batch, and parameters sharded
+at rest, gathered on use) and `tensor` (weights split inside a matmul). Modules name the
+axes of their parameters logically (`nn.with_logical_partitioning`); `RULES` maps those
+names to mesh axes. Rules are tried in order and a mesh axis is used at most once per
+array, so `moe_experts` takes `fsdp` before `embed` can, and such weights keep `embed` whole.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from omnimoe.config import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("moe_experts", "fsdp"),  # coarse MoE experts: spread across fsdp
+    ("experts", "fsdp"),  # rows of the atomic-expert tables U, V (N, d)
+    ("expert_embed", "tensor"),  # d axis of U, V: partial scores, one all-reduce of (T, k)
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("router", None),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Sizes of (data, fsdp, tensor); one of them may be -1 for the rest of the devices."""
+  sizes = [mesh_cfg[a] for a in AXES]
+  for axis, size in zip(AXES, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis}={size!r}: must be a positive integer or -1")
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"mesh={dict(zip(AXES, sizes))}: at most one axis may be -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      axis = AXES[sizes.index(-1)]
+      raise ConfigError(f"mesh.{axis}=-1: the other axes use {fixed} devices, which does not "
+                        f"divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f"mesh={dict(zip(AXES, sizes))}: uses {fixed} devices, but there are "
+                      f"{num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The global mesh from `config.mesh`, with Auto axes (the same on JAX 0.10 and 0.11)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+def mesh_axes(logical_names) -> PartitionSpec:
+  """The mesh PartitionSpec that `RULES` give to an array with these logical axis names."""
+  return nn.logical_to_mesh_axes(tuple(logical_names), RULES)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Batches (B, L) are split over the batch axis, sequences kept whole."""
+  return NamedSharding(mesh, mesh_axes(("batch", None)))
+
+
+def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh):
+  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes.
+
+  Unboxed leaves (step counters, unannotated arrays) are replicated. A dimension that its
+  mesh axes do not divide is a ConfigError naming the array.
+  """
+  def one(path, leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      names, shape = leaf.names, leaf.value.shape
+    else:
+      shape = getattr(leaf, "shape", ())
+      names = (None,) * len(shape)
+    spec = mesh_axes(names)
+    for dim, axes in zip(shape, spec):
+      if axes is None:
+        continue
+      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if dim % size:
+        raise ConfigError(f"mesh={dict(mesh.shape)}: {jax.tree_util.keystr(path)} of shape "
+                          f"{tuple(shape)} (axes {tuple(names)}) has a dimension {dim} that "
+                          f"mesh axes {axes} of size {size} do not divide")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+      one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -1,0 +1,396 @@
+"""Training: checks of the trainer's config sections, sharded train/eval steps, the loop.
+
+  python launch.py --config configs/default.py --workdir /tmp/run
+
+`train_and_evaluate` checks the whole config and opens the data before anything compiles,
+restores the newest readable checkpoint in the workdir (or initialises), then runs one
+jitted update per global batch. Parameters, BatchNorm statistics and AdamW moments are
+placed by `omnimoe.sharding.RULES` on the mesh from `config.mesh`; parameters stay float32
+(master weights) while the model computes in `model.dtype`. The objective is next-token
+cross-entropy + `train.z_loss` * mean(logsumexp^2) + the model's aux_loss; AdamW (decay on
+matrices only) with linear warmup, cosine decay to `FINAL_LR_FRACTION` of `train.lr`, and
+global-norm clipping.
+
+Each step is fixed by (config, step): the batch by the loader's seed and position (saved
+with the checkpoint), the update by the state; the model has no dropout. So a run that is
+killed and resumed ends bit-identical to one that never stopped.
+
+Stopping: SIGTERM or SIGINT saves a checkpoint at the current step and returns; a
+non-finite loss or gradient raises `TrainingDiverged` without saving that state (losses are
+checked before every save). `train.debug_nan_step` (a testing hook, -1 = off) poisons the
+objective of that step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from omnimoe import checkpoint as checkpoint_lib
+from omnimoe import config as config_lib
+from omnimoe import data as data_lib
+from omnimoe import metrics as metrics_lib
+from omnimoe import sharding
+from omnimoe.config import ConfigError
+from omnimoe.model import build_model
+
+FINAL_LR_FRACTION = 0.1  # the cosine ends at this fraction of train.lr
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became non-finite; the bad state was not saved."""
+
+
+# ----------------------------------------------------------------------------------------
+# Config checks.
+# ----------------------------------------------------------------------------------------
+
+def _check(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}={value!r}: {rule}")
+
+
+def _int_field(section, name: str, field: str, lo: int) -> None:
+  value = section[name]
+  _check(isinstance(value, int) and not isinstance(value, bool), field, value,
+         "must be an integer")
+  _check(value >= lo, field, value, f"must be >= {lo}")
+
+
+def _number_field(section, name: str, field: str, positive: bool) -> None:
+  value = section[name]
+  _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+         and math.isfinite(value), field, value, "must be a finite number")
+  _check(value > 0 if positive else value >= 0, field, value,
+         "must be > 0" if positive else "must be >= 0")
+
+
+def validate(config, num_devices: int | None = None, num_processes: int | None = None
+             ) -> tuple[int, int, int]:
+  """Raises ConfigError naming the first bad field; returns the mesh shape it implies."""
+  for section in ("model", "train", "data", "mesh", "checkpoint"):
+    if section not in config:
+      raise ConfigError(f"{section}: missing section")
+  config_lib.validate_model(config.model)
+  t, m = config.train, config.model
+  for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
+                   ("seed", 0), ("log_every", 1), ("eval_every", 0), ("eval_steps", 1),
+                   ("debug_nan_step", -1)):
+    _int_field(t, name, f"train.{name}", lo)
+  for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", True),
+                         ("z_loss", False)):
+    _number_field(t, name, f"train.{name}", positive)
+  _check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
+         f"must be < train.steps={t.steps}")
+  _check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
+         f"must be <= model.max_len={m.max_len}")
+  _check(m.param_dtype == "float32", "model.param_dtype", m.param_dtype,
+         "training keeps float32 master weights (set model.dtype for the compute dtype)")
+  d = config.data
+  _check(d.source in data_lib.SOURCES, "data.source", d.source,
+         f"must be one of {data_lib.SOURCES}")
+  if d.source != "arrayrecord":
+    _check(m.vocab_size >= data_lib.BYTE_VOCAB, "model.vocab_size", m.vocab_size,
+           f"data.source={d.source!r} is byte-level and needs >= {data_lib.BYTE_VOCAB}")
+  _int_field(d, "workers", "data.workers", 0)
+  _int_field(config.checkpoint, "every", "checkpoint.every", 1)
+  _int_field(config.checkpoint, "keep", "checkpoint.keep", 1)
+
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  shape = sharding.mesh_shape(config.mesh, num_devices)
+  batch_ways = shape[0] * shape[1]
+  _check(t.batch_size % batch_ways == 0, "train.batch_size", t.batch_size,
+         f"must be divisible by mesh data*fsdp={batch_ways}")
+  _check(t.batch_size % num_processes == 0, "train.batch_size", t.batch_size,
+         f"must be divisible by the number of processes={num_processes}")
+  return shape
+
+
+# ----------------------------------------------------------------------------------------
+# The jitted program: init, train step, eval step, on one mesh.
+# ----------------------------------------------------------------------------------------
+
+def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=train_cfg.lr / max(train_cfg.warmup_steps, 1), peak_value=train_cfg.lr,
+      warmup_steps=train_cfg.warmup_steps, decay_steps=train_cfg.steps,
+      end_value=train_cfg.lr * FINAL_LR_FRACTION)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train_cfg.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token cross-entropy and mean logsumexp^2 (the z-loss term), in float32."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(lse - target_logit), jnp.mean(lse ** 2)
+
+
+def _unbox(tree):
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
+                      tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The jitted pieces of one run on one mesh.
+
+  State is a dict: step (int32, updates done), params, batch_stats (empty without
+  BatchNorm), opt_state. `abstract_state` holds its shapes with target shardings (for
+  restore); `init(rng)` creates it sharded; `train_step(state, tokens)` -> (state, metrics);
+  `eval_step(state, tokens)` -> mean cross-entropy. tokens: (B, L + 1) int32 windows.
+  """
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  abstract_state: Any
+  init: Callable
+  train_step: Callable
+  eval_step: Callable
+
+  def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
+    """This process's rows of a batch -> the global array, sharded over the batch axes."""
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh),
+                                                  local_tokens)
+
+
+def build(config, mesh: jax.sharding.Mesh) -> Program:
+  """Traces shapes only (nothing compiles here): model, optimizer, shardings, jitted steps."""
+  model = build_model(config.model)
+  tx, schedule = make_optimizer(config.train)
+  t = config.train
+
+  def boxed_init(rng):
+    variables = model.init(rng, jnp.zeros((1, t.seq_len), jnp.int32), train=False)
+    params = variables["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params)}
+
+  boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+  state_sharding = sharding.tree_shardings(boxed, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _unbox(boxed),
+      state_sharding)
+
+  def loss_fn(params, state, tokens):
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    (logits, aux), updates = model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]}, inputs, train=True,
+        mutable=["batch_stats"])
+    ce, z = cross_entropy(logits, targets)
+    objective = ce + t.z_loss * z + aux["aux_loss"]
+    if t.debug_nan_step >= 0:
+      objective *= jnp.where(state["step"] + 1 == t.debug_nan_step, jnp.nan, 1.0)
+    return objective, (ce, z, aux, updates.get("batch_stats", {}))
+
+  def train_step(state, tokens):
+    (_, (ce, z, aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state, tokens)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "batch_stats": batch_stats, "opt_state": opt_state}
+    metrics = {"loss": ce, "z_loss": t.z_loss * z, "aux_loss": aux["aux_loss"],
+               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+    if "expert_load" in aux:
+      metrics["router_entropy"] = aux["router_entropy"]
+      metrics["expert_load"] = aux["expert_load"]
+    return new_state, metrics
+
+  def eval_step(state, tokens):
+    logits, _ = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                            tokens[:, :-1], train=False)
+    return cross_entropy(logits, tokens[:, 1:])[0]
+
+  batch = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return Program(
+      model=model, mesh=mesh, abstract_state=abstract_state,
+      init=jax.jit(lambda rng: _unbox(boxed_init(rng)), out_shardings=state_sharding),
+      train_step=jax.jit(train_step, in_shardings=(state_sharding, batch),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_sharding, batch),
+                        out_shardings=replicated))
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------
+
+class _StopRequest:
+  """SIGTERM/SIGINT set a flag that the loop reads after each step; a second signal acts
+  at once (the previous handlers are back after the first)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    self.restore()
+
+  def restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+class _Interval:
+  """Per-step scalars since the last log (device arrays until read), the expert loads summed
+  on the device, and a clock for throughput restarted after compilation and evaluation."""
+
+  def __init__(self):
+    self.pending, self.checked, self.load = [], 0, None
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.t0, self.timed_steps = time.perf_counter(), 0
+
+  def add(self, metrics: dict) -> None:
+    metrics = dict(metrics)
+    if "expert_load" in metrics:
+      load = metrics.pop("expert_load")
+      self.load = load if self.load is None else self.load + load
+    self.pending.append(metrics)
+    self.timed_steps += 1
+
+  def first_non_finite(self, last_step: int) -> tuple[int, float] | None:
+    """(step, loss) of the first unchecked step whose loss or gradient is not finite."""
+    new = jax.device_get([(m["loss"], m["grad_norm"]) for m in self.pending[self.checked:]])
+    first = last_step - len(new) + 1
+    self.checked = len(self.pending)
+    for i, (loss, grad_norm) in enumerate(new):
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        return first + i, float(loss)
+    return None
+
+  def summary(self, tokens_per_step: int) -> dict:
+    """Means over the interval, lr of its last step, throughput, router health; resets."""
+    host, load = jax.device_get((self.pending, self.load))
+    out = {k: float(np.mean([m[k] for m in host]))
+           for k in ("loss", "z_loss", "aux_loss", "grad_norm")}
+    out["lr"] = float(host[-1]["lr"])
+    if load is not None:
+      out["router_entropy"] = float(np.mean([m["router_entropy"] for m in host]))
+      out.update(metrics_lib.router_health(load))
+    if self.timed_steps:  # none when the interval held only the compiling step
+      elapsed = time.perf_counter() - self.t0
+      out["step_time_s"] = elapsed / self.timed_steps
+      out["tokens_per_s"] = self.timed_steps * tokens_per_step / elapsed
+    self.pending, self.checked, self.load = [], 0, None
+    self.restart_clock()
+    return out
+
+
+def evaluate(program: Program, state, val_source, config) -> dict:
+  """Mean cross-entropy and perplexity on the first `eval_steps` validation batches."""
+  t = config.train
+  batches = iter(data_lib.loader(val_source, t.batch_size, seed=t.seed, shuffle=False))
+  losses = [program.eval_step(state, program.global_batch(next(batches)))
+            for _ in range(t.eval_steps)]
+  loss = float(np.mean(jax.device_get(losses)))
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to `train.steps` (resuming from the workdir); returns the last train metrics."""
+  shape = validate(config)
+  t = config.train
+  train_source, val_source = data_lib.splits(config.data, t.seq_len, t.batch_size)
+  mesh = sharding.make_mesh(config.mesh)
+  program = build(config, mesh)
+  flops_per_token = metrics_lib.flops_per_token(config.model, t.seq_len)
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  tokens_per_step = t.batch_size * t.seq_len
+  logging.info("devices: %d x %s, %d process(es); mesh data x fsdp x tensor = %s",
+               jax.device_count(), jax.devices()[0].device_kind, jax.process_count(), shape)
+  logging.info("data: %s, %d training and %d validation windows of %d tokens",
+               config.data.source, len(train_source), len(val_source), t.seq_len)
+  logging.info("model: %s FFN, %.2fM parameters, %.1f MFLOP per token (training)",
+               config.model.ffn, sum(math.prod(a.shape) for a in
+                                     jax.tree.leaves(program.abstract_state["params"])) / 1e6,
+               flops_per_token / 1e6)
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.checkpoint.keep)
+  train_iter = iter(data_lib.loader(train_source, t.batch_size, seed=t.seed, shuffle=True,
+                                    workers=config.data.workers))
+  restored = ckpt.restore(program.abstract_state, train_iter)
+  if restored is None:
+    start, state = 0, program.init(jax.random.key(t.seed))
+    logging.info("starting from scratch in %s", workdir)
+  else:
+    start, state = restored
+    logging.info("resumed from the checkpoint of step %d in %s", start, workdir)
+  if start >= t.steps:
+    logging.info("nothing to do: step %d >= train.steps=%d", start, t.steps)
+
+  writer = metrics_lib.MetricWriter(workdir, start)
+  stop = _StopRequest()
+  interval = _Interval()
+  last = {}
+  try:
+    for step in range(start + 1, t.steps + 1):
+      state, step_metrics = program.train_step(state, program.global_batch(next(train_iter)))
+      interval.add(step_metrics)
+      if step == start + 1:
+        jax.block_until_ready(state)
+        logging.info("first step (compilation included) took %.1f s",
+                     time.perf_counter() - interval.t0)
+        interval.restart_clock()
+      save = step % config.checkpoint.every == 0 or step == t.steps or stop.signum is not None
+      validate_now = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+      if save or validate_now or step % t.log_every == 0:
+        bad = interval.first_non_finite(step)
+        if bad is not None:
+          raise TrainingDiverged(
+              f"non-finite loss or gradient at step {bad[0]} (loss {bad[1]}); stopped without "
+              f"saving it; the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}")
+      if step % t.log_every == 0:
+        last = interval.summary(tokens_per_step)
+        if "tokens_per_s" in last:
+          last["eta_s"] = (t.steps - step) * last["step_time_s"]
+          if peak is not None:
+            last["mfu"] = flops_per_token * last["tokens_per_s"] / (peak * jax.device_count())
+        writer.write(step, "train", last)
+        logging.info(metrics_lib.format_train_line(step, t.steps, last))
+      if validate_now:
+        val = evaluate(program, state, val_source, config)
+        writer.write(step, "val", val)
+        logging.info("step %d validation: loss %.4f, perplexity %.2f", step, val["loss"],
+                     val["perplexity"])
+        interval.restart_clock()
+      if save:
+        ckpt.save(step, state, train_iter)
+      if stop.signum is not None:
+        logging.warning("%s at step %d: checkpoint saved, stopping",
+                        signal.Signals(stop.signum).name, step)
+        break
+  finally:
+    stop.restore()
+    ckpt.close()
+    writer.close()
+  return last

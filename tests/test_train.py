@@ -1,0 +1,129 @@
+"""Trainer in-process: config checks, checkpoint fallback, divergence stop, a short run."""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe import checkpoint as checkpoint_lib
+from omnimoe import data, metrics, train
+from omnimoe.config import ConfigError
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.batch_size", 6, r"train.batch_size=6: must be divisible by mesh data\*fsdp=4"),
+    ("train.seq_len", 65, "train.seq_len=65: must be <= model.max_len=64"),
+    ("train.warmup_steps", 12, "train.warmup_steps=12: must be < train.steps=12"),
+    ("train.lr", -1.0, "train.lr=-1.0: must be > 0"),
+    ("train.log_every", 0, "train.log_every=0: must be >= 1"),
+    ("train.eval_steps", 0, "train.eval_steps=0: must be >= 1"),
+    ("data.source", "csv", "data.source='csv': must be one of"),
+    ("data.workers", -1, "data.workers=-1: must be >= 0"),
+    ("checkpoint.keep", 0, "checkpoint.keep=0: must be >= 1"),
+    ("mesh.fsdp", 3, "mesh.data=-1: the other axes use 3 devices"),
+    ("model.vocab_size", 100, "model.vocab_size=100: data.source='builtin' is byte-level"),
+    ("model.param_dtype", "bfloat16", "model.param_dtype='bfloat16': training keeps float32"),
+    ("model.omnimoe.top_k", 65, "model.omnimoe.top_k=65"),
+])
+def test_bad_field_is_named(tiny_config, field, value, match):
+  section, *rest = field.split(".")
+  node = tiny_config[section]
+  for part in rest[:-1]:
+    node = node[part]
+  node[rest[-1]] = value
+  if field != "mesh.fsdp":
+    tiny_config.mesh.fsdp = 2  # with 4 devices: data 2 x fsdp 2
+  with pytest.raises(ConfigError, match=match):
+    train.validate(tiny_config, num_devices=4, num_processes=1)
+
+
+def test_missing_data_path_fails_before_compilation(tiny_config, tmp_path, monkeypatch):
+  tiny_config.data.source = "text"
+  tiny_config.data.path = str(tmp_path / "missing")
+  monkeypatch.setattr(train, "build", lambda *a: pytest.fail("compiled before the data check"))
+  with pytest.raises(ConfigError, match=r"data.path='.*missing': no such file or folder"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+
+
+def _corrupt(step_dir):
+  """Truncates every data file of a saved state to half its size (a half-written save)."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files
+  for f in files:
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch):
+  windows = data.TokenWindows(np.arange(1000) % 256, 8, 0, 100)
+  make_iter = lambda: iter(data.loader(windows, 4, seed=0, shuffle=True))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  it = make_iter()
+  states = {}
+  for step in (1, 2):
+    next(it)
+    states[step] = {"w": jnp.full((4, 4), float(step)), "step": jnp.int32(step)}
+    ckpt.save(step, states[step], it)
+  reference = make_iter()
+  next(reference)
+  expected_next = next(reference)
+  ckpt.close()
+  _corrupt(str(tmp_path / "checkpoints" / "2"))
+
+  warnings = []
+  monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          states[1])
+  fresh = make_iter()
+  step, state = ckpt.restore(abstract, fresh)
+  assert step == 1 and float(state["w"][0, 0]) == 1.0
+  np.testing.assert_array_equal(next(fresh), expected_next)
+  assert len(warnings) == 1 and "step 2" in warnings[0] and "falling back" in warnings[0]
+  assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "2")
+  assert ckpt.latest_step() == 1
+  ckpt.save(2, states[2], fresh)  # the set-aside step can be saved again
+  ckpt.close()
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  tiny_config.train.debug_nan_step = 7
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.TrainingDiverged,
+                     match=r"non-finite loss or gradient at step 7 .*last good checkpoint is "
+                           r"step 4"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == list(range(1, 7))  # nothing at or after the bad step was logged
+
+
+def test_router_health_summary():
+  load = np.array([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+  health = metrics.router_health(load)
+  assert health["experts_used"] == pytest.approx(5 / 8)
+  assert health["load_max_mean"] == pytest.approx((4.0 + 1.0) / 2)
+  assert health["load_cv"] == pytest.approx((np.sqrt(3.0) + 0.0) / 2)
+
+
+def test_flops_and_peak():
+  from configs import tiny
+  cfg = tiny.get_config().model
+  assert metrics.flops_per_token(cfg, 32) > 6 * 2 * cfg.d_model ** 2
+  assert metrics.peak_flops(jax.devices()[0]) is None  # CPU
+  fake_h100 = type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()
+  assert metrics.peak_flops(fake_h100) == 989e12
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny_config, tmp_path):
+  from omnimoe import sample
+  tiny_config.model.dtype = "bfloat16"
+  tiny_config.train.steps = 4
+  last = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert np.isfinite(last["loss"]) and last["loss"] < 6.5
+  _, step, _, variables = sample.load(str(tmp_path))
+  assert step == 4
+  assert {a.dtype for a in jax.tree.leaves(variables["params"])} == {np.dtype("float32")}
