@@ -360,7 +360,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("first step (compilation included) took %.1f s",
                      time.perf_counter() - interval.t0)
         interval.restart_clock()
-      save = step % config.checkpoint.every == 0 or step == t.steps or stop.signum is not None
+      stopping = stop.signum  # read once: a signal landing later in this step waits for the next
+      save = step % config.checkpoint.every == 0 or step == t.steps or stopping is not None
       validate_now = (t.eval_every and step % t.eval_every == 0) or step == t.steps
       if save or validate_now or step % t.log_every == 0:
         bad = interval.first_non_finite(step)
@@ -385,9 +386,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         interval.restart_clock()
       if save:
         ckpt.save(step, state, train_iter)
-      if stop.signum is not None:
+      if stopping is not None:
         logging.warning("%s at step %d: checkpoint saved, stopping",
-                        signal.Signals(stop.signum).name, step)
+                        signal.Signals(stopping).name, step)
         break
   finally:
     stop.restore()
