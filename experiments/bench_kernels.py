@@ -1,0 +1,507 @@
+"""Check and time the Pallas kernels against plain XLA on one GPU, in one run.
+
+  PYTHONPATH=. python3 experiments/bench_kernels.py --parts check,ceilings,stages,table \
+      --out $OUT
+
+Parts (any subset, in this order):
+  check     kernels vs the reference on the GPU: exact router indices, relative errors
+            of values and gradients (f32 < 1e-5, bf16 < 1e-2), bad ids, N = 2^22 rows
+  ceilings  copy bandwidth (bytes read + written) and bf16 matmul rate
+  stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
+  sweep     block-size sweeps of every kernel (Triton has no autotuner)
+  table     router / expert op / layer, impl pallas and xla, N in {4096, 65536, 2^20},
+            k in {16, 32}; writes kernels-<device>.json (the table) and
+            kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
+Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
+block at the end), rotating over 3 input sets; `unrolled` times jit 4 calls on 4 input
+sets into one program to remove dispatch gaps from short kernels. Inputs are random,
+never zeros. Only omnimoe.ops / reference / pallas are imported (no trainer deps).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnimoe import ops, reference
+from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert_tokens,
+                            router_topk)
+
+T, D, F = 4096, 1024, 4096
+BF16 = jnp.bfloat16
+CASES = [(4096, 16), (4096, 32), (65536, 16), (65536, 32), (2 ** 20, 16), (2 ** 20, 32)]
+STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
+SWEEP_CASES = [(65536, 32), (2 ** 20, 32)]
+ROUTER_SWEEP = [(1024, 32), (256, 32), (64, 16), (1024, 16)]
+ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 256, 256, 32), (4096, 64, 64, 16),
+                 (1000, 17, 17, 40), (37, 3, 3, 9), (333, 6, 9, 10), (517, 1024, 1024, 128),
+                 (64, 2048, 2048, 32)]
+TIES_CHECK = (2048, 256, 32)
+EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (4096, 1024, 65536, 32, jnp.float32, "silu"),
+                 (1000, 1536, 4096, 16, BF16, "gelu"), (37, 96, 50, 5, jnp.float32, "relu"),
+                 (300, 96, 7, 9, jnp.float32, "identity"), (2048, 1024, 2 ** 20, 32, BF16, "silu")]
+HUGE_CHECK = (2 ** 22, 1024, 256, 32)  # N, d, tokens, k
+INTERPRET = common.resolve_interpret(None)  # False on a GPU host
+LOG = []
+
+
+def say(*args):
+  line = " ".join(str(a) for a in args)
+  print(line, flush=True)
+  LOG.append(line)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def timeit(fn, arg_sets, *, trials=7, target_s=0.02):
+  """Median ms per call of jitted `fn` over rotating `arg_sets`."""
+  jax.block_until_ready(fn(*arg_sets[0]))
+  t0 = time.perf_counter()
+  for args in arg_sets:
+    out = fn(*args)
+  jax.block_until_ready(out)
+  per = (time.perf_counter() - t0) / len(arg_sets)
+  reps = max(len(arg_sets), int(target_s / max(per, 1e-6)))
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for i in range(reps):
+      out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times) * 1e3
+
+
+def timeit_unrolled(fn, arg_sets):
+  """ms per call with len(arg_sets) calls inside one jit (no dispatch gaps)."""
+  many = jax.jit(lambda sets: [fn(*args) for args in sets])
+  return timeit(many, [(list(arg_sets),)]) / len(arg_sets)
+
+
+def guarded(label, thunk):
+  try:
+    return thunk()
+  except Exception as e:  # keep going: one failing variant must not end the run
+    say(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+    traceback.print_exc()
+    return None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def key_iter(seed):
+  key = jax.random.PRNGKey(seed)
+  while True:
+    key, sub = jax.random.split(key)
+    yield sub
+
+
+def log_probs(key, tokens, n):
+  return jax.nn.log_softmax(2.0 * jax.random.normal(key, (tokens, n), jnp.float32), axis=-1)
+
+
+def routing(key, n_experts, k, tokens=None):
+  """Random router outputs: weights exp(score)-like in (0, 1), ids uniform in [0, N)."""
+  tokens = tokens or T
+  kw, ki = jax.random.split(key)
+  w = jax.random.uniform(kw, (tokens, k), jnp.float32, 0.01, 0.5)
+  idx = jax.random.randint(ki, (tokens, k), 0, n_experts, jnp.int32)
+  return w, idx
+
+
+def tables(key, n_experts, d=None, dtype=BF16):
+  d = d or D
+  ku, kv = jax.random.split(key)
+  return (jax.random.normal(ku, (n_experts, d), dtype),
+          jax.random.normal(kv, (n_experts, d), dtype))
+
+
+def tokens_in(key, tokens=None, d=None, dtype=BF16):
+  tokens, d = tokens or T, d or D
+  return (jax.random.normal(key, (tokens, d), jnp.float32) / np.sqrt(d) * 3).astype(dtype)
+
+
+def rel_err(got, want):
+  got = jnp.asarray(got, jnp.float32)
+  want = jnp.asarray(want, jnp.float32)
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+
+
+# ----------------------------------------------------------------------------- check
+
+def check_router(keys):
+  rows = []
+  for tokens, n_x, n_y, k in ROUTER_CHECKS:
+    lx, ly = log_probs(next(keys), tokens, n_x), log_probs(next(keys), tokens, n_y)
+    got = router_topk.cartesian_topk(lx, ly, k)
+    want = jax.jit(reference.cartesian_topk, static_argnums=2)(lx, ly, k)
+    bad = int(jnp.sum(jnp.any(got[1] != want[1], axis=1)))
+    err = float(jnp.max(jnp.abs(got[0] - want[0])))
+    rows.append((f"router T={tokens} n={n_x}x{n_y} k={k}", bad == 0 and err == 0.0,
+                 f"tokens differing {bad}, max |score diff| {err}"))
+  # ties: a coarse grid of values
+  tokens, n, k = TIES_CHECK
+  lx, ly = (-0.125 * jax.random.randint(next(keys), (tokens, n), 0, 8).astype(jnp.float32)
+            for _ in range(2))
+  got = router_topk.cartesian_topk(lx, ly, k)
+  want = reference.cartesian_topk(lx, ly, k)
+  bad = int(jnp.sum(jnp.any(got[1] != want[1], axis=1)))
+  rows.append((f"router ties T={tokens} n={n} k={k}", bad == 0, f"tokens differing {bad}"))
+  return rows
+
+
+def check_experts(keys):
+  rows = []
+  for tokens, d, n, k, dtype, act in EXPERT_CHECKS:
+    x = tokens_in(next(keys), tokens, d, dtype)
+    up, down = tables(next(keys), n, d, dtype)
+    w, idx = routing(next(keys), n, k, tokens)
+    idx = idx.at[::7, 0].set(-1).at[3::11, 1 % k].set(n + 3)  # out-of-range ids
+    idx = idx.at[:, k - 1].set(5) if k > 1 else idx           # one expert, every token
+    dy = jax.random.normal(next(keys), (tokens, d), dtype)
+    w = w.astype(dtype)
+
+    def vjp(fn, dy, *args):
+      y, pull = jax.vjp(lambda *a: fn(*a, idx, activation=act), *args)
+      return (y,) + pull(dy.astype(y.dtype))
+
+    got = jax.jit(functools.partial(vjp, expert_ops.atomic_experts))(dy, x, up, down, w)
+    f32 = [a.astype(jnp.float32) for a in (x, up, down, w)]
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(functools.partial(vjp, reference.atomic_experts))(dy, *f32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    errs = [rel_err(g, wt) for g, wt in zip(got, want)]
+    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
+    rows.append((f"experts T={tokens} d={d} N={n} k={k} {jnp.dtype(dtype).name} {act}",
+                 finite and max(errs) < tol,
+                 "rel err y dx dU dV dw = " + " ".join(f"{e:.1e}" for e in errs)))
+  return rows
+
+
+def check_huge_table(keys):
+  """N = 2^22, d = 1024 (2^32 elements per table): offsets beyond int32 must not wrap."""
+  n, d, tokens, k = HUGE_CHECK
+  up, down = tables(next(keys), n, d)
+  x = tokens_in(next(keys), tokens, d)
+  w, idx = routing(next(keys), n, k, tokens)
+  idx = idx.at[:, 0].set(n - 1 - jnp.arange(tokens, dtype=jnp.int32))  # the last rows
+  dy = jax.random.normal(next(keys), (tokens, d), BF16)
+  used = np.unique(np.asarray(idx))
+  f32 = lambda a: a.astype(jnp.float32)
+  mass = lambda *gs: sum(jnp.sum(jnp.abs(f32(g))) for g in gs)
+
+  def run(x, up, down, w):
+    y, pull = jax.vjp(lambda *a: expert_ops.atomic_experts(*a, idx), x, up, down, w)
+    dx, dup, ddown, dw = pull(dy)
+    return y, dx, dup[used], ddown[used], dw, mass(dup, ddown)
+
+  *got, total = jax.jit(run)(x, up, down, w)
+  # the same problem on a compact table of the used rows only
+  remap = jnp.asarray(np.searchsorted(used, np.asarray(idx)), jnp.int32)
+  with jax.default_matmul_precision("highest"):
+    want_y, pull = jax.vjp(lambda *a: reference.atomic_experts(*a, remap),
+                           f32(x), f32(up[used]), f32(down[used]), f32(w))
+    want = (want_y,) + pull(f32(dy))
+  errs = [rel_err(g, wt) for g, wt in zip(got, want)]
+  stray = float(abs(total - mass(got[2], got[3])) / mass(got[2], got[3]))
+  return [("experts N=2^22 d=1024 bf16 (last rows used)", max(errs) < 1e-2 and stray < 1e-4,
+           "rel err y dx dU dV dw = " + " ".join(f"{e:.1e}" for e in errs)
+           + f"; relative gradient mass outside the used rows {stray:.1e}")]
+
+
+def part_check(seed):
+  keys = key_iter(seed)
+  rows = []
+  for name, fn in [("router", check_router), ("experts", check_experts),
+                   ("huge", check_huge_table)]:
+    rows += guarded(f"check {name}", lambda: fn(keys)) or [(name, False, "raised")]
+  say("\n== check")
+  for name, ok, detail in rows:
+    say(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+  return [dict(name=n, ok=bool(o), detail=d) for n, o, d in rows]
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+def part_ceilings(seed):
+  keys = key_iter(seed)
+  a = jax.random.normal(next(keys), (2 ** 29,), BF16)  # 1 GiB
+  copy = timeit(jax.jit(lambda a: a + BF16(1)), [(a,)])
+  bw = 2 * a.size * 2 / (copy * 1e-3)
+  del a
+  m = jax.random.normal(next(keys), (8192, 8192), BF16)
+  mm = timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
+                                           ).astype(BF16)), [(m, m)])
+  rate = 2 * 8192 ** 3 / (mm * 1e-3)
+  say(f"\n== ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
+      f"{rate / 1e12:.0f} TFLOP/s")
+  return dict(copy_bytes_per_s=bw, matmul_flops_per_s=rate)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def init_layer(key, n_experts):
+  ks = jax.random.split(key, 6)
+  n = int(round(n_experts ** 0.5))
+  scale = lambda fan_in: 1.0 / np.sqrt(fan_in)
+  return dict(
+      wg=(jax.random.normal(ks[0], (D, F)) * scale(D)).astype(BF16),
+      wu=(jax.random.normal(ks[1], (D, F)) * scale(D)).astype(BF16),
+      wd=(jax.random.normal(ks[2], (F, D)) * scale(F)).astype(BF16),
+      rx=(jax.random.normal(ks[3], (D, n)) * scale(D)).astype(BF16),
+      ry=(jax.random.normal(ks[4], (D, n)) * scale(D)).astype(BF16),
+      up=(jax.random.normal(ks[5], (n_experts, D)) * 0.05).astype(BF16),
+      down=(jax.random.normal(jax.random.fold_in(ks[5], 1), (n_experts, D)) * 0.05
+            ).astype(BF16))
+
+
+def mlp(p, x):
+  return (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
+
+
+def layer(p, x, *, k, impl):
+  """Shared SwiGLU MLP + Cartesian router (log-softmax gates) + atomic experts."""
+  lx = jax.nn.log_softmax((x @ p["rx"]).astype(jnp.float32), axis=-1)
+  ly = jax.nn.log_softmax((x @ p["ry"]).astype(jnp.float32), axis=-1)
+  scores, idx = ops.cartesian_topk(lx, ly, k, impl=impl)
+  return mlp(p, x) + ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
+                                        impl=impl)
+
+
+def fwd_bwd(fn, num_diff):
+  """jit of (cot, *args) -> value and grads of <fn(*args), cot> wrt the first num_diff."""
+  def run(cot, *args):
+    return jax.value_and_grad(lambda *a: jnp.vdot(fn(*a).astype(jnp.float32), cot),
+                              argnums=tuple(range(num_diff)))(*args)
+  return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------- floors
+
+def floors(ceil, n, k, what):
+  """(fwd, fwd+bwd) floor ms: bytes at the copy rate plus matmul flops at the matmul rate."""
+  bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
+  pairs = T * k
+  used = n * (1 - (1 - 1 / n) ** pairs)  # expected distinct experts
+  row = D * 2
+  tok = T * D * 2
+  fwd_bytes = 2 * used * row + 2 * tok + pairs * 8
+  bwd_bytes = 2 * used * row + 2 * n * row + 3 * tok + pairs * 8
+  if what == "router":
+    n_axis = int(round(n ** 0.5))
+    return (T * 2 * n_axis * 4 + pairs * 8) / bw * 1e3, None
+  if what == "expert":
+    return fwd_bytes / bw * 1e3, (fwd_bytes + bwd_bytes) / bw * 1e3
+  mlp_flops = 2 * T * D * F * 3 + 2 * T * D * 2 * int(round(n ** 0.5))
+  return ((mlp_flops / rate + fwd_bytes / bw) * 1e3,
+          (3 * mlp_flops / rate + (fwd_bytes + bwd_bytes) / bw) * 1e3)
+
+
+# ----------------------------------------------------------------------------- table
+
+def time_case(what, impl, n, k, keys):
+  sets = 3
+  if what == "router":
+    n_axis = int(round(n ** 0.5))
+    args = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
+            for _ in range(sets)]
+    f = jax.jit(lambda a, b: ops.cartesian_topk(a, b, k, impl=impl))
+    return timeit(f, args), None
+  if what == "expert":
+    up, down = tables(next(keys), n)
+    args = [(tokens_in(next(keys)), up, down) + routing(next(keys), n, k)
+            for _ in range(sets)]
+    fn = lambda x, u, v, w, i: ops.atomic_experts(x, u, v, w, i, impl=impl)
+    cot = jax.random.normal(next(keys), (T, D), jnp.float32)
+    return timeit(jax.jit(fn), args), timeit(fwd_bwd(fn, 4), [(cot,) + a for a in args])
+  p = init_layer(next(keys), n)
+  xs = [(p, tokens_in(next(keys))) for _ in range(sets)]
+  fn = functools.partial(layer, k=k, impl=impl)
+  fwd = timeit(jax.jit(fn), xs)
+  cot = jax.random.normal(next(keys), (T, D), jnp.float32)
+  return fwd, timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
+
+
+def part_table(seed, ceil, device):
+  keys = key_iter(seed)
+  rows = []
+  say("\n== table (ms; bf16, T=4096, d=1024, F=4096)")
+  say(f"{'what':7s} {'N':>8s} {'k':>3s} | {'pallas fwd':>10s} {'xla fwd':>8s} {'x':>5s} "
+      f"{'floor':>6s} | {'pallas f+b':>10s} {'xla f+b':>8s} {'x':>5s} {'floor':>6s}")
+  for what in ("router", "expert", "layer"):
+    for n, k in CASES:
+      res = {}
+      for impl in ("pallas", "xla"):
+        res[impl] = guarded(f"{what} {impl} N={n} k={k}",
+                            lambda: time_case(what, impl, n, k, keys)) or (None, None)
+        rows.append(dict(what=what, impl=impl, device=device, tokens=T, hidden=D,
+                         ffn=F if what == "layer" else None, experts=n, k=k,
+                         fwd_ms=res[impl][0], fwd_bwd_ms=res[impl][1]))
+      fl = floors(ceil, n, k, what) if ceil else (None, None)
+      fmt = lambda v: f"{v:.3f}" if v is not None else "-"
+      ratio = lambda a, b: f"{b / a:.1f}" if a and b else "-"
+      (pf, pb), (xf, xb) = res["pallas"], res["xla"]
+      say(f"{what:7s} {n:8d} {k:3d} | {fmt(pf):>10s} {fmt(xf):>8s} {ratio(pf, xf):>5s} "
+          f"{fmt(fl[0]):>6s} | {fmt(pb):>10s} {fmt(xb):>8s} {ratio(pb, xb):>5s} "
+          f"{fmt(fl[1]):>6s}")
+  return rows
+
+
+# ----------------------------------------------------------------------------- stages
+
+def part_stages(seed):
+  keys = key_iter(seed)
+  out = {}
+  cfg = expert_ops.ExpertConfig()
+  for n, k in STAGE_CASES:
+    up, down = tables(next(keys), n)
+    x, dy = tokens_in(next(keys)), tokens_in(next(keys))
+    sets = [routing(next(keys), n, k) for _ in range(4)]
+    w, idx = sets[0]
+    s = jax.jit(lambda x, u, v, w, i: expert_tokens.forward(
+        x, u, v, w, i, activation="silu", config=cfg.forward, interpret=INTERPRET))(
+            x, up, down, w, idx)[1]
+    bwd = jax.jit(lambda dy, u, v, w, i, s: expert_tokens.token_backward(
+        dy, u, v, w, i, s, activation="silu", config=cfg.backward, interpret=INTERPRET))
+    _, _, ds, a = bwd(dy, up, down, w, idx, s)
+    res = {}
+    n_axis = int(round(n ** 0.5))
+    lxs = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
+           for _ in range(4)]
+    res["router kernel"] = timeit_unrolled(lambda a, b: router_topk.cartesian_topk(a, b, k), lxs)
+    res["router xla"] = timeit_unrolled(lambda a, b: reference.cartesian_topk(a, b, k), lxs)
+    res["fwd kernel"] = timeit(jax.jit(lambda w, i: expert_tokens.forward(
+        x, up, down, w, i, activation="silu", config=cfg.forward, interpret=INTERPRET)), sets)
+    res["bwd token kernel"] = timeit(jax.jit(lambda w, i: bwd(dy, up, down, w, i, s)), sets)
+    bucket = expert_tables.auto_bucket_size(cfg.tables, T * k, n)
+    for method in bucketing.METHODS:
+      res[f"bucketing {method} (B={bucket})"] = timeit_unrolled(
+          lambda w, i: bucketing.bucket_pairs(i, n, bucket, method=method,
+                                              interpret=INTERPRET), sets)
+    res["table grads (incl. bucketing)"] = timeit(jax.jit(
+        lambda w, i: expert_tables.table_gradients(
+            x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16,
+            config=cfg.tables, interpret=INTERPRET)), sets)
+    p = init_layer(next(keys), 4096)
+    res["mlp fwd"] = timeit(jax.jit(mlp), [(p, x)])
+    res["mlp fwd+bwd"] = timeit(fwd_bwd(mlp, 2), [(dy.astype(jnp.float32), p, x)])
+    gates = tables(next(keys), D, n_axis)
+    res["gates fwd"] = timeit(jax.jit(lambda x, rx, ry: [
+        jax.nn.log_softmax((x @ r).astype(jnp.float32), axis=-1) for r in (rx, ry)]),
+                              [(x,) + gates])
+    say(f"\n== stages N={n} k={k} (ms)")
+    for name, ms in res.items():
+      say(f"  {name:34s} {ms:8.4f}")
+    out[f"N={n},k={k}"] = res
+  return out
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def part_sweep(seed):
+  keys = key_iter(seed)
+  out = {}
+  say("\n== sweep: router (block_t, num_warps) -> ms (unrolled)")
+  for n_axis, k in ROUTER_SWEEP:
+    lxs = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
+           for _ in range(4)]
+    for bt, nw in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (16, 8)]:
+      cfg = router_topk.RouterConfig(block_t=bt, num_warps=nw)
+      ms = guarded(f"router {cfg}", lambda: timeit_unrolled(
+          lambda a, b: router_topk.cartesian_topk(a, b, k, config=cfg), lxs))
+      out[f"router n={n_axis} k={k} bt={bt} nw={nw}"] = ms
+      say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw}: {ms}")
+  token_cfgs = [(4, 64, 4, 2), (2, 128, 4, 2), (1, 256, 4, 2), (2, 256, 8, 2), (1, 512, 8, 2),
+                (4, 128, 8, 2), (8, 64, 8, 2), (4, 32, 4, 3), (1, 128, 4, 3), (16, 32, 8, 2)]
+  for n, k in SWEEP_CASES:
+    up, down = tables(next(keys), n)
+    x, dy = tokens_in(next(keys)), tokens_in(next(keys))
+    sets = [routing(next(keys), n, k) for _ in range(3)]
+    s = expert_tokens.forward(x, up, down, *sets[0], activation="silu",
+                              config=expert_tokens.TokenConfig(), interpret=INTERPRET)[1]
+    say(f"\n== sweep N={n} k={k}: token kernels (block_t, block_d, warps, stages) -> "
+        f"fwd ms, bwd-token ms")
+    for bt, bd, nw, ns in token_cfgs:
+      cfg = expert_tokens.TokenConfig(bt, bd, nw, ns)
+      f = guarded(f"fwd {cfg}", lambda: timeit(jax.jit(lambda w, i: expert_tokens.forward(
+          x, up, down, w, i, activation="silu", config=cfg, interpret=INTERPRET)), sets))
+      b = guarded(f"bwd {cfg}", lambda: timeit(jax.jit(
+          lambda w, i: expert_tokens.token_backward(
+              dy, up, down, w, i, s, activation="silu", config=cfg, interpret=INTERPRET)), sets))
+      out[f"tokens N={n} {cfg}"] = (f, b)
+      say(f"  {bt:2d} {bd:4d} {nw} {ns}: fwd {f}  bwd {b}")
+    _, _, ds, a = expert_tokens.token_backward(
+        dy, up, down, *sets[0], s, activation="silu", config=expert_tokens.TokenConfig(),
+        interpret=INTERPRET)
+    say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket) -> ms")
+    for bp, bd, nw, ns, be in [(32, 128, 4, 2, 0), (16, 128, 4, 2, 0), (64, 128, 4, 2, 0),
+                               (32, 64, 4, 2, 0), (32, 256, 8, 2, 0), (64, 64, 4, 3, 0),
+                               (32, 128, 4, 2, 64), (64, 128, 8, 2, 128), (16, 256, 4, 2, 0)]:
+      cfg = expert_tables.TableConfig(bucket_size=be, block_p=bp, block_d=bd, num_warps=nw,
+                                      num_stages=ns)
+      ms = guarded(f"tables {cfg}", lambda: timeit(jax.jit(
+          lambda w, i: expert_tables.table_gradients(
+              x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16, config=cfg,
+              interpret=INTERPRET)), sets))
+      out[f"tables N={n} {cfg}"] = ms
+      say(f"  {bp:3d} {bd:4d} {nw} {ns} {be or 'auto'}: {ms}")
+  return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--parts", default="check,ceilings,stages,table",
+                      help="comma-separated subset of check,ceilings,stages,sweep,table")
+  parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  parts = args.parts.split(",")
+  device = jax.devices()[0].device_kind
+  tag = device.lower().replace(" ", "-")
+  say(f"device {device}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+      f"argv {' '.join(sys.argv)}")
+  detail = dict(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+  os.makedirs(args.out, exist_ok=True)
+
+  def save():
+    with open(os.path.join(args.out, f"kernels-{tag}-detail.json"), "w") as f:
+      json.dump(detail, f, indent=1, default=str)
+    with open(os.path.join(args.out, f"kernels-{tag}-log.txt"), "w") as f:
+      f.write("\n".join(LOG) + "\n")
+
+  ceil = None
+  if "check" in parts:
+    detail["check"] = part_check(args.seed)
+    save()
+  if "ceilings" in parts:
+    ceil = detail["ceilings"] = guarded("ceilings", lambda: part_ceilings(args.seed + 1))
+    save()
+  if "stages" in parts:
+    detail["stages"] = guarded("stages", lambda: part_stages(args.seed + 3))
+    save()
+  if "sweep" in parts:
+    detail["sweep"] = part_sweep(args.seed + 2)
+    save()
+  if "table" in parts:
+    table = part_table(args.seed + 4, ceil, device)
+    with open(os.path.join(args.out, f"kernels-{tag}.json"), "w") as f:
+      json.dump(table, f, indent=1)
+    if ceil:
+      detail["floors_ms"] = {f"{w} N={n} k={k}": floors(ceil, n, k, w)
+                             for w in ("router", "expert", "layer") for n, k in CASES}
+    save()
+
+
+if __name__ == "__main__":
+  main()
