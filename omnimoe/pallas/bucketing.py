@@ -19,7 +19,10 @@ sort over all 32 key bits, keys and values), half a layer's forward budget. A bu
      float32, as with XLA's own scatter-add on GPU). method="sort" is deterministic.
 Lanes that are not a bucket's first lane aim their (zero) atomic at a private spare
 cursor, so one atomic never carries duplicate addresses (Pallas' interpreter would lose
-such updates; on the GPU it also avoids intra-warp contention).
+such updates; on the GPU it also avoids intra-warp contention). The cursors are float32:
+the Triton lowering of Pallas (JAX 0.10-0.11) emits a float add for an atomic whose value
+is a vector, whatever its dtype, so int32 cursors came back as garbage on the GPU;
+float32 counts are exact below 2^24 pairs, and more pairs take method="sort".
 
 Pairs whose expert id lies outside [0, N) go to no bucket: they are dropped here, which
 is how the table gradients mask them.
@@ -40,6 +43,7 @@ from omnimoe.pallas import common
 
 METHODS = ("atomic", "sort")
 BLOCK_P = 64
+MAX_ATOMIC_PAIRS = 2 ** 24  # float32 cursors count exactly up to here
 
 
 def _place_kernel(bucket_ref, cursor_in_ref, order_ref, cursor_ref, *, num_buckets: int):
@@ -54,8 +58,9 @@ def _place_kernel(bucket_ref, cursor_in_ref, order_ref, cursor_ref, *, num_bucke
   count = jnp.sum(same.astype(jnp.int32), axis=1)
   first = live & (rank == 0)
   target = jnp.where(first, b, num_buckets + lane)
-  claimed = plt.atomic_add(cursor_ref, target, jnp.where(first, count, 0))
-  base = jnp.sum(jnp.where(same & first[None, :], claimed[None, :], 0), axis=1)
+  claimed = plt.atomic_add(cursor_ref, target, jnp.where(first, count, 0).astype(jnp.float32))
+  base = jnp.sum(jnp.where(same & first[None, :], claimed.astype(jnp.int32)[None, :], 0),
+                 axis=1)
   plt.store(order_ref.at[jnp.where(live, base + rank, pairs)], pos, mask=live)
 
 
@@ -78,13 +83,14 @@ def bucket_pairs(indices: jax.Array, num_experts: int, bucket_size: int, *,
   bucket = jnp.where(valid, flat // bucket_size, num_buckets).astype(jnp.int32)
   counts = jnp.zeros(num_buckets + 1, jnp.int32).at[bucket].add(1)
   starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts[:num_buckets])])
-  if method == "sort":
+  if method == "sort" or flat.shape[0] >= MAX_ATOMIC_PAIRS:
     return jnp.argsort(bucket, stable=True).astype(jnp.int32), starts
-  cursor = jnp.concatenate([starts[:num_buckets], jnp.zeros(BLOCK_P, jnp.int32)])
+  cursor = jnp.concatenate([starts[:num_buckets], jnp.zeros(BLOCK_P, jnp.int32)]
+                           ).astype(jnp.float32)
   kernel = functools.partial(_place_kernel, num_buckets=num_buckets)
   order, _ = common.triton_call(
       kernel, out_shape=(jax.ShapeDtypeStruct(flat.shape, jnp.int32),
-                         jax.ShapeDtypeStruct(cursor.shape, jnp.int32)),
+                         jax.ShapeDtypeStruct(cursor.shape, jnp.float32)),
       grid=(common.cdiv(flat.shape[0], BLOCK_P),), num_warps=4, num_stages=1,
       interpret=interpret, name="bucket_pairs", input_output_aliases={1: 1})(bucket, cursor)
   return order, starts

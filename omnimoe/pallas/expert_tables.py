@@ -75,7 +75,7 @@ def _table_grad_kernel(starts_ref, order_ref, idx_ref, ds_ref, a_ref, x_ref, dy_
     pos = common.iota(block_p, lo + i * block_p)
     live = pos < hi
     p = plt.load(order_ref.at[jnp.minimum(pos, pairs - 1)], mask=live, other=0)
-    p = jnp.where(live, p, 0)
+    p = jnp.where(live, jnp.clip(p, 0, pairs - 1), 0)  # in range whatever order holds
     e = plt.load(idx_ref.at[p], mask=live, other=-1)
     hit = (experts[:, None] == e[None, :]) & live[None, :]
     rows = (p // k)[:, None]
