@@ -30,8 +30,10 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   A pair (i, j) in the true top-k can only use a row among the top-k rows of lx and a
   column among the top-k columns of ly: any other row i' is beaten by the k candidate
   rows paired with the same column (higher score, or equal score and a lower flat
-  index under our tie rule). So we sort k x k candidates instead of n_x * n_y scores:
-  O(n + k^2) per token.
+  index under our tie rule). So we rank k x k candidates instead of n_x * n_y scores:
+  O(n + k^2) per token. With the candidate rows and columns put in ascending id order,
+  the row-major candidate grid is in ascending flat-id order, so `lax.top_k` (which puts
+  equal values in ascending position) applies the tie rule by itself.
 
   Args:
     lx: (T, n_x) row scores (log-probabilities). ly: (T, n_y) column scores.
@@ -39,16 +41,23 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   Returns:
     scores (T, k) float32, descending; indices (T, k) int32 flat expert ids.
   """
-  lx = lx.astype(jnp.float32)
-  ly = ly.astype(jnp.float32)
-  tokens, n_y = lx.shape[0], ly.shape[1]
-  row_scores, rows = lax.top_k(lx, min(k, lx.shape[1]))  # ties: lower index first
-  col_scores, cols = lax.top_k(ly, min(k, n_y))
-  cand = (row_scores[:, :, None] + col_scores[:, None, :]).reshape(tokens, -1)
-  flat = (rows[:, :, None] * n_y + cols[:, None, :]).reshape(tokens, -1)
-  # Sort by (-score, index). `+ 0.0` folds -0.0 into 0.0 so equal scores tie exactly.
-  neg, flat = lax.sort((-cand + 0.0, flat.astype(jnp.int32)), dimension=1, num_keys=2)
-  return -neg[:, :k], flat[:, :k]
+  n_y = ly.shape[1]
+  rows, row_scores = _top_ids_ascending(lx.astype(jnp.float32), k)
+  cols, col_scores = _top_ids_ascending(ly.astype(jnp.float32), k)
+  cand = row_scores[:, :, None] + col_scores[:, None, :]
+  # `+ 0.0` folds -0.0 into 0.0 so that equal scores tie exactly.
+  scores, pos = lax.top_k(cand.reshape(cand.shape[0], -1) + 0.0, k)
+  row = jnp.take_along_axis(rows, pos // cols.shape[1], axis=1)
+  col = jnp.take_along_axis(cols, pos % cols.shape[1], axis=1)
+  return scores, row * n_y + col
+
+
+def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The ids of the min(k, n) best entries of each row (ties: lower id) in ascending id
+  order, with their scores."""
+  best, ids = lax.top_k(scores, min(k, scores.shape[1]))
+  ids, best = lax.sort((ids, best), dimension=1, num_keys=1)
+  return ids, best
 
 
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,

@@ -93,4 +93,4 @@ def test_gradients_and_jit_through_ops():
         argnums=(0, 1)))
 
   for got, want in zip(loss("pallas")(lx, ly), loss("xla")(lx, ly)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)  # summation order
