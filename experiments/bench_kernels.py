@@ -7,11 +7,11 @@ Parts (any subset, in this order):
   check     kernels vs the reference on the GPU: exact router indices, relative errors
             of values and gradients (f32 < 1e-5, bf16 < 1e-2), bad ids, N = 2^22 rows
   ceilings  copy bandwidth (bytes read + written) and bf16 matmul rate
-  stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
-  sweep     block-size sweeps of every kernel (Triton has no autotuner)
   table     router / expert op / layer, impl pallas and xla, N in {4096, 65536, 2^20},
             k in {16, 32}; writes kernels-<device>.json (the table) and
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
+  stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
+  sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
 block at the end), rotating over 3 input sets; `unrolled` times jit 4 calls on 4 input
 sets into one program to remove dispatch gaps from short kernels. Inputs are random,
@@ -40,13 +40,14 @@ T, D, F = 4096, 1024, 4096
 BF16 = jnp.bfloat16
 CASES = [(4096, 16), (4096, 32), (65536, 16), (65536, 32), (2 ** 20, 16), (2 ** 20, 32)]
 STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
-SWEEP_CASES = [(65536, 32), (2 ** 20, 32)]
+TABLE_SWEEP = [(0, 256, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 256, 8, 2, 0),
+               (32, 256, 4, 2, 0), (16, 512, 8, 2, 0), (64, 128, 8, 2, 16)]
 ROUTER_SWEEP = [(1024, 32), (256, 32), (64, 16)]
 ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 256, 256, 32), (4096, 64, 64, 16),
                  (1000, 17, 17, 40), (37, 3, 3, 9), (333, 6, 9, 10), (517, 1024, 1024, 128),
                  (64, 2048, 2048, 32)]
 TIES_CHECK = (2048, 256, 32)
-EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (4096, 1024, 65536, 32, jnp.float32, "silu"),
+EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (512, 1024, 65536, 32, jnp.float32, "silu"),
                  (1000, 1536, 4096, 16, BF16, "gelu"), (37, 96, 50, 5, jnp.float32, "relu"),
                  (300, 96, 7, 9, jnp.float32, "identity"), (2048, 1024, 2 ** 20, 32, BF16, "silu")]
 HUGE_CHECK = (2 ** 22, 1024, 256, 32)  # N, d, tokens, k
@@ -346,7 +347,8 @@ def time_case(what, impl, n, k, keys):
   return fwd, timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
 
 
-def part_table(seed, ceil, device):
+def part_table(seed, ceil, device, path):
+  """Times every case; rewrites the JSON list at `path` after each one."""
   keys = key_iter(seed)
   rows = []
   say("\n== table (ms; bf16, T=4096, d=1024, F=4096)")
@@ -361,6 +363,8 @@ def part_table(seed, ceil, device):
         rows.append(dict(what=what, impl=impl, device=device, tokens=T, hidden=D,
                          ffn=F if what == "layer" else None, experts=n, k=k,
                          fwd_ms=res[impl][0], fwd_bwd_ms=res[impl][1]))
+        with open(path, "w") as f:
+          json.dump(rows, f, indent=1)
       fl = floors(ceil, n, k, what) if ceil else (None, None)
       fmt = lambda v: f"{v:.3f}" if v is not None else "-"
       ratio = lambda a, b: f"{b / a:.1f}" if a and b else "-"
@@ -422,11 +426,11 @@ def part_stages(seed):
 
 # ----------------------------------------------------------------------------- sweep
 
-def part_sweep(seed):
+def part_sweep(seed, kinds, cases):
   keys = key_iter(seed)
   out = {}
   say("\n== sweep: router (block_t, num_warps) -> ms (unrolled)")
-  for n_axis, k in ROUTER_SWEEP:
+  for n_axis, k in ROUTER_SWEEP if "router" in kinds else []:
     lxs = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
            for _ in range(4)]
     for bt, nw in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4)]:
@@ -437,7 +441,7 @@ def part_sweep(seed):
       say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw}: {ms}")
   token_cfgs = [(4, 64, 4, 2), (2, 128, 4, 2), (1, 256, 4, 2), (2, 256, 8, 2), (1, 512, 8, 2),
                 (4, 128, 8, 2), (8, 64, 8, 2), (4, 32, 4, 3), (1, 128, 4, 3), (16, 32, 8, 2)]
-  for n, k in SWEEP_CASES:
+  for n, k in cases:
     up, down = tables(next(keys), n)
     x, dy = tokens_in(next(keys)), tokens_in(next(keys))
     sets = [routing(next(keys), n, k) for _ in range(3)]
@@ -445,7 +449,7 @@ def part_sweep(seed):
                               config=expert_tokens.TokenConfig(), interpret=INTERPRET)[1]
     say(f"\n== sweep N={n} k={k}: token kernels (block_t, block_d, warps, stages) -> "
         f"fwd ms, bwd-token ms")
-    for bt, bd, nw, ns in token_cfgs:
+    for bt, bd, nw, ns in token_cfgs if "tokens" in kinds else []:
       cfg = expert_tokens.TokenConfig(bt, bd, nw, ns)
       f = guarded(f"fwd {cfg}", lambda: timeit(jax.jit(lambda w, i: expert_tokens.forward(
           x, up, down, w, i, activation="silu", config=cfg, interpret=INTERPRET)), sets))
@@ -458,9 +462,7 @@ def part_sweep(seed):
         dy, up, down, *sets[0], s, activation="silu", config=expert_tokens.TokenConfig(),
         interpret=INTERPRET)
     say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket) -> ms")
-    for bp, bd, nw, ns, be in [(32, 128, 4, 2, 0), (16, 128, 4, 2, 0), (64, 128, 4, 2, 0),
-                               (32, 64, 4, 2, 0), (32, 256, 8, 2, 0), (64, 64, 4, 3, 0),
-                               (32, 128, 4, 2, 64), (64, 128, 8, 2, 128), (16, 256, 4, 2, 0)]:
+    for bp, bd, nw, ns, be in TABLE_SWEEP if "tables" in kinds else []:
       cfg = expert_tables.TableConfig(bucket_size=be, block_p=bp, block_d=bd, num_warps=nw,
                                       num_stages=ns)
       ms = guarded(f"tables {cfg}", lambda: timeit(jax.jit(
@@ -476,10 +478,14 @@ def part_sweep(seed):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--parts", default="check,ceilings,stages,table",
-                      help="comma-separated subset of check,ceilings,stages,sweep,table")
+  parser.add_argument("--parts", default="check,ceilings,table,stages",
+                      help="comma-separated subset of check,ceilings,table,stages,sweep")
   parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--sweep", default="router,tokens,tables",
+                      help="what the sweep part tunes: router, tokens, tables")
+  parser.add_argument("--sweep-cases", default="65536,1048576",
+                      help="N values (k = 32) of the token and table sweeps")
   args = parser.parse_args()
   parts = args.parts.split(",")
   device = jax.devices()[0].device_kind
@@ -502,19 +508,18 @@ def main():
   if "ceilings" in parts:
     ceil = detail["ceilings"] = guarded("ceilings", lambda: part_ceilings(args.seed + 1))
     save()
+  if "table" in parts:
+    part_table(args.seed + 4, ceil, device, os.path.join(args.out, f"kernels-{tag}.json"))
+    if ceil:
+      detail["floors_ms"] = {f"{w} N={n} k={k}": floors(ceil, n, k, w)
+                             for w in ("router", "expert", "layer") for n, k in CASES}
+    save()
   if "stages" in parts:
     detail["stages"] = guarded("stages", lambda: part_stages(args.seed + 3))
     save()
   if "sweep" in parts:
-    detail["sweep"] = part_sweep(args.seed + 2)
-    save()
-  if "table" in parts:
-    table = part_table(args.seed + 4, ceil, device)
-    with open(os.path.join(args.out, f"kernels-{tag}.json"), "w") as f:
-      json.dump(table, f, indent=1)
-    if ceil:
-      detail["floors_ms"] = {f"{w} N={n} k={k}": floors(ceil, n, k, w)
-                             for w in ("router", "expert", "layer") for n, k in CASES}
+    detail["sweep"] = part_sweep(args.seed + 2, args.sweep.split(","),
+                                 [(int(n), 32) for n in args.sweep_cases.split(",")])
     save()
 
 

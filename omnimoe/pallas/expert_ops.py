@@ -34,8 +34,8 @@ TableConfig = expert_tables.TableConfig
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  forward: TokenConfig = TokenConfig()
-  backward: TokenConfig = TokenConfig()
+  forward: TokenConfig = TokenConfig(block_t=4, block_d=64, num_warps=4, num_stages=2)
+  backward: TokenConfig = TokenConfig(block_t=4, block_d=32, num_warps=4, num_stages=3)
   tables: TableConfig = TableConfig()
 
 

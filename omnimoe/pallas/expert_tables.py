@@ -19,8 +19,9 @@ The segment sum runs on tensor cores: for a chunk of `block_p` pairs of the buck
 the bucket and no per-expert loop with a data-dependent trip count. For bfloat16 inputs
 the coefficients enter the product rounded to bfloat16 (products and sums in float32);
 float32 inputs multiply in full float32. The bucket size follows the density of pairs
-per expert (`auto_bucket_size`): about `block_p` pairs per bucket, so the one-hot
-product wastes little (each pair costs 2 * bucket_size * d flops per table).
+per expert (`auto_bucket_size`): about 16 pairs per bucket, so the one-hot
+product wastes little (each pair costs 2 * bucket_size * d flops per table), capped so
+the two float32 accumulators stay in registers.
 Measured numbers: experiments/kernels_notes.md.
 
 Equivalent JAX code:
@@ -44,19 +45,33 @@ from omnimoe.pallas import bucketing, common
 @dataclasses.dataclass(frozen=True)
 class TableConfig:
   bucket_size: int = 0   # experts per program; 0: `auto_bucket_size`
-  block_p: int = 32      # pairs per tensor-core step
-  block_d: int = 128     # hidden-dimension tile
+  block_p: int = 0       # pairs per tensor-core step; 0: `auto_block_p`
+  block_d: int = 256     # hidden-dimension tile
   num_warps: int = 4
   num_stages: int = 2
   bucketing: str = "atomic"
 
 
+# Two (bucket_size x block_d) float32 accumulators live in registers: past 64 per thread
+# they spill (seen: bucket 128 x 128 columns ran at 3.9 ms for N = 2^20, ~3x its floor).
+_ACC_PER_WARP = 64 * 32 // 2
+
+
 def auto_bucket_size(config: TableConfig, pairs: int, num_experts: int) -> int:
-  """Bucket of about `block_p` pairs: 16 to 128 experts, a power of two."""
+  """About 16 pairs per bucket, a power of two >= 16, within the register budget."""
   if config.bucket_size:
     return config.bucket_size
-  want = config.block_p * num_experts / max(pairs, 1)
-  return int(min(128, common.pow2(int(want), minimum=16)))
+  fit = _ACC_PER_WARP * config.num_warps // config.block_d
+  want = common.pow2(int(16 * num_experts / max(pairs, 1)), minimum=16)
+  return int(max(16, min(want, fit)))
+
+
+def auto_block_p(config: TableConfig, pairs: int, num_experts: int, bucket_size: int) -> int:
+  """16 pairs per step where buckets are sparse (measured best at N = 65536), 32 where
+  each bucket holds many (N = 4096: hundreds of pairs per bucket)."""
+  if config.block_p:
+    return config.block_p
+  return 16 if pairs * bucket_size <= 64 * num_experts else 32
 
 
 def _table_grad_kernel(starts_ref, order_ref, idx_ref, ds_ref, a_ref, x_ref, dy_ref,
@@ -102,12 +117,13 @@ def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_d
   """dU (N, d) in up_dtype and dV (N, d) in down_dtype from per-pair ds and a (T, k)."""
   tokens, k = indices.shape
   bucket_size = auto_bucket_size(config, tokens * k, num_experts)
+  block_p = auto_block_p(config, tokens * k, num_experts, bucket_size)
   order, starts = bucketing.bucket_pairs(indices, num_experts, bucket_size,
                                          method=config.bucketing, interpret=interpret)
   d = x.shape[1]
   block_d = min(config.block_d, common.pow2(d, minimum=16))
   kernel = functools.partial(_table_grad_kernel, k=k, bucket_size=bucket_size,
-                             block_p=config.block_p, block_d=block_d)
+                             block_p=block_p, block_d=block_d)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),

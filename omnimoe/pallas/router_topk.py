@@ -53,8 +53,8 @@ _SIGN_FLIP = np.int32(0x7FFFFFFF)
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-  block_t: int = 1      # tokens per program
-  num_warps: int = 0    # 0: pick from the candidate grid size
+  block_t: int = 2      # tokens per program
+  num_warps: int = 0    # 0: one warp per 2048 elements of the larger in-register array
   num_stages: int = 1
 
 
@@ -123,7 +123,7 @@ def _num_warps(config: RouterConfig, n: int, k: int) -> int:
   if config.num_warps:
     return config.num_warps
   elems = config.block_t * max(common.pow2(n), common.pow2(k) ** 2)
-  return int(np.clip(elems // 1024, 1, 8))
+  return int(np.clip(elems // 2048, 1, 8))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
