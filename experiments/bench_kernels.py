@@ -43,9 +43,8 @@ STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
 TABLE_SWEEP = [(0, 256, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 256, 8, 2, 0),
                (32, 256, 4, 2, 0), (16, 512, 8, 2, 0), (64, 128, 8, 2, 16)]
 ROUTER_SWEEP = [(1024, 32), (256, 32), (64, 16)]
-ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 256, 256, 32), (4096, 64, 64, 16),
-                 (1000, 17, 17, 40), (37, 3, 3, 9), (333, 6, 9, 10), (517, 1024, 1024, 128),
-                 (64, 2048, 2048, 32)]
+ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 64, 64, 16), (1000, 17, 17, 40),
+                 (333, 6, 9, 10), (517, 1024, 1024, 128), (64, 2048, 2048, 32)]
 TIES_CHECK = (2048, 256, 32)
 EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (512, 1024, 65536, 32, jnp.float32, "silu"),
                  (1000, 1536, 4096, 16, BF16, "gelu"), (37, 96, 50, 5, jnp.float32, "relu"),
@@ -191,7 +190,7 @@ def check_experts(keys):
 def check_bucketing(keys):
   """The atomic placement groups exactly the pairs that the stable argsort groups."""
   rows = []
-  for n, bucket in [(65536, 16), (2 ** 20, 128), (4096, 16)]:
+  for n, bucket in [(65536, 16), (2 ** 20, 16)]:
     _, idx = routing(next(keys), n, 32)
     idx = idx.at[::5, 3].set(-2).at[1::9, 4].set(n)
     (oa, sa), (os_, ss) = [jax.tree.map(np.asarray, bucketing.bucket_pairs(
