@@ -9,7 +9,7 @@ sort over all 32 key bits, keys and values), half a layer's forward budget. A bu
 `bucket_size` consecutive experts, so there are only N / bucket_size keys to separate:
   1. counts: an XLA scatter-add of ones (int32, so exact and order-free);
   2. starts: an XLA cumsum of the counts;
-  3. placement (this kernel): each program takes `block_p` pairs, ranks them inside its
+  3. placement (this kernel): each program takes `BLOCK_P` pairs, ranks them inside its
      block by bucket with a block_p x block_p comparison (no sort: rank = number of
      earlier lanes with the same bucket), and the first lane of each bucket claims room
      for all of them with one atomic add on that bucket's cursor. Every pair lands at
@@ -23,6 +23,9 @@ such updates; on the GPU it also avoids intra-warp contention). The cursors are 
 the Triton lowering of Pallas (JAX 0.10-0.11) emits a float add for an atomic whose value
 is a vector, whatever its dtype, so int32 cursors came back as garbage on the GPU;
 float32 counts are exact below 2^24 pairs, and more pairs take method="sort".
+
+Measured on one H100 (131072 pairs): 0.035-0.049 ms for the three steps, against
+0.11-0.12 ms for the stable argsort (N=65536 and 2^20).
 
 Pairs whose expert id lies outside [0, N) go to no bucket: they are dropped here, which
 is how the table gradients mask them.

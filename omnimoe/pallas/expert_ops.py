@@ -14,7 +14,9 @@ a program owns its tokens (no sort, no atomics), at the price of one table-row g
 per pair; the (N, d) gradients are cheapest where a program owns its experts (each
 gradient row written once, no scatter). The sort (here a cheaper bucketing) exists only
 in the backward, where the gradients need it. The module docstrings give the details;
-experiments/kernels_notes.md gives the measured numbers.
+experiments/kernels_notes.md gives the measured numbers. On one H100 (bf16, T=4096,
+d=1024, N=65536, k=32): forward 0.274 ms, forward+backward 0.896 ms (plain XLA gathers:
+0.589 / 3.417 ms; published Triton: 1.06 / 4.75 ms).
 
 Gradients of up/down come back in the tables' dtype, dx in x's, dweights in weights';
 all accumulation is float32.
