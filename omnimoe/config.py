@@ -110,8 +110,35 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def fail(field: str, value, rule: str) -> None:
+  """Raises ConfigError naming the full field path (e.g. 'train.steps'), value and rule."""
+  raise ConfigError(f"{field}={value!r}: {rule}")
+
+
+def check(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    fail(field, value, rule)
+
+
+def check_int(value, field: str, lo: int = 1, hi: int | None = None, hi_name: str = "") -> int:
+  """Checks that `value` is an int in [lo, hi]; returns it."""
+  check(isinstance(value, int) and not isinstance(value, bool), field, value,
+        "must be an integer")
+  check(value >= lo, field, value, f"must be >= {lo}")
+  check(hi is None or value <= hi, field, value, f"must be <= {hi_name} = {hi}")
+  return value
+
+
+def check_number(value, field: str, positive: bool) -> None:
+  """Checks that `value` is a finite number, > 0 (positive) or >= 0."""
+  check(isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value), field, value, "must be a finite number")
+  check(value > 0 if positive else value >= 0, field, value,
+        "must be > 0" if positive else "must be >= 0")
+
+
 def _fail(path: str, value, rule: str) -> None:
-  raise ConfigError(f"model.{path}={value!r}: {rule}")
+  fail(f"model.{path}", value, rule)
 
 
 def _get(cfg, path: str):
@@ -124,15 +151,8 @@ def _get(cfg, path: str):
 
 
 def _int(cfg, path: str, lo: int = 1, hi: int | None = None, hi_name: str = "") -> int:
-  """Checks that `path` is an int in [lo, hi]; returns it."""
-  value = _get(cfg, path)
-  if isinstance(value, bool) or not isinstance(value, int):
-    _fail(path, value, "must be an integer")
-  if value < lo:
-    _fail(path, value, f"must be >= {lo}")
-  if hi is not None and value > hi:
-    _fail(path, value, f"must be <= {hi_name} = {hi}")
-  return value
+  """Checks that model field `path` is an int in [lo, hi]; returns it."""
+  return check_int(_get(cfg, path), f"model.{path}", lo, hi, hi_name)
 
 
 def _choice(cfg, path: str, choices) -> str:
@@ -190,9 +210,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     _int(cfg, "coarse_moe.top_k", 1, e, "model.coarse_moe.num_experts")
     _int(cfg, "coarse_moe.num_shared", lo=0)
     _int(cfg, "coarse_moe.expert_dim")
-    coef = cfg.coarse_moe.aux_loss_coef
-    if not isinstance(coef, (int, float)) or coef < 0:
-      _fail("coarse_moe.aux_loss_coef", coef, "must be a number >= 0")
+    check_number(cfg.coarse_moe.aux_loss_coef, "model.coarse_moe.aux_loss_coef", positive=False)
   else:  # peer
     n = _square_experts(cfg, "peer")
     _int(cfg, "peer.top_k", 1, n, "model.peer.num_experts")

@@ -57,26 +57,6 @@ class TrainingDiverged(RuntimeError):
 # Config checks.
 # ----------------------------------------------------------------------------------------
 
-def _check(ok: bool, field: str, value, rule: str) -> None:
-  if not ok:
-    raise ConfigError(f"{field}={value!r}: {rule}")
-
-
-def _int_field(section, name: str, field: str, lo: int) -> None:
-  value = section[name]
-  _check(isinstance(value, int) and not isinstance(value, bool), field, value,
-         "must be an integer")
-  _check(value >= lo, field, value, f"must be >= {lo}")
-
-
-def _number_field(section, name: str, field: str, positive: bool) -> None:
-  value = section[name]
-  _check(isinstance(value, (int, float)) and not isinstance(value, bool)
-         and math.isfinite(value), field, value, "must be a finite number")
-  _check(value > 0 if positive else value >= 0, field, value,
-         "must be > 0" if positive else "must be >= 0")
-
-
 def validate(config, num_devices: int | None = None, num_processes: int | None = None
              ) -> tuple[int, int, int]:
   """Raises ConfigError naming the first bad field; returns the mesh shape it implies."""
@@ -88,33 +68,33 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
                    ("seed", 0), ("log_every", 1), ("eval_every", 0), ("eval_steps", 1),
                    ("debug_nan_step", -1)):
-    _int_field(t, name, f"train.{name}", lo)
+    config_lib.check_int(t[name], f"train.{name}", lo)
   for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", True),
                          ("z_loss", False)):
-    _number_field(t, name, f"train.{name}", positive)
-  _check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
+    config_lib.check_number(t[name], f"train.{name}", positive)
+  config_lib.check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
          f"must be < train.steps={t.steps}")
-  _check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
+  config_lib.check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
          f"must be <= model.max_len={m.max_len}")
-  _check(m.param_dtype == "float32", "model.param_dtype", m.param_dtype,
+  config_lib.check(m.param_dtype == "float32", "model.param_dtype", m.param_dtype,
          "training keeps float32 master weights (set model.dtype for the compute dtype)")
   d = config.data
-  _check(d.source in data_lib.SOURCES, "data.source", d.source,
+  config_lib.check(d.source in data_lib.SOURCES, "data.source", d.source,
          f"must be one of {data_lib.SOURCES}")
   if d.source != "arrayrecord":
-    _check(m.vocab_size >= data_lib.BYTE_VOCAB, "model.vocab_size", m.vocab_size,
+    config_lib.check(m.vocab_size >= data_lib.BYTE_VOCAB, "model.vocab_size", m.vocab_size,
            f"data.source={d.source!r} is byte-level and needs >= {data_lib.BYTE_VOCAB}")
-  _int_field(d, "workers", "data.workers", 0)
-  _int_field(config.checkpoint, "every", "checkpoint.every", 1)
-  _int_field(config.checkpoint, "keep", "checkpoint.keep", 1)
+  config_lib.check_int(d.workers, "data.workers", 0)
+  config_lib.check_int(config.checkpoint.every, "checkpoint.every", 1)
+  config_lib.check_int(config.checkpoint.keep, "checkpoint.keep", 1)
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes
   shape = sharding.mesh_shape(config.mesh, num_devices)
   batch_ways = shape[0] * shape[1]
-  _check(t.batch_size % batch_ways == 0, "train.batch_size", t.batch_size,
+  config_lib.check(t.batch_size % batch_ways == 0, "train.batch_size", t.batch_size,
          f"must be divisible by mesh data*fsdp={batch_ways}")
-  _check(t.batch_size % num_processes == 0, "train.batch_size", t.batch_size,
+  config_lib.check(t.batch_size % num_processes == 0, "train.batch_size", t.batch_size,
          f"must be divisible by the number of processes={num_processes}")
   return shape
 
