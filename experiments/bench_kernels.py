@@ -11,7 +11,10 @@ Parts (any subset, in this order):
             k in {16, 32}; writes kernels-<device>.json (the table) and
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
   stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
+  variants  expert-op and layer variants side by side (token blocks, XLA forward at
+            small k, table kernel looping its column tiles, fused gate / MLP matmuls)
   sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
+`--checks` picks the checks (router, bucketing, experts, huge).
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
 block at the end), rotating over 3 input sets; `unrolled` times jit 4 calls on 4 input
 sets into one program to remove dispatch gaps from short kernels. Inputs are random,
@@ -233,11 +236,14 @@ def check_huge_table(keys):
            + f"; relative gradient mass outside the used rows {stray:.1e}")]
 
 
-def part_check(seed):
+CHECKS = dict(router=check_router, bucketing=check_bucketing, experts=check_experts,
+              huge=check_huge_table)
+
+
+def part_check(seed, names):
   keys = key_iter(seed)
   rows = []
-  for name, fn in [("router", check_router), ("bucketing", check_bucketing),
-                   ("experts", check_experts), ("huge", check_huge_table)]:
+  for name, fn in ((name, CHECKS[name]) for name in names):
     rows += guarded(f"check {name}", lambda: fn(keys)) or [(name, False, "raised")]
   say("\n== check")
   for name, ok, detail in rows:
@@ -264,32 +270,52 @@ def part_ceilings(seed):
 
 # ----------------------------------------------------------------------------- the layer
 
-def init_layer(key, n_experts):
+def init_layer(key, n_experts, fused=True):
+  """Layer parameters; `fused` stores [wg | wu] as one (d, 2F) and [rx | ry] as one
+  (d, 2n) matrix, so that the MLP's two input products and the two gates are one matmul
+  each (fewer, larger matmuls and one read of x)."""
   ks = jax.random.split(key, 6)
   n = int(round(n_experts ** 0.5))
   scale = lambda fan_in: 1.0 / np.sqrt(fan_in)
-  return dict(
-      wg=(jax.random.normal(ks[0], (D, F)) * scale(D)).astype(BF16),
-      wu=(jax.random.normal(ks[1], (D, F)) * scale(D)).astype(BF16),
-      wd=(jax.random.normal(ks[2], (F, D)) * scale(F)).astype(BF16),
-      rx=(jax.random.normal(ks[3], (D, n)) * scale(D)).astype(BF16),
-      ry=(jax.random.normal(ks[4], (D, n)) * scale(D)).astype(BF16),
-      up=(jax.random.normal(ks[5], (n_experts, D)) * 0.05).astype(BF16),
-      down=(jax.random.normal(jax.random.fold_in(ks[5], 1), (n_experts, D)) * 0.05
-            ).astype(BF16))
+  normal = lambda k, shape, std: (jax.random.normal(k, shape) * std).astype(BF16)
+  p = dict(wd=normal(ks[2], (F, D), scale(F)),
+           up=normal(ks[5], (n_experts, D), 0.05),
+           down=normal(jax.random.fold_in(ks[5], 1), (n_experts, D), 0.05))
+  wg, wu = normal(ks[0], (D, F), scale(D)), normal(ks[1], (D, F), scale(D))
+  rx, ry = normal(ks[3], (D, n), scale(D)), normal(ks[4], (D, n), scale(D))
+  if fused:
+    return p | dict(wgu=jnp.concatenate([wg, wu], 1), rxy=jnp.concatenate([rx, ry], 1))
+  return p | dict(wg=wg, wu=wu, rx=rx, ry=ry)
 
 
 def mlp(p, x):
-  return (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
+  if "wgu" in p:
+    g, u = jnp.split(x @ p["wgu"], 2, axis=1)
+  else:
+    g, u = x @ p["wg"], x @ p["wu"]
+  return (jax.nn.silu(g) * u) @ p["wd"]
 
 
-def layer(p, x, *, k, impl):
-  """Shared SwiGLU MLP + Cartesian router (log-softmax gates) + atomic experts."""
-  lx = jax.nn.log_softmax((x @ p["rx"]).astype(jnp.float32), axis=-1)
-  ly = jax.nn.log_softmax((x @ p["ry"]).astype(jnp.float32), axis=-1)
+def gates(p, x):
+  """Row and column log-probabilities (T, n) each, float32."""
+  if "rxy" in p:
+    logits = (x @ p["rxy"]).astype(jnp.float32)
+    return tuple(jax.nn.log_softmax(l, axis=-1) for l in jnp.split(logits, 2, axis=1))
+  return tuple(jax.nn.log_softmax((x @ r).astype(jnp.float32), axis=-1)
+               for r in (p["rx"], p["ry"]))
+
+
+def layer(p, x, *, k, impl, config=None):
+  """Shared SwiGLU MLP + Cartesian router (log-softmax gates) + atomic experts; a
+  `config` calls the Pallas expert op with it (block-size variants)."""
+  lx, ly = gates(p, x)
   scores, idx = ops.cartesian_topk(lx, ly, k, impl=impl)
-  return mlp(p, x) + ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
-                                        impl=impl)
+  if config is None:
+    y = ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx, impl=impl)
+  else:
+    y = expert_ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
+                                  config=config)
+  return mlp(p, x) + y
 
 
 def fwd_bwd(fn, num_diff):
@@ -409,13 +435,10 @@ def part_stages(seed):
         lambda w, i: expert_tables.table_gradients(
             x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16,
             config=cfg.tables, interpret=INTERPRET)), sets)
-    p = init_layer(next(keys), 4096)
+    p = init_layer(next(keys), n)
     res["mlp fwd"] = timeit(jax.jit(mlp), [(p, x)])
     res["mlp fwd+bwd"] = timeit(fwd_bwd(mlp, 2), [(dy.astype(jnp.float32), p, x)])
-    gates = tables(next(keys), D, n_axis)
-    res["gates fwd"] = timeit(jax.jit(lambda x, rx, ry: [
-        jax.nn.log_softmax((x @ r).astype(jnp.float32), axis=-1) for r in (rx, ry)]),
-                              [(x,) + gates])
+    res["gates fwd"] = timeit(jax.jit(gates), [(p, x)])
     say(f"\n== stages N={n} k={k} (ms)")
     for name, ms in res.items():
       say(f"  {name:34s} {ms:8.4f}")
@@ -473,16 +496,98 @@ def part_sweep(seed, kinds, cases):
   return out
 
 
+# ----------------------------------------------------------------------------- variants
+
+TOKEN_V3 = dict(forward=expert_tokens.TokenConfig(4, 64, 4, 2),
+                backward=expert_tokens.TokenConfig(4, 32, 4, 3))
+EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig
+    (65536, 16): {
+        "v3 block_t=4": expert_ops.ExpertConfig(**TOKEN_V3),
+        "auto block_t=8": expert_ops.ExpertConfig(),
+        "block_t=16, 8 warps": expert_ops.ExpertConfig(
+            forward=expert_tokens.TokenConfig(16, 64, 8, 2),
+            backward=expert_tokens.TokenConfig(16, 32, 8, 3)),
+        "xla forward": expert_ops.ExpertConfig(xla_forward_max_k=16)},
+    (65536, 32): {
+        "v3 (tables grid d)": expert_ops.ExpertConfig(),
+        "tables loop_d": expert_ops.ExpertConfig(
+            tables=expert_tables.TableConfig(loop_d=True)),
+        "tables loop_d block_d=128": expert_ops.ExpertConfig(
+            tables=expert_tables.TableConfig(block_d=128, loop_d=True))},
+}
+LAYER_VARIANTS = [  # (N, k, impl, fused, config name or None)
+    (65536, 32, "pallas", False, None), (65536, 32, "pallas", True, None),
+    (65536, 32, "pallas", True, "tables loop_d"), (65536, 32, "xla", True, None),
+    (65536, 16, "pallas", True, None), (65536, 16, "pallas", True, "xla forward"),
+    (65536, 16, "xla", True, None)]
+
+
+def part_variants(seed, save):
+  """Expert-op and layer variants side by side (fwd, fwd+bwd ms; expert variants with
+  their bf16 relative errors of y, dx, dU, dV, dw against the float32 reference)."""
+  keys = key_iter(seed)
+  out = {}
+  for (n, k), configs in EXPERT_VARIANTS.items():
+    up, down = tables(next(keys), n)
+    args = [(tokens_in(next(keys)), up, down) + routing(next(keys), n, k) for _ in range(3)]
+    cot = jax.random.normal(next(keys), (T, D), jnp.float32)
+    xla = lambda x, u, v, w, i: reference.atomic_experts(x, u, v, w, i)
+    f32 = [a.astype(jnp.float32) for a in args[0][:4]] + [args[0][4]]
+    with jax.default_matmul_precision("highest"):
+      want = [jax.jit(xla)(*f32)] + list(fwd_bwd(xla, 4)(cot, *f32)[1])
+    say(f"\n== variants: expert op N={n} k={k} (ms; rel err y dx dU dV dw)")
+    out[f"expert N={n} k={k} xla"] = row = (timeit(jax.jit(xla), args), None)
+    say(f"  {'xla':28s} fwd {row[0]:.4f}")
+    for name, cfg in configs.items():
+      def run():
+        fn = lambda x, u, v, w, i: expert_ops.atomic_experts(x, u, v, w, i, config=cfg)
+        fb = fwd_bwd(fn, 4)
+        got = [jax.jit(fn)(*args[0])] + list(fb(cot, *args[0])[1])
+        errs = [rel_err(g, wt) for g, wt in zip(got, want)]
+        return (timeit(jax.jit(fn), args), timeit(fb, [(cot,) + a for a in args]), errs)
+      row = guarded(f"expert {name}", run)
+      out[f"expert N={n} k={k} {name}"] = row
+      if row:
+        say(f"  {name:28s} fwd {row[0]:.4f} f+b {row[1]:.4f} err "
+            + " ".join(f"{e:.1e}" for e in row[2]))
+      save(out)
+  say("\n== variants: layer (ms)")
+  for n, k, impl, fused, name in LAYER_VARIANTS:
+    cfg = EXPERT_VARIANTS.get((n, k), {}).get(name)
+    def run():
+      p = init_layer(next(keys), n, fused)
+      xs = [(p, tokens_in(next(keys))) for _ in range(3)]
+      fn = functools.partial(layer, k=k, impl=impl, config=cfg)
+      cot = jax.random.normal(next(keys), (T, D), jnp.float32)
+      return timeit(jax.jit(fn), xs), timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
+    label = f"layer N={n} k={k} {impl} {'fused' if fused else 'unfused'} {name or 'default'}"
+    out[label] = row = guarded(label, run)
+    if row:
+      say(f"  {label:56s} fwd {row[0]:.4f} f+b {row[1]:.4f}")
+    save(out)
+  x = tokens_in(next(keys))
+  for fused in (False, True):
+    p = init_layer(next(keys), 65536, fused)
+    for stage, fn in (("mlp", mlp), ("gates", gates)):
+      label = f"{stage} fwd {'fused' if fused else 'unfused'}"
+      out[label] = timeit(jax.jit(fn), [(p, x)])
+      say(f"  {label:56s} {out[label]:.4f}")
+  save(out)
+  return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--parts", default="check,ceilings,table,stages",
-                      help="comma-separated subset of check,ceilings,table,stages,sweep")
+                      help="comma-separated subset of check,ceilings,table,stages,variants,sweep")
   parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sweep", default="router,tokens,tables",
                       help="what the sweep part tunes: router, tokens, tables")
+  parser.add_argument("--checks", default=",".join(CHECKS),
+                      help="what the check part checks: " + ",".join(CHECKS))
   parser.add_argument("--sweep-cases", default="65536,1048576",
                       help="N values (k = 32) of the token and table sweeps")
   args = parser.parse_args()
@@ -502,7 +607,7 @@ def main():
 
   ceil = None
   if "check" in parts:
-    detail["check"] = part_check(args.seed)
+    detail["check"] = part_check(args.seed, args.checks.split(","))
     save()
   if "ceilings" in parts:
     ceil = detail["ceilings"] = guarded("ceilings", lambda: part_ceilings(args.seed + 1))
@@ -516,6 +621,11 @@ def main():
   if "stages" in parts:
     detail["stages"] = guarded("stages", lambda: part_stages(args.seed + 3))
     save()
+  if "variants" in parts:
+    def save_variants(out):
+      detail["variants"] = out
+      save()
+    part_variants(args.seed + 5, save_variants)
   if "sweep" in parts:
     detail["sweep"] = part_sweep(args.seed + 2, args.sweep.split(","),
                                  [(int(n), 32) for n in args.sweep_cases.split(",")])

@@ -73,6 +73,21 @@ def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("config", [
+    expert_ops.ExpertConfig(tables=expert_ops.TableConfig(block_p=16, block_d=32,
+                                                          loop_d=True)),
+    expert_ops.ExpertConfig(xla_forward_max_k=16),
+], ids=["auto-block-t-loop-d", "xla-forward"])
+def test_config_variants(config, interpret):
+  """Pairs-per-program token blocks (k = 5 -> 16 tokens), column tiles looped inside one
+  program per bucket, and the XLA forward under the kernels' backward."""
+  rng = np.random.default_rng(15)
+  args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
+  idx[::4, 2] = -1
+  check_against_brute_force(args, idx, dy, interpret, config, 1e-5)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
 def test_activations_match_reference_autodiff(activation, interpret):
   rng = np.random.default_rng(12)

@@ -27,7 +27,9 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from omnimoe import reference
 from omnimoe.pallas import common, expert_tables, expert_tokens
 
 TokenConfig = expert_tokens.TokenConfig
@@ -36,21 +38,37 @@ TableConfig = expert_tables.TableConfig
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  forward: TokenConfig = TokenConfig(block_t=4, block_d=64, num_warps=4, num_stages=2)
-  backward: TokenConfig = TokenConfig(block_t=4, block_d=32, num_warps=4, num_stages=3)
+  forward: TokenConfig = TokenConfig(block_t=0, block_d=64, num_warps=4, num_stages=2)
+  backward: TokenConfig = TokenConfig(block_t=0, block_d=32, num_warps=4, num_stages=3)
   tables: TableConfig = TableConfig()
+  xla_forward_max_k: int = 0  # k up to this: the forward is XLA's gathers (`_xla_forward`)
+
+
+def _xla_forward(x, up, down, weights, indices, activation):
+  """The forward as XLA gathers + einsums: y and s, as `expert_tokens.forward` returns."""
+  f32 = jnp.float32
+  valid = (indices >= 0) & (indices < up.shape[0])
+  safe = jnp.where(valid, indices, 0)
+  s = jnp.einsum("td,tkd->tk", x.astype(f32), jnp.take(up, safe, axis=0).astype(f32))
+  a = reference.ACTIVATIONS[activation](s) * weights.astype(f32) * valid
+  y = jnp.einsum("tk,tkd->td", a, jnp.take(down, safe, axis=0).astype(f32))
+  return y.astype(x.dtype), s
+
+
+def _forward(x, up, down, weights, indices, activation, config, interpret):
+  if indices.shape[1] <= config.xla_forward_max_k:
+    return _xla_forward(x, up, down, weights, indices, activation)
+  return expert_tokens.forward(x, up, down, weights, indices, activation=activation,
+                               config=config.forward, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _atomic_experts(x, up, down, weights, indices, activation, config, interpret):
-  y, _ = expert_tokens.forward(x, up, down, weights, indices, activation=activation,
-                               config=config.forward, interpret=interpret)
-  return y
+  return _forward(x, up, down, weights, indices, activation, config, interpret)[0]
 
 
 def _fwd(x, up, down, weights, indices, activation, config, interpret):
-  y, s = expert_tokens.forward(x, up, down, weights, indices, activation=activation,
-                               config=config.forward, interpret=interpret)
+  y, s = _forward(x, up, down, weights, indices, activation, config, interpret)
   return y, (x, up, down, weights, indices, s)
 
 

@@ -47,10 +47,23 @@ from omnimoe.pallas import common
 
 @dataclasses.dataclass(frozen=True)
 class TokenConfig:
-  block_t: int = 4      # tokens per program
+  block_t: int = 0      # tokens per program; 0: `PAIRS_PER_PROGRAM` pairs (`resolve`)
   block_d: int = 64     # hidden-dimension tile
   num_warps: int = 4
   num_stages: int = 2
+
+
+# A program's phase-1 accumulator and phase-2 tile are (pairs x block_d) float32: the sweep
+# at k = 32 found 128 pairs x 64 columns best (4 tokens). A fixed token count halves the
+# pairs in flight at k = 16 (4 x 16 = 64), so the block holds a constant number of pairs.
+PAIRS_PER_PROGRAM = 128
+
+
+def resolve(config: TokenConfig, k: int) -> TokenConfig:
+  """`config` with block_t = PAIRS_PER_PROGRAM // pow2(k) (>= 1) where it is 0."""
+  if config.block_t:
+    return config
+  return dataclasses.replace(config, block_t=max(1, PAIRS_PER_PROGRAM // common.pow2(k)))
 
 
 def _pair_experts(idx_ref, rows, live, num_experts: int):
@@ -147,6 +160,7 @@ def _launch(kernel, name, out_shape, tokens, config: TokenConfig, interpret: boo
 def forward(x, up, down, weights, indices, *, activation: str, config: TokenConfig,
             interpret: bool):
   """y (T, d) in x.dtype and the pre-activations s (T, k) float32 (kept for backward)."""
+  config = resolve(config, indices.shape[1])
   kernel = functools.partial(_forward_kernel, activation=activation, config=config)
   out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
                jax.ShapeDtypeStruct(indices.shape, jnp.float32))
@@ -158,6 +172,7 @@ def token_backward(dy, up, down, weights, indices, s, *, activation: str,
                    config: TokenConfig, interpret: bool):
   """dx (T, d) in dy.dtype, dweights (T, k) in weights.dtype, and per pair (float32)
   ds = d(loss)/ds and a = act(s) * w, the coefficients of the table gradients."""
+  config = resolve(config, indices.shape[1])
   kernel = functools.partial(_token_backward_kernel, activation=activation, config=config)
   pair = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
   out_shape = (jax.ShapeDtypeStruct(dy.shape, dy.dtype),
