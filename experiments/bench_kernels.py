@@ -11,8 +11,7 @@ Parts (any subset, in this order):
             k in {16, 32}; writes kernels-<device>.json (the table) and
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
   stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
-  variants  expert-op and layer variants side by side (token blocks, XLA forward at
-            small k, table kernel looping its column tiles, fused gate / MLP matmuls)
+  variants  expert-op and layer variants side by side (token blocks, XLA forward)
   sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
 `--checks` picks the checks (router, bucketing, experts, huge).
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
@@ -270,37 +269,29 @@ def part_ceilings(seed):
 
 # ----------------------------------------------------------------------------- the layer
 
-def init_layer(key, n_experts, fused=True):
-  """Layer parameters; `fused` stores [wg | wu] as one (d, 2F) and [rx | ry] as one
-  (d, 2n) matrix, so that the MLP's two input products and the two gates are one matmul
-  each (fewer, larger matmuls and one read of x)."""
+def init_layer(key, n_experts):
   ks = jax.random.split(key, 6)
   n = int(round(n_experts ** 0.5))
   scale = lambda fan_in: 1.0 / np.sqrt(fan_in)
-  normal = lambda k, shape, std: (jax.random.normal(k, shape) * std).astype(BF16)
-  p = dict(wd=normal(ks[2], (F, D), scale(F)),
-           up=normal(ks[5], (n_experts, D), 0.05),
-           down=normal(jax.random.fold_in(ks[5], 1), (n_experts, D), 0.05))
-  wg, wu = normal(ks[0], (D, F), scale(D)), normal(ks[1], (D, F), scale(D))
-  rx, ry = normal(ks[3], (D, n), scale(D)), normal(ks[4], (D, n), scale(D))
-  if fused:
-    return p | dict(wgu=jnp.concatenate([wg, wu], 1), rxy=jnp.concatenate([rx, ry], 1))
-  return p | dict(wg=wg, wu=wu, rx=rx, ry=ry)
+  return dict(
+      wg=(jax.random.normal(ks[0], (D, F)) * scale(D)).astype(BF16),
+      wu=(jax.random.normal(ks[1], (D, F)) * scale(D)).astype(BF16),
+      wd=(jax.random.normal(ks[2], (F, D)) * scale(F)).astype(BF16),
+      rx=(jax.random.normal(ks[3], (D, n)) * scale(D)).astype(BF16),
+      ry=(jax.random.normal(ks[4], (D, n)) * scale(D)).astype(BF16),
+      up=(jax.random.normal(ks[5], (n_experts, D)) * 0.05).astype(BF16),
+      down=(jax.random.normal(jax.random.fold_in(ks[5], 1), (n_experts, D)) * 0.05
+            ).astype(BF16))
 
 
 def mlp(p, x):
-  if "wgu" in p:
-    g, u = jnp.split(x @ p["wgu"], 2, axis=1)
-  else:
-    g, u = x @ p["wg"], x @ p["wu"]
-  return (jax.nn.silu(g) * u) @ p["wd"]
+  """Two input matmuls: one (d, 2F) matmul measured the same in the layer (run v4-1)."""
+  return (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
 
 
 def gates(p, x):
-  """Row and column log-probabilities (T, n) each, float32."""
-  if "rxy" in p:
-    logits = (x @ p["rxy"]).astype(jnp.float32)
-    return tuple(jax.nn.log_softmax(l, axis=-1) for l in jnp.split(logits, 2, axis=1))
+  """Row and column log-probabilities (T, n) each, float32; kept as two matmuls (one
+  (d, 2n) matmul measured no faster in the layer, run v4-1)."""
   return tuple(jax.nn.log_softmax((x @ r).astype(jnp.float32), axis=-1)
                for r in (p["rx"], p["ry"]))
 
@@ -499,27 +490,23 @@ def part_sweep(seed, kinds, cases):
 # ----------------------------------------------------------------------------- variants
 
 TOKEN_V3 = dict(forward=expert_tokens.TokenConfig(4, 64, 4, 2),
-                backward=expert_tokens.TokenConfig(4, 32, 4, 3))
+                backward=expert_tokens.TokenConfig(4, 32, 4, 3), xla_forward_max_k=0)
 EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig
     (65536, 16): {
-        "v3 block_t=4": expert_ops.ExpertConfig(**TOKEN_V3),
-        "auto block_t=8": expert_ops.ExpertConfig(),
-        "block_t=16, 8 warps": expert_ops.ExpertConfig(
-            forward=expert_tokens.TokenConfig(16, 64, 8, 2),
-            backward=expert_tokens.TokenConfig(16, 32, 8, 3)),
-        "xla forward": expert_ops.ExpertConfig(xla_forward_max_k=16)},
+        "kernel fwd block_t=4 (v3)": expert_ops.ExpertConfig(**TOKEN_V3),
+        "kernel fwd block_t=8": expert_ops.ExpertConfig(xla_forward_max_k=0),
+        "xla fwd (v4 default)": expert_ops.ExpertConfig(),
+        "xla fwd chunks of 8": expert_ops.ExpertConfig(xla_forward_chunk=8)},
     (65536, 32): {
-        "v3 (tables grid d)": expert_ops.ExpertConfig(),
-        "tables loop_d": expert_ops.ExpertConfig(
-            tables=expert_tables.TableConfig(loop_d=True)),
-        "tables loop_d block_d=128": expert_ops.ExpertConfig(
-            tables=expert_tables.TableConfig(block_d=128, loop_d=True))},
+        "kernel fwd (v3)": expert_ops.ExpertConfig(),
+        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_max_k=32),
+        "xla fwd chunks of 8": expert_ops.ExpertConfig(xla_forward_max_k=32,
+                                                       xla_forward_chunk=8)},
 }
-LAYER_VARIANTS = [  # (N, k, impl, fused, config name or None)
-    (65536, 32, "pallas", False, None), (65536, 32, "pallas", True, None),
-    (65536, 32, "pallas", True, "tables loop_d"), (65536, 32, "xla", True, None),
-    (65536, 16, "pallas", True, None), (65536, 16, "pallas", True, "xla forward"),
-    (65536, 16, "xla", True, None)]
+LAYER_VARIANTS = [  # (N, k, impl, config name or None)
+    (65536, 32, "pallas", None), (65536, 32, "pallas", "xla fwd chunks of 16"),
+    (65536, 32, "pallas", "xla fwd chunks of 8"), (65536, 16, "pallas", None),
+    (4096, 16, "pallas", None), (4096, 16, "xla", None)]
 
 
 def part_variants(seed, save):
@@ -552,27 +539,19 @@ def part_variants(seed, save):
             + " ".join(f"{e:.1e}" for e in row[2]))
       save(out)
   say("\n== variants: layer (ms)")
-  for n, k, impl, fused, name in LAYER_VARIANTS:
+  for n, k, impl, name in LAYER_VARIANTS:
     cfg = EXPERT_VARIANTS.get((n, k), {}).get(name)
     def run():
-      p = init_layer(next(keys), n, fused)
+      p = init_layer(next(keys), n)
       xs = [(p, tokens_in(next(keys))) for _ in range(3)]
       fn = functools.partial(layer, k=k, impl=impl, config=cfg)
       cot = jax.random.normal(next(keys), (T, D), jnp.float32)
       return timeit(jax.jit(fn), xs), timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
-    label = f"layer N={n} k={k} {impl} {'fused' if fused else 'unfused'} {name or 'default'}"
+    label = f"layer N={n} k={k} {impl} {name or 'default'}"
     out[label] = row = guarded(label, run)
     if row:
       say(f"  {label:56s} fwd {row[0]:.4f} f+b {row[1]:.4f}")
     save(out)
-  x = tokens_in(next(keys))
-  for fused in (False, True):
-    p = init_layer(next(keys), 65536, fused)
-    for stage, fn in (("mlp", mlp), ("gates", gates)):
-      label = f"{stage} fwd {'fused' if fused else 'unfused'}"
-      out[label] = timeit(jax.jit(fn), [(p, x)])
-      say(f"  {label:56s} {out[label]:.4f}")
-  save(out)
   return out
 
 

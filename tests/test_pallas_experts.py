@@ -74,13 +74,12 @@ def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("config", [
-    expert_ops.ExpertConfig(tables=expert_ops.TableConfig(block_p=16, block_d=32,
-                                                          loop_d=True)),
-    expert_ops.ExpertConfig(xla_forward_max_k=16),
-], ids=["auto-block-t-loop-d", "xla-forward"])
+    expert_ops.ExpertConfig(xla_forward_max_k=0),
+    expert_ops.ExpertConfig(xla_forward_max_k=16, xla_forward_chunk=2),
+], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
 def test_config_variants(config, interpret):
-  """Pairs-per-program token blocks (k = 5 -> 16 tokens), column tiles looped inside one
-  program per bucket, and the XLA forward under the kernels' backward."""
+  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
+  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1

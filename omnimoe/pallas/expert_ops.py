@@ -41,23 +41,35 @@ class ExpertConfig:
   forward: TokenConfig = TokenConfig(block_t=0, block_d=64, num_warps=4, num_stages=2)
   backward: TokenConfig = TokenConfig(block_t=0, block_d=32, num_warps=4, num_stages=3)
   tables: TableConfig = TableConfig()
-  xla_forward_max_k: int = 0  # k up to this: the forward is XLA's gathers (`_xla_forward`)
+  xla_forward_max_k: int = 16  # k up to this: the forward is XLA's gathers (`_xla_forward`)
+  xla_forward_chunk: int = 16  # pairs per token that one XLA gather fusion takes
 
 
-def _xla_forward(x, up, down, weights, indices, activation):
-  """The forward as XLA gathers + einsums: y and s, as `expert_tokens.forward` returns."""
+def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
+  """The forward as XLA gathers + einsums, `chunk` pairs per token at a time: y and s,
+  as `expert_tokens.forward` returns them.
+
+  Why: at k = 16 XLA fuses each table gather into its einsum and streams the rows at
+  ~2.7 TB/s (N = 65536: 0.097 ms against 0.143 ms for the kernel with 8 tokens per
+  program, H100, experiments/kernels_notes.md v4); at k = 32 the same code runs at
+  0.58 ms (it no longer fuses), so larger k is cut into chunks of `chunk` pairs.
+  """
   f32 = jnp.float32
   valid = (indices >= 0) & (indices < up.shape[0])
   safe = jnp.where(valid, indices, 0)
-  s = jnp.einsum("td,tkd->tk", x.astype(f32), jnp.take(up, safe, axis=0).astype(f32))
-  a = reference.ACTIVATIONS[activation](s) * weights.astype(f32) * valid
-  y = jnp.einsum("tk,tkd->td", a, jnp.take(down, safe, axis=0).astype(f32))
-  return y.astype(x.dtype), s
+  y, s = jnp.zeros(x.shape, f32), []
+  for j in range(0, indices.shape[1], chunk):
+    e = safe[:, j:j + chunk]
+    s.append(jnp.einsum("td,tkd->tk", x.astype(f32), jnp.take(up, e, axis=0).astype(f32)))
+    a = (reference.ACTIVATIONS[activation](s[-1]) * weights[:, j:j + chunk].astype(f32)
+         * valid[:, j:j + chunk])
+    y = y + jnp.einsum("tk,tkd->td", a, jnp.take(down, e, axis=0).astype(f32))
+  return y.astype(x.dtype), jnp.concatenate(s, axis=1)
 
 
 def _forward(x, up, down, weights, indices, activation, config, interpret):
   if indices.shape[1] <= config.xla_forward_max_k:
-    return _xla_forward(x, up, down, weights, indices, activation)
+    return _xla_forward(x, up, down, weights, indices, activation, config.xla_forward_chunk)
   return expert_tokens.forward(x, up, down, weights, indices, activation=activation,
                                config=config.forward, interpret=interpret)
 

@@ -52,7 +52,6 @@ class TableConfig:
   num_warps: int = 4
   num_stages: int = 2
   bucketing: str = "atomic"
-  loop_d: bool = False   # one program per bucket looping over the column tiles
 
 
 # Two (bucket_size x block_d) float32 accumulators live in registers: past 64 per thread
@@ -79,28 +78,11 @@ def auto_block_p(config: TableConfig, pairs: int, num_experts: int, bucket_size:
 
 def _table_grad_kernel(starts_ref, order_ref, idx_ref, ds_ref, a_ref, x_ref, dy_ref,
                        du_ref, dv_ref, *, k: int, bucket_size: int, block_p: int,
-                       block_d: int, loop_d: bool):
-  b = pl.program_id(0)
-  lo, hi = starts_ref[b], starts_ref[b + 1]
-  tile = functools.partial(_table_grad_tile, order_ref, idx_ref, ds_ref, a_ref, x_ref,
-                           dy_ref, du_ref, dv_ref, b, lo, hi, k=k, bucket_size=bucket_size,
-                           block_p=block_p, block_d=block_d)
-  if loop_d:
-    def body(c, carry):
-      tile(c)
-      return carry
-
-    lax.fori_loop(0, common.cdiv(du_ref.shape[1], block_d), body, 0)
-  else:
-    tile(pl.program_id(1))
-
-
-def _table_grad_tile(order_ref, idx_ref, ds_ref, a_ref, x_ref, dy_ref, du_ref, dv_ref,
-                     b, lo, hi, c, *, k: int, bucket_size: int, block_p: int,
-                     block_d: int):
-  """Column tile c of bucket b's rows of dU and dV, from its pairs order[lo:hi]."""
+                       block_d: int):
   num_experts, d = du_ref.shape
   pairs = order_ref.shape[0]
+  b, c = pl.program_id(0), pl.program_id(1)
+  lo, hi = starts_ref[b], starts_ref[b + 1]
   experts = common.iota(bucket_size, b * bucket_size)
   cols = common.iota(block_d, c * block_d)[None, :]
   cols_c = jnp.minimum(cols, d - 1)
@@ -143,12 +125,12 @@ def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_d
   d = x.shape[1]
   block_d = min(config.block_d, common.pow2(d, minimum=16))
   kernel = functools.partial(_table_grad_kernel, k=k, bucket_size=bucket_size,
-                             block_p=block_p, block_d=block_d, loop_d=config.loop_d)
+                             block_p=block_p, block_d=block_d)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),
                  jax.ShapeDtypeStruct((num_experts, d), down_dtype)),
-      grid=(starts.shape[0] - 1, 1 if config.loop_d else common.cdiv(d, block_d)),
+      grid=(starts.shape[0] - 1, common.cdiv(d, block_d)),
       num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
       name="atomic_experts_bwd_tables")(
           starts, order, indices.reshape(-1), ds.reshape(-1), a.reshape(-1), x, dy)
