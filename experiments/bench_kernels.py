@@ -489,23 +489,23 @@ def part_sweep(seed, kinds, cases):
 
 # ----------------------------------------------------------------------------- variants
 
-TOKEN_V3 = dict(forward=expert_tokens.TokenConfig(4, 64, 4, 2),
-                backward=expert_tokens.TokenConfig(4, 32, 4, 3), xla_forward_max_k=0)
+KERNEL_FWD = dict(forward_impl="kernel")
 EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig
     (65536, 16): {
-        "kernel fwd block_t=4 (v3)": expert_ops.ExpertConfig(**TOKEN_V3),
-        "kernel fwd block_t=8": expert_ops.ExpertConfig(xla_forward_max_k=0),
-        "xla fwd (v4 default)": expert_ops.ExpertConfig(),
-        "xla fwd chunks of 8": expert_ops.ExpertConfig(xla_forward_chunk=8)},
+        "kernel fwd block_t=4 (v3)": expert_ops.ExpertConfig(
+            forward=expert_tokens.TokenConfig(4, 64, 4, 2),
+            backward=expert_tokens.TokenConfig(4, 32, 4, 3), **KERNEL_FWD),
+        "kernel fwd block_t=8": expert_ops.ExpertConfig(**KERNEL_FWD),
+        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_chunk=16),
+        "xla fwd chunks of 8 (v4)": expert_ops.ExpertConfig()},
     (65536, 32): {
-        "kernel fwd (v3)": expert_ops.ExpertConfig(),
-        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_max_k=32),
-        "xla fwd chunks of 8": expert_ops.ExpertConfig(xla_forward_max_k=32,
-                                                       xla_forward_chunk=8)},
+        "kernel fwd (v3)": expert_ops.ExpertConfig(**KERNEL_FWD),
+        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_chunk=16),
+        "xla fwd chunks of 8 (v4)": expert_ops.ExpertConfig()},
 }
 LAYER_VARIANTS = [  # (N, k, impl, config name or None)
-    (65536, 32, "pallas", None), (65536, 32, "pallas", "xla fwd chunks of 16"),
-    (65536, 32, "pallas", "xla fwd chunks of 8"), (65536, 16, "pallas", None),
+    (65536, 32, "pallas", "kernel fwd (v3)"), (65536, 32, "pallas", "xla fwd chunks of 16"),
+    (65536, 32, "pallas", None), (65536, 16, "pallas", None),
     (4096, 16, "pallas", None), (4096, 16, "xla", None)]
 
 

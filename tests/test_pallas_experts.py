@@ -18,7 +18,7 @@ from tests.test_pallas_router import MODES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 SMALL = expert_ops.ExpertConfig(
-    forward=expert_ops.TokenConfig(block_t=4, block_d=64),
+    forward_impl="kernel", forward=expert_ops.TokenConfig(block_t=4, block_d=64),
     backward=expert_ops.TokenConfig(block_t=8, block_d=32),
     tables=expert_ops.TableConfig(block_p=16, block_d=64))
 
@@ -74,8 +74,8 @@ def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("config", [
-    expert_ops.ExpertConfig(xla_forward_max_k=0),
-    expert_ops.ExpertConfig(xla_forward_max_k=16, xla_forward_chunk=2),
+    expert_ops.ExpertConfig(forward_impl="kernel"),
+    expert_ops.ExpertConfig(xla_forward_chunk=2),
 ], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
 def test_config_variants(config, interpret):
   """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the

@@ -4,7 +4,9 @@ Reference: `omnimoe.reference.atomic_experts` (values) and its autodiff (gradien
 This file holds no kernel: it wires the stages together and is independent of the
 backend the kernels are written for.
 
-  forward   expert_tokens.forward         token-centric: y, and s kept for backward
+  forward   XLA gathers in chunks of 8 pairs (`_xla_forward`; measured faster than the
+            token kernel expert_tokens.forward, which config.forward_impl="kernel" picks):
+            y, and s kept for backward
   backward  expert_tokens.token_backward  token-centric: dx, dweights, per-pair ds and a
             expert_tables.table_gradients expert-centric: bucketing, then dU, dV
                                           as tensor-core segment sums
@@ -15,8 +17,9 @@ per pair; the (N, d) gradients are cheapest where a program owns its experts (ea
 gradient row written once, no scatter). The sort (here a cheaper bucketing) exists only
 in the backward, where the gradients need it. The module docstrings give the details;
 experiments/kernels_notes.md gives the measured numbers. On one H100 (bf16, T=4096,
-d=1024, N=65536, k=32): forward 0.274 ms, forward+backward 0.896 ms (plain XLA gathers:
-0.589 / 3.417 ms; published Triton: 1.06 / 4.75 ms).
+d=1024, N=65536, k=32): forward 0.172 ms, forward+backward 0.823 ms (v4; the kernel
+forward: 0.281 / 0.897; plain XLA gathers: 0.589 / 3.417 ms; published Triton: 1.06 /
+4.75 ms).
 
 Gradients of up/down come back in the tables' dtype, dx in x's, dweights in weights';
 all accumulation is float32.
@@ -41,18 +44,20 @@ class ExpertConfig:
   forward: TokenConfig = TokenConfig(block_t=0, block_d=64, num_warps=4, num_stages=2)
   backward: TokenConfig = TokenConfig(block_t=0, block_d=32, num_warps=4, num_stages=3)
   tables: TableConfig = TableConfig()
-  xla_forward_max_k: int = 16  # k up to this: the forward is XLA's gathers (`_xla_forward`)
-  xla_forward_chunk: int = 16  # pairs per token that one XLA gather fusion takes
+  forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
+  xla_forward_chunk: int = 8  # pairs per token that one XLA gather fusion takes
 
 
 def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
   """The forward as XLA gathers + einsums, `chunk` pairs per token at a time: y and s,
   as `expert_tokens.forward` returns them.
 
-  Why: at k = 16 XLA fuses each table gather into its einsum and streams the rows at
-  ~2.7 TB/s (N = 65536: 0.097 ms against 0.143 ms for the kernel with 8 tokens per
-  program, H100, experiments/kernels_notes.md v4); at k = 32 the same code runs at
-  0.58 ms (it no longer fuses), so larger k is cut into chunks of `chunk` pairs.
+  Why: XLA fuses each table gather of a few pairs per token into its einsum and streams
+  the rows at ~3 TB/s, faster than the token kernel's ~2.0 TB/s of pair gathers. H100,
+  bf16, T = 4096, d = 1024, N = 65536 (experiments/kernels_notes.md, v4): k = 32 0.172 ms
+  in chunks of 8, 0.182 in chunks of 16, kernel 0.281, one unchunked XLA fusion 0.59 (at
+  k = 32 it no longer fuses the gather); k = 16 0.097 / 0.102 / kernel 0.152 (8 tokens
+  per program). The backward stays on the kernels (it needs no (N, d) scatter here).
   """
   f32 = jnp.float32
   valid = (indices >= 0) & (indices < up.shape[0])
@@ -68,7 +73,7 @@ def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
 
 
 def _forward(x, up, down, weights, indices, activation, config, interpret):
-  if indices.shape[1] <= config.xla_forward_max_k:
+  if config.forward_impl == "xla":
     return _xla_forward(x, up, down, weights, indices, activation, config.xla_forward_chunk)
   return expert_tokens.forward(x, up, down, weights, indices, activation=activation,
                                config=config.forward, interpret=interpret)
