@@ -49,9 +49,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.omnimoe.num_experts = 256  # N = n * n atomic experts
   m.omnimoe.top_k = 8
   m.omnimoe.shared_ffn_dim = 128  # width F of the shared SwiGLU MLP
-  m.omnimoe.activation = "silu"
-  m.omnimoe.routing_weights = "exp"
-  m.omnimoe.router_norm = "batchnorm"
+  # The paper and the released code differ (DESIGN.md section 1); defaults are the code's.
+  m.omnimoe.activation = "silu"  # silu of <x, u_e> (code) | 'swiglu': third table (paper)
+  m.omnimoe.routing_weights = "exp"  # exp(score) (code) | 'softmax' over the k kept (paper)
+  m.omnimoe.router_norm = "batchnorm"  # BatchNorm, no affine (code) | 'none' (paper)
   m.omnimoe.impl = "auto"  # 'auto': Pallas on GPU, XLA elsewhere
 
   m.coarse_moe = ml_collections.ConfigDict()
@@ -201,7 +202,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     n = _square_experts(cfg, "omnimoe")
     _int(cfg, "omnimoe.top_k", 1, n, "model.omnimoe.num_experts")
     _int(cfg, "omnimoe.shared_ffn_dim")
-    _choice(cfg, "omnimoe.activation", reference.ACTIVATIONS)
+    _choice(cfg, "omnimoe.activation", reference.EXPERT_ACTIVATIONS)
     _choice(cfg, "omnimoe.routing_weights", ROUTING_WEIGHTS)
     _choice(cfg, "omnimoe.router_norm", ROUTER_NORMS)
     _impl(cfg, "omnimoe.impl")
@@ -217,7 +218,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     _int(cfg, "peer.num_heads")
     if _int(cfg, "peer.key_dim") % 2:
       _fail("peer.key_dim", cfg.peer.key_dim, "must be even (two halves, one per sub-key table)")
-    _choice(cfg, "peer.activation", reference.ACTIVATIONS)
+    _choice(cfg, "peer.activation", reference.EXPERT_ACTIVATIONS)
     _impl(cfg, "peer.impl")
 
 

@@ -21,6 +21,8 @@ class AtomicExpertBank(nn.Module):
   output projections of residual branches.
 
   `impl`: 'xla', 'pallas' or None (Pallas on GPU, XLA elsewhere), passed to the op.
+  With activation 'swiglu' (the paper's wording) the bank has a third table `gate`,
+  initialised like U: `h = silu(<x, gate[e]>) * <x, U[e]>`.
   """
   num_experts: int
   activation: str = "silu"
@@ -35,6 +37,9 @@ class AtomicExpertBank(nn.Module):
                                         ("experts", "expert_embed"))
     up = self.param("up", init, (self.num_experts, d), self.param_dtype)
     down = self.param("down", init, (self.num_experts, d), self.param_dtype)
+    gate = None
+    if self.activation == "swiglu":
+      gate = self.param("gate", init, (self.num_experts, d), self.param_dtype).astype(self.dtype)
     return ops.atomic_experts(x.astype(self.dtype), up.astype(self.dtype),
                               down.astype(self.dtype), weights, indices,
-                              activation=self.activation, impl=self.impl)
+                              activation=self.activation, gate=gate, impl=self.impl)

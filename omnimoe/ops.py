@@ -1,7 +1,8 @@
 """Public functional ops: validated entry points that pick an implementation.
 
   cartesian_topk(lx, ly, k)                  -> (scores (T, k) f32, indices (T, k) i32)
-  atomic_experts(x, up, down, weights, indices, *, activation="silu", impl=None) -> (T, d)
+  atomic_experts(x, up, down, weights, indices, *, activation="silu", gate=None, impl=None)
+                                             -> (T, d)
 
 `impl` is "xla" (the plain-jnp oracle in `omnimoe.reference`) or "pallas" (the kernels in
 `omnimoe.pallas`); None picks Pallas on GPU and XLA elsewhere. Inputs are checked here,
@@ -84,16 +85,20 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, impl: str | None = N
 
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
                    indices: jax.Array, *, activation: str = "silu",
-                   impl: str | None = None) -> jax.Array:
+                   gate: jax.Array | None = None, impl: str | None = None) -> jax.Array:
   """Atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`.
 
   Args:
     x: (T, d) tokens. up, down: (N, d) expert tables. weights: (T, k) routing weights.
     indices: (T, k) int32 expert ids in [0, N).
-    activation: one of `reference.ACTIVATIONS`.
-    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere).
+    activation: one of `reference.EXPERT_ACTIVATIONS`. "swiglu" replaces
+      `act(<x, up[e]>)` by `silu(<x, gate[e]>) * <x, up[e]>` and needs `gate`.
+    gate: (N, d) third table, for activation "swiglu" only.
+    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). The Pallas kernels cover
+      the scalar activations; "swiglu" runs on XLA (impl None) until its kernels exist.
   Returns:
-    (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights.
+    (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
+    (and gate).
   """
   _check_rank("x", x, 2, "tokens, hidden")
   _check_rank("up", up, 2, "experts, hidden")
@@ -110,11 +115,22 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   if weights.shape != indices.shape or weights.shape[0] != x.shape[0]:
     raise ValueError(f"weights and indices must both be (T, k) with T={x.shape[0]}, got "
                      f"{weights.shape} and {indices.shape}")
-  if activation not in reference.ACTIVATIONS:
-    raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got "
+  if activation not in reference.EXPERT_ACTIVATIONS:
+    raise ValueError(f"activation must be one of {reference.EXPERT_ACTIVATIONS}, got "
                      f"{activation!r}")
+  if (gate is None) != (activation != "swiglu"):
+    raise ValueError(f"gate must be given for activation 'swiglu' and only then; got "
+                     f"activation={activation!r} and gate={None if gate is None else 'array'}")
+  if gate is not None:
+    _check_float("gate", gate)
+    if gate.shape != up.shape:
+      raise ValueError(f"gate must have the shape of up {up.shape}, got {gate.shape}")
   _check_indices(indices, up.shape[0])
-  if _resolve_impl(impl) == "pallas":
+  impl = "xla" if gate is not None and impl is None else _resolve_impl(impl)
+  if impl == "pallas":
+    if gate is not None:
+      raise NotImplementedError("the Pallas expert kernels cover the scalar activations; "
+                                "use impl='xla' (or None) for activation 'swiglu'")
     from omnimoe.pallas import expert_ops
     return expert_ops.atomic_experts(x, up, down, weights, indices, activation=activation)
-  return reference.atomic_experts(x, up, down, weights, indices, activation)
+  return reference.atomic_experts(x, up, down, weights, indices, activation, gate)

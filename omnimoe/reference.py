@@ -22,6 +22,9 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "identity": lambda s: s,
 }
+# Expert activations: a scalar one applied to <x, up[e]>, or "swiglu", the paper's wording,
+# `silu(<x, gate[e]>) * <x, up[e]>` with a third per-expert table `gate`.
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "swiglu")
 
 
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -61,8 +64,11 @@ def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
 
 
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
-                   indices: jax.Array, activation: str = "silu") -> jax.Array:
-  """Token-centric atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * w_tk * down[e_tk]`.
+                   indices: jax.Array, activation: str = "silu",
+                   gate: jax.Array | None = None) -> jax.Array:
+  """Token-centric atomic experts: `y_t = sum_k h_tk * w_tk * down[e_tk]`, where
+  `h_tk = act(<x_t, up[e_tk]>)`, or `silu(<x_t, gate[e_tk]>) * <x_t, up[e_tk]>` for
+  activation "swiglu".
 
   Gathers a (T, k, d) copy of each table: fine as an oracle, memory-bound as a kernel.
   Accumulates in float32; returns x.dtype.
@@ -71,9 +77,12 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   n = up.shape[0]
   valid = (indices >= 0) & (indices < n)
   safe = jnp.where(valid, indices, 0)
-  u = jnp.take(up, safe, axis=0).astype(f32)  # (T, k, d)
-  v = jnp.take(down, safe, axis=0).astype(f32)
-  s = jnp.einsum("td,tkd->tk", x.astype(f32), u)
-  a = ACTIVATIONS[activation](s) * weights.astype(f32) * valid
-  y = jnp.einsum("tk,tkd->td", a, v)
+
+  def scores(table):  # (T, k) <x_t, table[e_tk]>
+    return jnp.einsum("td,tkd->tk", x.astype(f32), jnp.take(table, safe, axis=0).astype(f32))
+
+  s = scores(up)
+  h = jax.nn.silu(scores(gate)) * s if activation == "swiglu" else ACTIVATIONS[activation](s)
+  a = h * weights.astype(f32) * valid
+  y = jnp.einsum("tk,tkd->td", a, jnp.take(down, safe, axis=0).astype(f32))
   return y.astype(x.dtype)

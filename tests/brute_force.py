@@ -58,3 +58,14 @@ def rel_err(got, want):
   got = np.asarray(got, np.float64)
   want = np.asarray(want, np.float64)
   return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def atomic_experts_swiglu(x, up, down, gate, w, idx):
+  """y_t = sum_k silu(<x_t, gate[e]>) <x_t, up[e]> w_tk down[e], one pair at a time."""
+  x, up, down, gate, w = (np.asarray(a, np.float64) for a in (x, up, down, gate, w))
+  y = np.zeros_like(x)
+  for t in range(idx.shape[0]):
+    for j in range(idx.shape[1]):
+      e = idx[t, j]
+      y[t] += SILU[0](x[t] @ gate[e]) * (x[t] @ up[e]) * w[t, j] * down[e]
+  return y

@@ -137,10 +137,11 @@ def swiglu(x, p):
   return (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
 
 
-@pytest.mark.parametrize("weights_mode", ["exp", "softmax"])
-def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode):
+@pytest.mark.parametrize("weights_mode,activation", [("exp", "silu"), ("softmax", "silu"),
+                                                     ("exp", "swiglu")])
+def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode, activation):
   x = normal(6, (2, 9, 24))
-  layer = layers.OmniMoELayer(49, 5, 20, "silu", weights_mode, "batchnorm")
+  layer = layers.OmniMoELayer(49, 5, 20, activation, weights_mode, "batchnorm")
   variables = init(layer, x)
   p = nn.unbox(variables["params"])
   y, aux = run(layer, variables, x)
@@ -149,7 +150,8 @@ def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode):
   w, idx, _, _ = brute_force_route(tokens, p["router"], 7, 5, weights_mode,
                                    {a: stats[f"norm_{a}"]["mean"] for a in "xy"},
                                    {a: stats[f"norm_{a}"]["var"] for a in "xy"})
-  routed = reference.atomic_experts(tokens, p["experts"]["up"], p["experts"]["down"], w, idx)
+  routed = reference.atomic_experts(tokens, p["experts"]["up"], p["experts"]["down"], w, idx,
+                                    activation, p["experts"].get("gate"))
   expected = swiglu(tokens, p["shared_mlp"]) + routed
   np.testing.assert_allclose(y.reshape(-1, 24), expected, rtol=1e-4, atol=1e-5)
   assert aux["expert_load"].shape == (49,) and float(aux["expert_load"].sum()) == 18 * 5
@@ -322,3 +324,15 @@ def test_match_active(ffn):
   assert matched.ffn == ffn
   # Within one step of the solved size (e.g. one PEER head: d * key_dim + k * 2 * d).
   assert abs(got - target) <= 24 * 10 + 4 * 2 * 24, (got, target)
+
+
+def test_swiglu_experts_add_a_counted_gate_table():
+  """activation='swiglu' (the paper's wording) adds a third (N, d) table per layer."""
+  silu_cfg, swiglu_cfg = tiny_model_config(), tiny_model_config(activation="swiglu")
+  extra = params.count_params(swiglu_cfg)["total"] - params.count_params(silu_cfg)["total"]
+  assert extra == swiglu_cfg.n_layers * 49 * 24
+  model = build_model(swiglu_cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 61)
+  variables = model.init(jax.random.key(1), tokens, train=False)
+  logits, _ = model.apply(variables, tokens, train=False)
+  assert np.isfinite(np.asarray(logits)).all()

@@ -35,6 +35,24 @@ def test_atomic_experts_rejects_bad_inputs(change, match):
     ops.atomic_experts(**args)
 
 
+def test_swiglu_needs_its_gate_table_and_runs_on_xla():
+  args = make_inputs()
+  gate = args["up"] * 0.5 + 0.1
+  with pytest.raises(ValueError, match="gate must be given for activation 'swiglu'"):
+    ops.atomic_experts(**args, activation="swiglu")
+  with pytest.raises(ValueError, match="and only then"):
+    ops.atomic_experts(**args, gate=gate)
+  with pytest.raises(ValueError, match="gate must have the shape of up"):
+    ops.atomic_experts(**args, activation="swiglu", gate=gate[:, :5])
+  with pytest.raises(NotImplementedError, match="use impl='xla'"):
+    ops.atomic_experts(**args, activation="swiglu", gate=gate, impl="pallas")
+  y = ops.atomic_experts(**args, activation="swiglu", gate=gate)
+  want = bf.atomic_experts_swiglu(*(np.asarray(args[n]) for n in ("x", "up", "down")),
+                                  np.asarray(gate), np.asarray(args["weights"]),
+                                  np.asarray(args["indices"]))
+  assert bf.rel_err(y, want) < 1e-5
+
+
 def test_atomic_experts_rejects_unknown_activation_and_impl():
   with pytest.raises(ValueError, match="activation must be one of"):
     ops.atomic_experts(**make_inputs(), activation="tanh")
