@@ -1,9 +1,34 @@
-"""Float64 NumPy brute force: full N-way top-k and explicit per-pair loops.
+"""Float64 NumPy brute force (full N-way top-k, explicit per-pair loops) and the random
+inputs the tests feed it.
 
 Shared by the reference tests and the kernel tests, so every implementation is held to
-the same obviously-correct oracle.
+the same obviously-correct oracle on the same kind of data.
 """
 import numpy as np
+
+SILU_SCALE = 3  # x is scaled so that <x, up[e]> spans silu's curved region
+
+
+def log_probs(rng, tokens, n, quantum=None):
+  """Random per-axis log-probabilities (float32); with `quantum`, values on a coarse grid
+  whose float32 sums are exact, so that scores tie often."""
+  if quantum is None:
+    logits = rng.standard_normal((tokens, n)) * 2
+    logits -= logits.max(axis=-1, keepdims=True)
+    return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+  return (-quantum * rng.integers(0, 8, size=(tokens, n))).astype(np.float32)
+
+
+def expert_inputs(rng, tokens, d, n_experts, k):
+  """x, up, down, weights, indices (int32), dy: float32 NumPy arrays of random values."""
+  x = rng.standard_normal((tokens, d)) / np.sqrt(d) * SILU_SCALE
+  up = rng.standard_normal((n_experts, d))
+  down = rng.standard_normal((n_experts, d))
+  w = rng.uniform(0.05, 1.0, (tokens, k))
+  idx = rng.integers(0, n_experts, (tokens, k)).astype(np.int32)
+  dy = rng.standard_normal((tokens, d))
+  x, up, down, w, dy = (a.astype(np.float32) for a in (x, up, down, w, dy))
+  return x, up, down, w, idx, dy
 
 SILU = (lambda s: s / (1.0 + np.exp(-s)),
         lambda s: (1.0 + np.exp(-s) + s * np.exp(-s)) / (1.0 + np.exp(-s)) ** 2)

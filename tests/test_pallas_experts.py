@@ -24,12 +24,8 @@ SMALL = expert_ops.ExpertConfig(
 
 
 def expert_inputs(rng, tokens, d, n_experts, k, dtype=jnp.float32):
-  x = rng.standard_normal((tokens, d)) / np.sqrt(d) * 3
-  up = rng.standard_normal((n_experts, d))
-  down = rng.standard_normal((n_experts, d))
-  w = rng.uniform(0.05, 1.0, (tokens, k))
-  idx = rng.integers(0, n_experts, (tokens, k)).astype(np.int32)
-  dy = rng.standard_normal((tokens, d))
+  """([x, up, down, weights] in `dtype`, indices, dy) from `bf.expert_inputs`."""
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, tokens, d, n_experts, k)
   return [jnp.asarray(a, dtype) for a in (x, up, down, w)], idx, jnp.asarray(dy, dtype)
 
 

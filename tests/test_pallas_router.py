@@ -19,14 +19,6 @@ MODES = [pytest.param(True, id="interpret"),
              pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")])]
 
 
-def log_probs(rng, tokens, n, quantum=None):
-  """Random per-axis log-probabilities; with `quantum`, a coarse grid that forces ties."""
-  if quantum is None:
-    logits = rng.standard_normal((tokens, n)).astype(np.float32) * 2
-    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
-  return (-quantum * rng.integers(0, 8, size=(tokens, n))).astype(np.float32)
-
-
 def check_exact(lx, ly, k, interpret):
   scores, idx = router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k,
                                            interpret=interpret)
@@ -46,15 +38,15 @@ def check_exact(lx, ly, k, interpret):
 ])
 def test_matches_full_topk(tokens, n_x, n_y, k, quantum, interpret):
   rng = np.random.default_rng(tokens * 1000 + n_x * 10 + k)
-  check_exact(log_probs(rng, tokens, n_x, quantum), log_probs(rng, tokens, n_y, quantum), k,
-              interpret)
+  lx, ly = bf.log_probs(rng, tokens, n_x, quantum), bf.log_probs(rng, tokens, n_y, quantum)
+  check_exact(lx, ly, k, interpret)
 
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_minus_infinity_and_signed_zero(interpret):
   """Masked logits (-inf) rank below every finite score; -0.0 ties with +0.0."""
   rng = np.random.default_rng(7)
-  lx, ly = log_probs(rng, 6, 12, 0.5), log_probs(rng, 6, 12, 0.5)
+  lx, ly = bf.log_probs(rng, 6, 12, 0.5), bf.log_probs(rng, 6, 12, 0.5)
   lx[:, ::3] = -np.inf
   lx[0, :] = -np.inf
   ly[1, :4] = -0.0
@@ -64,7 +56,7 @@ def test_minus_infinity_and_signed_zero(interpret):
 @pytest.mark.parametrize("interpret", MODES)
 def test_million_experts_and_bf16_inputs(interpret):
   rng = np.random.default_rng(8)
-  lx, ly = log_probs(rng, 3, 1024), log_probs(rng, 3, 1024)
+  lx, ly = bf.log_probs(rng, 3, 1024), bf.log_probs(rng, 3, 1024)
   check_exact(lx, ly, 32, interpret)
   lx16, ly16 = (jnp.asarray(a, jnp.bfloat16) for a in (lx, ly))
   got = router_topk.cartesian_topk(lx16, ly16, 8, interpret=interpret)
@@ -75,7 +67,7 @@ def test_million_experts_and_bf16_inputs(interpret):
 
 def test_large_k_falls_back_to_reference():
   rng = np.random.default_rng(9)
-  lx, ly = log_probs(rng, 4, 12), log_probs(rng, 4, 12)
+  lx, ly = bf.log_probs(rng, 4, 12), bf.log_probs(rng, 4, 12)
   k = router_topk.MAX_KERNEL_K + 2
   check_exact(lx, ly, k, interpret=True)
 
@@ -84,7 +76,7 @@ def test_gradients_and_jit_through_ops():
   """ops(impl="pallas") off-GPU interprets the kernel; scores differentiate like the
   reference's (through the chosen lx[i] + ly[j])."""
   rng = np.random.default_rng(10)
-  lx, ly = (jnp.asarray(log_probs(rng, 7, 20)) for _ in range(2))
+  lx, ly = (jnp.asarray(bf.log_probs(rng, 7, 20)) for _ in range(2))
   cot = jnp.asarray(rng.standard_normal((7, 12)), jnp.float32)
 
   def loss(impl):

@@ -8,14 +8,6 @@ from omnimoe import reference
 from tests import brute_force as bf
 
 
-def log_probs(rng, tokens, n, quantum=None):
-  """Random per-axis log-probabilities; with `quantum`, a coarse grid that forces ties."""
-  if quantum is None:
-    logits = rng.standard_normal((tokens, n)).astype(np.float32) * 2
-    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
-  return (-quantum * rng.integers(0, 8, size=(tokens, n))).astype(np.float32)
-
-
 @pytest.mark.parametrize("tokens,n,k", [
     (37, 3, 1), (37, 3, 3), (37, 3, 9),     # N=9: k=1, k=n, k=N
     (13, 10, 7), (5, 32, 32), (19, 17, 40),  # awkward n, k = n, k > n
@@ -23,7 +15,7 @@ def log_probs(rng, tokens, n, quantum=None):
 @pytest.mark.parametrize("quantum", [None, 0.125])
 def test_cartesian_topk_matches_full_topk(tokens, n, k, quantum):
   rng = np.random.default_rng(tokens * 1000 + n * 10 + k)
-  lx, ly = log_probs(rng, tokens, n, quantum), log_probs(rng, tokens, n, quantum)
+  lx, ly = bf.log_probs(rng, tokens, n, quantum), bf.log_probs(rng, tokens, n, quantum)
   scores, idx = reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k)
   want_s, want_i = bf.full_topk(lx, ly, k)
   assert scores.dtype == jnp.float32 and idx.dtype == jnp.int32
@@ -33,7 +25,7 @@ def test_cartesian_topk_matches_full_topk(tokens, n, k, quantum):
 
 def test_cartesian_topk_rectangular_grid():
   rng = np.random.default_rng(1)
-  lx, ly = log_probs(rng, 11, 6), log_probs(rng, 11, 9)
+  lx, ly = bf.log_probs(rng, 11, 6), bf.log_probs(rng, 11, 9)
   _, idx = reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 10)
   np.testing.assert_array_equal(np.asarray(idx), bf.full_topk(lx, ly, 10)[1])
 
@@ -41,20 +33,11 @@ def test_cartesian_topk_rectangular_grid():
 def test_cartesian_topk_million_experts():
   """N = 2^20 (n = 1024) with few tokens: exact against the full 2^20-way sort."""
   rng = np.random.default_rng(2)
-  lx, ly = log_probs(rng, 3, 1024), log_probs(rng, 3, 1024)
+  lx, ly = bf.log_probs(rng, 3, 1024), bf.log_probs(rng, 3, 1024)
   scores, idx = reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 32)
   want_s, want_i = bf.full_topk(lx, ly, 32)
   np.testing.assert_array_equal(np.asarray(idx), want_i)
   np.testing.assert_array_equal(np.asarray(scores, np.float64), want_s)
-
-
-def expert_inputs(rng, tokens, d, n_experts, k, dtype=np.float32):
-  x = rng.standard_normal((tokens, d)) / np.sqrt(d) * 3
-  up = rng.standard_normal((n_experts, d))
-  down = rng.standard_normal((n_experts, d))
-  w = rng.uniform(0.05, 1.0, (tokens, k))
-  idx = rng.integers(0, n_experts, (tokens, k)).astype(np.int32)
-  return [a.astype(dtype) for a in (x, up, down, w)] + [idx]
 
 
 @pytest.mark.parametrize("tokens,d,n_experts,k", [
@@ -62,7 +45,7 @@ def expert_inputs(rng, tokens, d, n_experts, k, dtype=np.float32):
 ])
 def test_atomic_experts_matches_pair_loops(tokens, d, n_experts, k):
   rng = np.random.default_rng(tokens + d + k)
-  x, up, down, w, idx = expert_inputs(rng, tokens, d, n_experts, k)
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, tokens, d, n_experts, k)
   y = reference.atomic_experts(*map(jnp.asarray, (x, up, down, w, idx)))
   assert y.dtype == jnp.float32 and y.shape == (tokens, d)
   assert bf.rel_err(y, bf.atomic_experts(x, up, down, w, idx)) < 1e-5
@@ -70,7 +53,7 @@ def test_atomic_experts_matches_pair_loops(tokens, d, n_experts, k):
 
 def test_atomic_experts_out_of_range_pairs_contribute_nothing():
   rng = np.random.default_rng(3)
-  x, up, down, w, idx = expert_inputs(rng, 9, 24, 16, 4)
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, 9, 24, 16, 4)
   idx[::2, 1] = -3
   idx[1::3, 2] = 16
   y = reference.atomic_experts(*map(jnp.asarray, (x, up, down, w, idx)))
@@ -80,7 +63,7 @@ def test_atomic_experts_out_of_range_pairs_contribute_nothing():
 
 def test_atomic_experts_bf16_accumulates_in_f32():
   rng = np.random.default_rng(4)
-  x, up, down, w, idx = expert_inputs(rng, 33, 96, 40, 16)
+  x, up, down, w, idx, _ = bf.expert_inputs(rng, 33, 96, 40, 16)
   args = [jnp.asarray(a, jnp.bfloat16) for a in (x, up, down, w)] + [jnp.asarray(idx)]
   y = reference.atomic_experts(*args)
   assert y.dtype == jnp.bfloat16
@@ -91,9 +74,8 @@ def test_atomic_experts_bf16_accumulates_in_f32():
 @pytest.mark.parametrize("tokens,d,n_experts,k", [(37, 96, 9, 9), (23, 40, 30, 1)])
 def test_atomic_experts_gradients(tokens, d, n_experts, k):
   rng = np.random.default_rng(5 + k)
-  x, up, down, w, idx = expert_inputs(rng, tokens, d, n_experts, k)
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, tokens, d, n_experts, k)
   idx[0, :] = idx[1, 0]  # one expert taken twice by a token and again by another
-  dy = rng.standard_normal((tokens, d)).astype(np.float32)
   _, vjp = jax.vjp(lambda *a: reference.atomic_experts(*a, jnp.asarray(idx)),
                    *map(jnp.asarray, (x, up, down, w)))
   got = vjp(jnp.asarray(dy))
@@ -105,9 +87,8 @@ def test_atomic_experts_gradients(tokens, d, n_experts, k):
 def test_brute_force_gradients_match_finite_differences():
   """The float64 gradient formulas themselves, against central differences."""
   rng = np.random.default_rng(6)
-  x, up, down, w, idx = (a.astype(np.float64) if a.dtype != np.int32 else a
-                         for a in expert_inputs(rng, 5, 7, 4, 3))
-  dy = rng.standard_normal(x.shape)
+  x, up, down, w, idx, dy = (a.astype(np.float64) if a.dtype != np.int32 else a
+                             for a in bf.expert_inputs(rng, 5, 7, 4, 3))
   grads = bf.atomic_experts_grads(x, up, down, w, idx, dy)
   args = [x, up, down, w]
   for pos, grad in enumerate(grads):
@@ -124,7 +105,7 @@ def test_swiglu_experts_values_and_gradients():
   """The paper's 'SwiGLU' experts (third table `gate`): values against per-pair loops and
   each gradient's directional derivative against float64 central differences."""
   rng = np.random.default_rng(7)
-  x, up, down, w, idx = expert_inputs(rng, 19, 40, 12, 5)
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, 19, 40, 12, 5)
   gate = rng.standard_normal(up.shape).astype(np.float32)
   args = [x, up, down, gate, w]
 
@@ -132,7 +113,6 @@ def test_swiglu_experts_values_and_gradients():
     return reference.atomic_experts(x, up, down, w, jnp.asarray(idx), "swiglu", gate)
 
   assert bf.rel_err(f(*map(jnp.asarray, args)), bf.atomic_experts_swiglu(*args, idx)) < 1e-5
-  dy = rng.standard_normal(x.shape)
   grads = jax.grad(lambda *a: jnp.sum(f(*a) * dy), argnums=range(5))(*map(jnp.asarray, args))
   for pos, grad in enumerate(grads):
     direction = rng.standard_normal(args[pos].shape)
