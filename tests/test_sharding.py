@@ -1,4 +1,6 @@
 """Mesh construction, partition rules, and the sharded train step against one device."""
+import json
+import os
 import subprocess
 import sys
 
@@ -8,9 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from omnimoe import sharding
+from omnimoe import sample, sharding
 from omnimoe.config import ConfigError
-from tests.conftest import REPO, SUBPROCESS_ENV
+from tests.conftest import REPO, SUBPROCESS_ENV, launch_command, run_launch
 
 MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2))
 
@@ -113,3 +115,31 @@ def test_sharded_train_step_matches_one_device():
       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "sharded steps match" in proc.stdout, proc.stdout
+
+
+def test_checkpoint_from_eight_devices_restores_on_one(tmp_path):
+  """A run on a 2x2x2 mesh of 8 (fake CPU) devices saves sharded parameters; a 1-device
+  process restores them (orbax reshards onto the new mesh) and trains on from there."""
+  workdir = str(tmp_path)
+  common = ("--config.train.log_every=1", "--config.checkpoint.every=3",
+            "--config.train.eval_every=0", "--config.train.batch_size=8")
+  eight = subprocess.run(
+      launch_command(workdir, "--config.train.steps=6", "--config.mesh.data=2",
+                     "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *common),
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(SUBPROCESS_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert "mesh data x fsdp x tensor = (2, 2, 2)" in eight.stderr, eight.stderr[-3000:]
+
+  _, step, _, variables = sample.load(workdir)  # this test process: one device
+  assert step == 6 and len(jax.devices()) == 1
+  for leaf in jax.tree.leaves(variables):
+    assert len(leaf.sharding.device_set) == 1 and np.isfinite(np.asarray(leaf)).all()
+
+  one = run_launch(workdir, "--config.train.steps=9", *common)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert "resumed from the checkpoint of step 6" in one.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+  assert sorted(losses) == list(range(1, 10))
+  assert abs(losses[7] - losses[6]) < 0.5 * losses[6]  # continues, not from scratch
