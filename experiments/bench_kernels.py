@@ -25,21 +25,21 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchlib
+from experiments.benchlib import (BF16, LOG, fwd_bwd, guarded, key_iter, log_probs, rel_err, say,
+                                  timeit, timeit_unrolled)
 from omnimoe import ops, reference
 from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert_tokens,
                             router_topk)
 
 T, D, F = 4096, 1024, 4096
-BF16 = jnp.bfloat16
 CASES = [(4096, 16), (4096, 32), (65536, 16), (65536, 32), (2 ** 20, 16), (2 ** 20, 32)]
 STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
 TABLE_SWEEP = [(0, 256, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 256, 8, 2, 0),
@@ -53,64 +53,6 @@ EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (512, 1024, 65536, 32, j
                  (300, 96, 7, 9, jnp.float32, "identity"), (2048, 1024, 2 ** 20, 32, BF16, "silu")]
 HUGE_CHECK = (2 ** 22, 1024, 256, 32)  # N, d, tokens, k
 INTERPRET = common.resolve_interpret(None)  # False on a GPU host
-LOG = []
-
-
-def say(*args):
-  line = " ".join(str(a) for a in args)
-  print(line, flush=True)
-  LOG.append(line)
-
-
-# ----------------------------------------------------------------------------- timing
-
-def timeit(fn, arg_sets, *, trials=7, target_s=0.02):
-  """Median ms per call of jitted `fn` over rotating `arg_sets`."""
-  jax.block_until_ready(fn(*arg_sets[0]))
-  t0 = time.perf_counter()
-  for args in arg_sets:
-    out = fn(*args)
-  jax.block_until_ready(out)
-  per = (time.perf_counter() - t0) / len(arg_sets)
-  reps = max(len(arg_sets), int(target_s / max(per, 1e-6)))
-  times = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    for i in range(reps):
-      out = fn(*arg_sets[i % len(arg_sets)])
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times) * 1e3
-
-
-def timeit_unrolled(fn, arg_sets):
-  """ms per call with len(arg_sets) calls inside one jit (no dispatch gaps)."""
-  many = jax.jit(lambda sets: [fn(*args) for args in sets])
-  return timeit(many, [(list(arg_sets),)]) / len(arg_sets)
-
-
-def guarded(label, thunk):
-  try:
-    return thunk()
-  except Exception as e:  # keep going: one failing variant must not end the run
-    say(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
-    traceback.print_exc()
-    return None
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def key_iter(seed):
-  key = jax.random.PRNGKey(seed)
-  while True:
-    key, sub = jax.random.split(key)
-    yield sub
-
-
-def log_probs(key, tokens, n):
-  return jax.nn.log_softmax(2.0 * jax.random.normal(key, (tokens, n), jnp.float32), axis=-1)
-
-
 def routing(key, n_experts, k, tokens=None):
   """Random router outputs: weights exp(score)-like in (0, 1), ids uniform in [0, N)."""
   tokens = tokens or T
@@ -121,21 +63,11 @@ def routing(key, n_experts, k, tokens=None):
 
 
 def tables(key, n_experts, d=None, dtype=BF16):
-  d = d or D
-  ku, kv = jax.random.split(key)
-  return (jax.random.normal(ku, (n_experts, d), dtype),
-          jax.random.normal(kv, (n_experts, d), dtype))
+  return benchlib.tables(key, n_experts, d or D, dtype)
 
 
 def tokens_in(key, tokens=None, d=None, dtype=BF16):
-  tokens, d = tokens or T, d or D
-  return (jax.random.normal(key, (tokens, d), jnp.float32) / np.sqrt(d) * 3).astype(dtype)
-
-
-def rel_err(got, want):
-  got = jnp.asarray(got, jnp.float32)
-  want = jnp.asarray(want, jnp.float32)
-  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+  return benchlib.tokens_in(key, tokens or T, d or D, dtype)
 
 
 # ----------------------------------------------------------------------------- check
@@ -250,23 +182,6 @@ def part_check(seed, names):
   return [dict(name=n, ok=bool(o), detail=d) for n, o, d in rows]
 
 
-# ----------------------------------------------------------------------------- ceilings
-
-def part_ceilings(seed):
-  keys = key_iter(seed)
-  a = jax.random.normal(next(keys), (2 ** 29,), BF16)  # 1 GiB
-  copy = timeit(jax.jit(lambda a: a + BF16(1)), [(a,)])
-  bw = 2 * a.size * 2 / (copy * 1e-3)
-  del a
-  m = jax.random.normal(next(keys), (8192, 8192), BF16)
-  mm = timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
-                                           ).astype(BF16)), [(m, m)])
-  rate = 2 * 8192 ** 3 / (mm * 1e-3)
-  say(f"\n== ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
-      f"{rate / 1e12:.0f} TFLOP/s")
-  return dict(copy_bytes_per_s=bw, matmul_flops_per_s=rate)
-
-
 # ----------------------------------------------------------------------------- the layer
 
 def init_layer(key, n_experts):
@@ -307,14 +222,6 @@ def layer(p, x, *, k, impl, config=None):
     y = expert_ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
                                   config=config)
   return mlp(p, x) + y
-
-
-def fwd_bwd(fn, num_diff):
-  """jit of (cot, *args) -> value and grads of <fn(*args), cot> wrt the first num_diff."""
-  def run(cot, *args):
-    return jax.value_and_grad(lambda *a: jnp.vdot(fn(*a).astype(jnp.float32), cot),
-                              argnums=tuple(range(num_diff)))(*args)
-  return jax.jit(run)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -589,7 +496,7 @@ def main():
     detail["check"] = part_check(args.seed, args.checks.split(","))
     save()
   if "ceilings" in parts:
-    ceil = detail["ceilings"] = guarded("ceilings", lambda: part_ceilings(args.seed + 1))
+    ceil = detail["ceilings"] = guarded("ceilings", lambda: benchlib.ceilings(args.seed + 1))
     save()
   if "table" in parts:
     part_table(args.seed + 4, ceil, device, os.path.join(args.out, f"kernels-{tag}.json"))

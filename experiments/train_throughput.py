@@ -1,11 +1,13 @@
-"""Training throughput of LMs of equal active parameters: tokens/s, MFU, loss.
+"""Training runs of LMs of equal active parameters: tokens/s, MFU, peak memory, loss.
 
 Runs `launch.py` once per FFN kind on the same config file (fresh workdirs, same seed and
 data order) and prints a table from each run's metrics.jsonl; the first logged interval
-(compilation) is left out of the medians.
+(compilation) is left out of the medians. With --out, every run's metrics go to one JSON
+file; `--plot FILE` draws the validation curves of such a file into a PNG beside it.
 
   python experiments/train_throughput.py --config configs/gpu.py --steps 150 \
-      --kinds omnimoe,dense [--set train.batch_size=16 ...]
+      --kinds omnimoe,dense [--set train.batch_size=16 ...] [--out DIR]
+  python experiments/train_throughput.py --plot DIR/train-runs.json
 """
 import argparse
 import json
@@ -18,7 +20,9 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(config: str, kind: str, steps: int, log_every: int, overrides: list[str]) -> list[dict]:
+def run(config: str, kind: str, steps: int, log_every: int, overrides: list[str]
+        ) -> tuple[list[dict], int]:
+  """The run's metrics.jsonl records and its tokens per step."""
   spec = config if kind == "omnimoe" else f"{config}:{kind}"
   workdir = tempfile.mkdtemp(prefix=f"throughput-{kind}-")
   cmd = [sys.executable, os.path.join(REPO, "launch.py"), f"--config={spec}",
@@ -26,34 +30,68 @@ def run(config: str, kind: str, steps: int, log_every: int, overrides: list[str]
          f"--config.train.log_every={log_every}", f"--config.train.eval_every={steps}",
          f"--config.checkpoint.every={steps}"] + [f"--config.{o}" for o in overrides]
   subprocess.run(cmd, cwd=REPO, check=True)
+  with open(os.path.join(workdir, "config.json")) as f:
+    train_cfg = json.load(f)["train"]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    return [json.loads(line) for line in f], train_cfg["batch_size"] * train_cfg["seq_len"]
+
+
+def plot(path: str) -> None:
+  """Validation loss against training tokens, one curve per FFN kind."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(path) as f:
+    runs = json.load(f)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for kind, run in runs["runs"].items():
+    val = [r for r in run if r["split"] == "val"]
+    ax.plot([r["step"] * runs["tokens_per_step"] / 1e6 for r in val],
+            [r["loss"] for r in val], marker="o", label=kind)
+  ax.set(xlabel="training tokens (M)", ylabel="validation loss (nats/byte)",
+         title=runs["title"])
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path.replace(".json", ".png"), dpi=120)
+  print(path.replace(".json", ".png"))
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", help="write all runs' metrics to DIR/train-runs.json")
+  parser.add_argument("--plot", help="draw the validation curves of this JSON and exit")
   parser.add_argument("--config", default="configs/gpu.py")
   parser.add_argument("--kinds", default="omnimoe,dense")
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--log_every", type=int, default=10)
   parser.add_argument("--set", action="append", default=[], help="config override a.b=v")
   args = parser.parse_args()
-  rows = {}
+  if args.plot:
+    return plot(args.plot)
+  rows, runs = {}, {}
   for kind in args.kinds.split(","):
-    records = run(args.config, kind, args.steps, args.log_every, args.set)
+    records, tokens_per_step = run(args.config, kind, args.steps, args.log_every, args.set)
+    runs[kind] = records
     train = [r for r in records if r["split"] == "train"][1:]
     val = [r for r in records if r["split"] == "val"]
     rows[kind] = dict(
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in train),
         mfu=statistics.median(r.get("mfu") or float("nan") for r in train),
+        peak_gib=max((r.get("peak_gib") or float("nan") for r in train), default=float("nan")),
         loss=train[-1]["loss"], val_loss=val[-1]["loss"] if val else float("nan"))
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train-runs.json"), "w") as f:
+      json.dump(dict(title=f"{args.config}, {args.steps} steps", runs=runs,
+                     tokens_per_step=tokens_per_step, argv=sys.argv), f)
   base = rows.get("dense")
-  print("| ffn | tokens/s | vs dense | MFU | train loss | val loss |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: |")
+  print("| ffn | tokens/s | vs dense | MFU | peak GiB | train loss | val loss |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for kind, r in rows.items():
     ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
     print(f"| {kind} | {r['tokens_per_s']:,.0f} | {ratio:.2f}x | {r['mfu']:.1%} | "
-          f"{r['loss']:.3f} | {r['val_loss']:.3f} |")
+          f"{r['peak_gib']:.1f} | {r['loss']:.3f} | {r['val_loss']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ def peak_flops(device) -> float | None:
   return None
 
 
+def peak_memory_gib() -> float | None:
+  """Most device memory (GiB) in use at once so far on this process's first device; None
+  where the backend keeps no such count (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2 ** 30
+
+
 def flops_per_token(model_cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6 * active non-embedding params + attention.
 
@@ -84,6 +92,8 @@ def format_train_line(step: int, total: int, m: dict) -> str:
     mfu = f"{100 * m['mfu']:.1f}%" if "mfu" in m else "n/a"
     line += (f" | {m['tokens_per_s'] / 1e3:.1f}k tok/s | MFU {mfu}"
              f" | ETA {format_duration(m['eta_s'])}")
+  if "peak_gib" in m:
+    line += f" | peak mem {m['peak_gib']:.1f} GiB"
   if "experts_used" in m:
     line += (f" | experts used {100 * m['experts_used']:.0f}% max/mean {m['load_max_mean']:.2f}"
              f" cv {m['load_cv']:.2f} H {m['router_entropy']:.3f}")

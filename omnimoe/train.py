@@ -23,7 +23,6 @@ objective of that step.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -356,6 +355,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           last["eta_s"] = (t.steps - step) * last["step_time_s"]
           if peak is not None:
             last["mfu"] = flops_per_token * last["tokens_per_s"] / (peak * jax.device_count())
+        if (peak_gib := metrics_lib.peak_memory_gib()) is not None:
+          last["peak_gib"] = peak_gib
         writer.write(step, "train", last)
         logging.info(metrics_lib.format_train_line(step, t.steps, last))
       if validate_now:

@@ -1,0 +1,119 @@
+"""What the GPU benchmarks share: logging, timing, random inputs, ceilings, memory.
+
+Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
+block at the end) rotating over several input sets; `timeit_unrolled` jits several calls
+into one program to remove dispatch gaps from short kernels. Inputs are random, never
+zeros. Peak memory is XLA's own accounting of the compiled program (arguments + outputs +
+temporaries, minus donated aliases), so it needs no run and no allocator reset.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BF16 = jnp.bfloat16
+LOG = []
+
+
+def say(*args):
+  line = " ".join(str(a) for a in args)
+  print(line, flush=True)
+  LOG.append(line)
+
+
+def timeit(fn, arg_sets, *, trials=7, target_s=0.02):
+  """Median ms per call of jitted `fn` over rotating `arg_sets`."""
+  jax.block_until_ready(fn(*arg_sets[0]))
+  t0 = time.perf_counter()
+  for args in arg_sets:
+    out = fn(*args)
+  jax.block_until_ready(out)
+  per = (time.perf_counter() - t0) / len(arg_sets)
+  reps = max(len(arg_sets), int(target_s / max(per, 1e-6)))
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for i in range(reps):
+      out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times) * 1e3
+
+
+def timeit_unrolled(fn, arg_sets):
+  """ms per call with len(arg_sets) calls inside one jit (no dispatch gaps)."""
+  many = jax.jit(lambda sets: [fn(*args) for args in sets])
+  return timeit(many, [(list(arg_sets),)]) / len(arg_sets)
+
+
+def peak_gib(jitted, *args) -> float:
+  """Device memory (GiB) the compiled program needs: arguments, outputs, temporaries."""
+  m = jitted.lower(*args).compile().memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2 ** 30
+
+
+def guarded(label, thunk):
+  try:
+    return thunk()
+  except Exception as e:  # keep going: one failing variant must not end the run
+    say(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+    traceback.print_exc()
+    return None
+
+
+def key_iter(seed):
+  key = jax.random.PRNGKey(seed)
+  while True:
+    key, sub = jax.random.split(key)
+    yield sub
+
+
+def log_probs(key, tokens, n):
+  return jax.nn.log_softmax(2.0 * jax.random.normal(key, (tokens, n), jnp.float32), axis=-1)
+
+
+def tables(key, n_experts, d, dtype=BF16):
+  ku, kv = jax.random.split(key)
+  return (jax.random.normal(ku, (n_experts, d), dtype),
+          jax.random.normal(kv, (n_experts, d), dtype))
+
+
+def tokens_in(key, tokens, d, dtype=BF16):
+  return (jax.random.normal(key, (tokens, d), jnp.float32) / np.sqrt(d) * 3).astype(dtype)
+
+
+def rel_err(got, want):
+  got = jnp.asarray(got, jnp.float32)
+  want = jnp.asarray(want, jnp.float32)
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+
+
+def fwd_bwd(fn, num_diff):
+  """jit of (cot, *args) -> value and grads of <fn(*args), cot> wrt the first num_diff."""
+  def run(cot, *args):
+    return jax.value_and_grad(lambda *a: jnp.vdot(fn(*a).astype(jnp.float32), cot),
+                              argnums=tuple(range(num_diff)))(*args)
+  return jax.jit(run)
+
+
+def ceilings(seed):
+  """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+  keys = key_iter(seed)
+  a = jax.random.normal(next(keys), (2 ** 29,), BF16)  # 1 GiB
+  copy = timeit(jax.jit(lambda a: a + BF16(1)), [(a,)])
+  bw = 2 * a.size * 2 / (copy * 1e-3)
+  del a
+  m = jax.random.normal(next(keys), (8192, 8192), BF16)
+  mm = timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
+                                           ).astype(BF16)), [(m, m)])
+  rate = 2 * 8192 ** 3 / (mm * 1e-3)
+  say(f"\n== ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
+      f"{rate / 1e12:.0f} TFLOP/s")
+  return dict(copy_bytes_per_s=bw, matmul_flops_per_s=rate)
