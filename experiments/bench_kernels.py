@@ -12,6 +12,8 @@ Parts (any subset, in this order):
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
   stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
   variants  expert-op and layer variants side by side (token blocks, XLA forward)
+  scaling   router and layer against N = 2^12 .. 2^22 at k = 32 (pallas, xla); writes
+            scaling-<device>.json; `--plot-scaling FILE` draws it (log axes)
   sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
 `--checks` picks the checks (router, bucketing, experts, huge).
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
@@ -416,6 +418,57 @@ LAYER_VARIANTS = [  # (N, k, impl, config name or None)
     (4096, 16, "pallas", None), (4096, 16, "xla", None)]
 
 
+SCALING_NS = tuple(2 ** e for e in range(12, 23, 2))  # 64^2 .. 2048^2
+
+
+def part_scaling(seed, device, path):
+  """Router alone and layer fwd / fwd+bwd against N at k = 32 (pallas, xla): routing
+  should grow like sqrt(N), execution stay flat once N exceeds the touched rows."""
+  keys = key_iter(seed)
+  rows = []
+  say("\n== scaling with N (k=32; ms): router fwd | layer fwd | layer fwd+bwd")
+  for n in SCALING_NS:
+    for impl in ("pallas", "xla"):
+      router = guarded(f"scaling router {impl} N={n}",
+                       lambda: time_case("router", impl, n, 32, keys)) or (None, None)
+      lay = guarded(f"scaling layer {impl} N={n}",
+                    lambda: time_case("layer", impl, n, 32, keys)) or (None, None)
+      rows.append(dict(impl=impl, device=device, tokens=T, hidden=D, ffn=F, experts=n, k=32,
+                       router_ms=router[0], layer_fwd_ms=lay[0], layer_fwd_bwd_ms=lay[1]))
+      fmt = lambda v: "-" if v is None else f"{v:.3f}"
+      say(f"  N={n:8d} {impl:6s} {fmt(router[0]):>8s} | {fmt(lay[0]):>8s} | {fmt(lay[1]):>8s}")
+      with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+  return rows
+
+
+def plot_scaling(path):
+  """Log-log figure of the scaling rows at `path` (a PNG beside it)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(path) as f:
+    rows = json.load(f)
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for impl, style in (("pallas", "-"), ("xla", "--")):
+    mine = [r for r in rows if r["impl"] == impl]
+    for key, label in (("router_ms", "router top-k"), ("layer_fwd_ms", "layer fwd"),
+                       ("layer_fwd_bwd_ms", "layer fwd+bwd")):
+      pts = [(r["experts"], r[key]) for r in mine if r[key]]
+      if pts:
+        ax.plot(*zip(*pts), style, marker="o", label=f"{label} ({impl})")
+  ns = [r["experts"] for r in rows]
+  ref = min(r["router_ms"] for r in rows if r["impl"] == "pallas" and r["router_ms"])
+  ax.plot(ns, [ref * (n / ns[0]) ** 0.5 for n in ns], ":", color="gray", label="~ sqrt(N)")
+  ax.set(xscale="log", yscale="log", xlabel="atomic experts N", ylabel="ms",
+         title=f"T={T}, d={D}, F={F}, k=32, bf16 ({rows[0]['device']})")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path.replace(".json", ".png"), dpi=120)
+  print(path.replace(".json", ".png"))
+
+
 def part_variants(seed, save):
   """Expert-op and layer variants side by side (fwd, fwd+bwd ms; expert variants with
   their bf16 relative errors of y, dx, dU, dV, dw against the float32 reference)."""
@@ -467,7 +520,8 @@ def part_variants(seed, save):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--parts", default="check,ceilings,table,stages",
-                      help="comma-separated subset of check,ceilings,table,stages,variants,sweep")
+                      help="comma-separated subset of check,ceilings,table,stages,variants,"
+                           "scaling,sweep")
   parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sweep", default="router,tokens,tables",
@@ -476,7 +530,10 @@ def main():
                       help="what the check part checks: " + ",".join(CHECKS))
   parser.add_argument("--sweep-cases", default="65536,1048576",
                       help="N values (k = 32) of the token and table sweeps")
+  parser.add_argument("--plot-scaling", help="draw the figure of this scaling JSON and exit")
   args = parser.parse_args()
+  if args.plot_scaling:
+    return plot_scaling(args.plot_scaling)
   parts = args.parts.split(",")
   device = jax.devices()[0].device_kind
   tag = device.lower().replace(" ", "-")
@@ -512,6 +569,8 @@ def main():
       detail["variants"] = out
       save()
     part_variants(args.seed + 5, save_variants)
+  if "scaling" in parts:
+    part_scaling(args.seed + 6, device, os.path.join(args.out, f"scaling-{tag}.json"))
   if "sweep" in parts:
     detail["sweep"] = part_sweep(args.seed + 2, args.sweep.split(","),
                                  [(int(n), 32) for n in args.sweep_cases.split(",")])
