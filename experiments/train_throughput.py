@@ -80,19 +80,22 @@ def main() -> None:
         mfu=statistics.median(r.get("mfu") or float("nan") for r in train),
         peak_gib=max((r.get("peak_gib") or float("nan") for r in train), default=float("nan")),
         loss=train[-1]["loss"], val_loss=val[-1]["loss"] if val else float("nan"))
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train-runs.json"), "w") as f:
-      json.dump(dict(title=f"{args.config}, {args.steps} steps", runs=runs,
-                     tokens_per_step=tokens_per_step, argv=sys.argv), f)
+    if args.out:  # after every run, so that a run cut short keeps the finished ones
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, "train-runs.json"), "w") as f:
+        json.dump(dict(title=f"{args.config}, {args.steps} steps", runs=runs,
+                       tokens_per_step=tokens_per_step, argv=sys.argv), f)
+    print_table(rows)
+
+
+def print_table(rows: dict) -> None:
   base = rows.get("dense")
   print("| ffn | tokens/s | vs dense | MFU | peak GiB | train loss | val loss |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for kind, r in rows.items():
     ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
     print(f"| {kind} | {r['tokens_per_s']:,.0f} | {ratio:.2f}x | {r['mfu']:.1%} | "
-          f"{r['peak_gib']:.1f} | {r['loss']:.3f} | {r['val_loss']:.3f} |")
-
+          f"{r['peak_gib']:.1f} | {r['loss']:.3f} | {r['val_loss']:.3f} |", flush=True)
 
 if __name__ == "__main__":
   main()
