@@ -1,4 +1,5 @@
-"""Atomic expert bank: the tables U, V (N, d) and the dispatch to `omnimoe.ops`."""
+"""Atomic expert bank: the tables U, V (N, d) and the dispatch to `omnimoe.ops` (one device)
+or `omnimoe.expert_parallel` (a mesh of several: tables split along d)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnimoe import ops
+from omnimoe import expert_parallel, ops
 
 
 class AtomicExpertBank(nn.Module):
@@ -23,6 +24,14 @@ class AtomicExpertBank(nn.Module):
   `impl`: 'xla', 'pallas' or None (Pallas on GPU, XLA elsewhere), passed to the op.
   With activation 'swiglu' (the paper's wording) the bank has a third table `gate`,
   initialised like U: `h = silu(<x, gate[e]>) * <x, U[e]>`.
+
+  Devices: the tables are named ('experts', 'expert_embed'), which `omnimoe.sharding.RULES`
+  split along d. Under a current mesh of several devices (`sharding.make_mesh` sets it) the
+  bank runs `expert_parallel.sharded_atomic_experts` on the layout the rules give
+  (`expert_parallel.layout_from_rules`), so each device works on its d-slice and its
+  batch group; with one device, no mesh, activation 'swiglu', or a token count that the
+  batch axes do not divide (model.init traces a single sequence), it runs the plain
+  `ops.atomic_experts`, which XLA partitions by itself for impl 'xla'.
   """
   num_experts: int
   activation: str = "silu"
@@ -40,6 +49,11 @@ class AtomicExpertBank(nn.Module):
     gate = None
     if self.activation == "swiglu":
       gate = self.param("gate", init, (self.num_experts, d), self.param_dtype).astype(self.dtype)
-    return ops.atomic_experts(x.astype(self.dtype), up.astype(self.dtype),
-                              down.astype(self.dtype), weights, indices,
-                              activation=self.activation, gate=gate, impl=self.impl)
+    x, up, down = (a.astype(self.dtype) for a in (x, up, down))
+    layout = expert_parallel.layout_from_rules()
+    if gate is None and layout is not None and layout.fits(x.shape[0], d):
+      return expert_parallel.sharded_atomic_experts(
+          x, up, down, weights, indices, mesh=layout.mesh, table_axes=layout.table_axes,
+          batch_axes=layout.batch_axes, activation=self.activation, impl=self.impl)
+    return ops.atomic_experts(x, up, down, weights, indices, activation=self.activation,
+                              gate=gate, impl=self.impl)

@@ -63,6 +63,31 @@ def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   return ids, best
 
 
+def _valid_ids(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """Which pairs name an expert in [0, N), and the ids with the others replaced by 0."""
+  valid = (indices >= 0) & (indices < num_experts)
+  return valid, jnp.where(valid, indices, 0)
+
+
+def pair_scores(vec: jax.Array, table: jax.Array, indices: jax.Array) -> jax.Array:
+  """`<vec_t, table[e_tk]>` for every pair: (T, k) float32, 0 where e_tk is outside [0, N).
+
+  The first half of the expert op (s from x and U; in backward, da from dy and V)."""
+  valid, safe = _valid_ids(indices, table.shape[0])
+  s = jnp.einsum("td,tkd->tk", vec.astype(jnp.float32),
+                 jnp.take(table, safe, axis=0).astype(jnp.float32))
+  return jnp.where(valid, s, 0.0)
+
+
+def pair_combine(coef: jax.Array, table: jax.Array, indices: jax.Array) -> jax.Array:
+  """`sum_k coef_tk table[e_tk]`: (T, d) float32; pairs with e_tk outside [0, N) add nothing.
+
+  The second half of the expert op (y from a and V; in backward, dx from ds and U)."""
+  valid, safe = _valid_ids(indices, table.shape[0])
+  return jnp.einsum("tk,tkd->td", jnp.where(valid, coef.astype(jnp.float32), 0.0),
+                    jnp.take(table, safe, axis=0).astype(jnp.float32))
+
+
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
                    indices: jax.Array, activation: str = "silu",
                    gate: jax.Array | None = None) -> jax.Array:
@@ -70,19 +95,14 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   `h_tk = act(<x_t, up[e_tk]>)`, or `silu(<x_t, gate[e_tk]>) * <x_t, up[e_tk]>` for
   activation "swiglu".
 
-  Gathers a (T, k, d) copy of each table: fine as an oracle, memory-bound as a kernel.
-  Accumulates in float32; returns x.dtype.
+  `pair_scores`, then `pair_combine`: gathers a (T, k, d) copy of each table, fine as an
+  oracle, memory-bound as a kernel. Accumulates in float32; returns x.dtype.
   """
-  f32 = jnp.float32
-  n = up.shape[0]
-  valid = (indices >= 0) & (indices < n)
-  safe = jnp.where(valid, indices, 0)
-
-  def scores(table):  # (T, k) <x_t, table[e_tk]>
-    return jnp.einsum("td,tkd->tk", x.astype(f32), jnp.take(table, safe, axis=0).astype(f32))
-
-  s = scores(up)
-  h = jax.nn.silu(scores(gate)) * s if activation == "swiglu" else ACTIVATIONS[activation](s)
-  a = h * weights.astype(f32) * valid
-  y = jnp.einsum("tk,tkd->td", a, jnp.take(down, safe, axis=0).astype(f32))
-  return y.astype(x.dtype)
+  valid, _ = _valid_ids(indices, up.shape[0])
+  s = pair_scores(x, up, indices)
+  if activation == "swiglu":
+    h = jax.nn.silu(pair_scores(x, gate, indices)) * s
+  else:
+    h = ACTIVATIONS[activation](s)
+  a = h * weights.astype(jnp.float32) * valid
+  return pair_combine(a, down, indices).astype(x.dtype)

@@ -5,6 +5,18 @@ at rest, gathered on use) and `tensor` (weights split inside a matmul). Modules 
 axes of their parameters logically (`nn.with_logical_partitioning`); `RULES` maps those
 names to mesh axes. Rules are tried in order and a mesh axis is used at most once per
 array, so `moe_experts` takes `fsdp` before `embed` can, and such weights keep `embed` whole.
+
+The atomic-expert tables U, V (N, d) (and their AdamW moments, which take the same rules)
+are split along d over (tensor, fsdp) and replicated over data: each device holds a
+d-slice of every expert, computes partial scores over its slice and all-reduces only the
+(T, k) scores, and owns the gradient of its slice (`omnimoe.expert_parallel` says why,
+with numbers; the rows N are never split). The axes that split only the tables (tensor)
+come before the one that splits the batch too (fsdp): a token block's slice of d is then
+cut locally and one all_to_all over fsdp gathers the group's tokens.
+
+`make_mesh` also makes its mesh the current one (`jax.set_mesh`): jit with Auto-axis
+shardings does not tell the traced code which mesh it runs on, and the expert bank needs
+it for its `jax.shard_map` (`expert_parallel.layout_from_rules`).
 """
 from __future__ import annotations
 
@@ -21,8 +33,8 @@ AXES = ("data", "fsdp", "tensor")
 RULES = (
     ("batch", ("data", "fsdp")),
     ("moe_experts", "fsdp"),  # coarse MoE experts: spread across fsdp
-    ("experts", "fsdp"),  # rows of the atomic-expert tables U, V (N, d)
-    ("expert_embed", "tensor"),  # d axis of U, V: partial scores, one all-reduce of (T, k)
+    ("experts", None),  # rows N of the atomic-expert tables U, V: whole on every device
+    ("expert_embed", ("tensor", "fsdp")),  # their d axis: a d-slice of every expert each
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -55,11 +67,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The global mesh from `config.mesh`, with Auto axes (the same on JAX 0.10 and 0.11)."""
+  """The global mesh from `config.mesh`, with Auto axes (the same on JAX 0.10 and 0.11),
+  made the current mesh of this thread (`jax.set_mesh`) for the code that jit traces
+  later: the expert bank reads it there (`jax.sharding.get_abstract_mesh()`)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+  mesh = jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
                        devices=devices)
+  jax.set_mesh(mesh)
+  return mesh
 
 
 def mesh_axes(logical_names) -> PartitionSpec:

@@ -26,11 +26,20 @@ tile of the other table is gathered, scaled by the pair's coefficient and summed
 the k pairs into the output tile. Expert ids outside [0, N) are clamped for the loads
 and masked, so such pairs contribute nothing (the reference's contract).
 
+The two phases also run as kernels of their own, `pair_scores` (phase 1) and
+`pair_combine` (phase 2), for the expert op split in two halves with a collective
+between them (`omnimoe.expert_parallel`: tables sharded along d, where the scores of a
+pair are partial sums over each device's slice of d until one all-reduce adds them). The
+fused `forward` / `token_backward` stay the one-device path: they keep s and da in
+registers between the phases.
+
 Equivalent JAX code (forward; valid = 0 <= idx < N):
   s = einsum("td,tkd->tk", x, up[idx]);  a = act(s) * w * valid
   y = einsum("tk,tkd->td", a, down[idx])
 Backward (dy given): da = einsum("td,tkd->tk", dy, down[idx]); dw = da * act(s) * valid;
   ds = da * w * act'(s) * valid; dx = einsum("tk,tkd->td", ds, up[idx]).
+Halves: pair_scores(v, table, idx) = einsum("td,tkd->tk", v, table[idx]) * valid;
+  pair_combine(c, table, idx) = einsum("tk,tkd->td", c * valid, table[idx]).
 """
 from __future__ import annotations
 
@@ -150,6 +159,23 @@ def _token_backward_kernel(dy_ref, up_ref, down_ref, w_ref, idx_ref, s_ref,
   _gather_combine(ds, up_ref, dx_ref, t, live, experts, valid, config.block_d)
 
 
+def _pair_scores_kernel(vec_ref, table_ref, idx_ref, s_ref, *, config: TokenConfig):
+  t, live, rows = common.token_block(config.block_t, vec_ref.shape[0])
+  experts, exists, valid = _pair_experts(idx_ref, rows, live, table_ref.shape[0])
+  s = _gather_dot(vec_ref, table_ref, rows, live, experts, valid, config.block_d)
+  _store_pairs(s_ref, t, exists, s)
+
+
+def _pair_combine_kernel(coef_ref, table_ref, idx_ref, out_ref, *, config: TokenConfig):
+  t, live, rows = common.token_block(config.block_t, out_ref.shape[0])
+  experts, _, valid = _pair_experts(idx_ref, rows, live, table_ref.shape[0])
+  k = idx_ref.shape[1]
+  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
+  coef = plt.load(coef_ref.at[rows[:, None], slots], mask=valid, other=0.0)
+  _gather_combine(coef.astype(jnp.float32), table_ref, out_ref, t, live, experts, valid,
+                  config.block_d)
+
+
 def _launch(kernel, name, out_shape, tokens, config: TokenConfig, interpret: bool):
   return common.triton_call(kernel, out_shape=out_shape,
                             grid=(common.cdiv(tokens, config.block_t),),
@@ -179,3 +205,24 @@ def token_backward(dy, up, down, weights, indices, s, *, activation: str,
                jax.ShapeDtypeStruct(indices.shape, weights.dtype), pair, pair)
   return _launch(kernel, "atomic_experts_bwd_tokens", out_shape, dy.shape[0], config,
                  interpret)(dy, up, down, weights, indices, s)
+
+
+def pair_scores(vec, table, indices, *, config: TokenConfig, interpret: bool):
+  """`<vec_t, table[e_tk]>` for every pair, (T, k) float32, 0 where e_tk is outside [0, N):
+  phase 1 of `forward` (s from x, U) or of `token_backward` (da from dy, V) on its own."""
+  config = resolve(config, indices.shape[1])
+  kernel = functools.partial(_pair_scores_kernel, config=config)
+  out_shape = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
+  return _launch(kernel, "atomic_experts_pair_scores", out_shape, vec.shape[0], config,
+                 interpret)(vec, table, indices)
+
+
+def pair_combine(coef, table, indices, *, out_dtype, config: TokenConfig, interpret: bool):
+  """`sum_k coef_tk table[e_tk]`, (T, d) in out_dtype (float32 sums); pairs with e_tk
+  outside [0, N) add nothing: phase 2 of `forward` (y from a, V) or of `token_backward`
+  (dx from ds, U) on its own."""
+  config = resolve(config, indices.shape[1])
+  kernel = functools.partial(_pair_combine_kernel, config=config)
+  out_shape = jax.ShapeDtypeStruct((indices.shape[0], table.shape[1]), out_dtype)
+  return _launch(kernel, "atomic_experts_pair_combine", out_shape, indices.shape[0], config,
+                 interpret)(coef, table, indices)
