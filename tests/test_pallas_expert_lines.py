@@ -107,7 +107,7 @@ def test_matches_reference_autodiff(activation, dtype, interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_jit_with_default_config(interpret):
-  """Default blocks (64-wide) and the automatic line size (a 10 x 10 grid row), under jit."""
+  """Default blocks (64 wide) and the automatic line size (a 10 x 10 grid row), jitted."""
   rng = np.random.default_rng(6)
   args, idx, dy = expert_inputs(rng, 37, 96, 100, 25)
   run = lambda fn: jax.jit(lambda *a: vjp(fn, a, idx, dy))(*args)

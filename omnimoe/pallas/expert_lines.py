@@ -15,34 +15,54 @@ One program takes a chunk of `block_t` tokens of one line:
                             token has no pair: masking in registers)
   y[tokens] += A V_line    (float32 atomics into a (T, d) buffer, one flush per d tile
                             after the whole line's A @ V is summed in registers)
-L is processed as ceil(L / block_e) expert tiles (320 = 5 x 64: no padding to 512). A
-chunk's tokens are distinct, so no atomic call carries a duplicate address; rows of dead
-lanes go to spare rows past T (no masks on atomics: Pallas' interpreter rejects them).
+L is processed as ceil(L / block_e) expert tiles (320 = 5 x 64: no padding to 512); by
+default the forward scores all tiles of the line in one pass over d, so each gathered X
+tile is loaded once (`tiles_per_pass` trades that against registers: 5 float32 64 x 64
+accumulators are 80 registers a thread at 8 warps). A chunk's tokens are distinct, so
+no atomic call carries a duplicate address; dead lanes add their zeros into spare rows
+past T (no masks on atomics: Pallas' interpreter rejects them). Triton, not Mosaic GPU:
+the X tiles are row gathers by token list (DESIGN.md section 7).
+
+Why not other shapes. Dense masking (S over all N) does T N d 4 flops whatever the
+routing. A flash-attention-shaped kernel (a token tile owning y while it sweeps the
+experts) would need a block_t x d float32 accumulator: d = 1024 does not fit in
+registers, and splitting d recomputes S per d tile. Storing A (I x L) and reducing per
+token needs a gather of different lines per token (no tensor cores). So y takes atomics:
+exactly one float32 add per incidence and column (the line's tiles are summed in
+registers first), into a (T, d) buffer that stays in L2.
 
 Costs at the headline shapes (bf16, L = 320, 320 lines; estimates, to be measured).
 Router-drawn ids (top-k of lx + ly, unit-variance logits) touch 91 / 127 / 210 of the
-320 rows per token at k = 512 / 1024 / 4096, so there are I = T x that incidences and
-the line tiles are 1.8 % / 2.5 % / 6 % dense (uniform ids: 256 / 307 / 320 rows):
-  tensor-core flops, forward   2 x 2 I L d = 0.49 / 0.68 / 1.13 TFLOP (router ids);
-                               dense-masked over all N: 1.72 TFLOP at every k
-  y atomics, forward           I d floats = 0.38 / 0.53 / 0.88 G (1.5 / 2.1 / 3.5 GB to L2)
-  W (incidence weights)        zero fill T * min(lines, k) * L * 4 B = 1.7 GB at every k
-                               here (~0.6 ms), then a scatter of T k pairs
-  backward                     5 products of 2 I L d flops (S again, dA, dx, dU, dV),
-                               I d atomics for dx, I L (2 + 2 + 2) B of dS, A, dweights
-So the line tiles do 1.5-3.5x fewer flops than dense masking with router ids and the
-same with uniform ids; what may dominate instead is the y atomics (one float per
-incidence and column: at ~1280 tensor-core flops per atomic, the forward keeps pace
-only if L2 absorbs ~0.5 G atomics per ms) and the W fill. Larger lines halve the
-atomics per flop; `choose` picks this path only where tiles are dense enough.
+320 rows per token at k = 512 / 1024 / 4096, so there are I = T x that = 0.37 / 0.52 /
+0.86 M incidences and the line tiles are 1.8 / 2.5 / 6 % dense (uniform ids touch
+256 / 307 / 320 rows: I = 1.05 / 1.26 / 1.31 M, tiles 2 / 3 / 4 % dense):
+  tensor-core flops   4 I L d = 0.49 / 0.68 / 1.13 TFLOP (router ids; uniform 1.37 /
+                      1.65 / 1.72); dense masking over all N: 1.72 TFLOP at every k
+  L2 -> SM traffic    2 B d (1 + 2 L / block_t) per incidence (X once, U and V tiles once
+                      per chunk) = 22.5 KB at block_t = 64: 8.4 / 11.7 / 19.4 GB; at
+                      ~6 TB/s this, not the tensor cores, sets the pace (block_t = 128:
+                      12.5 KB, if the registers allow)
+  y atomics           I d floats = 0.38 / 0.53 / 0.88 G (1.5 / 2.1 / 3.5 GB into L2);
+                      one atomic per 4 L = 1280 flops
+  incidence glue      O(T k) scatters/gathers + W: I L 4 B zeroed and read (0.48 / 0.67 /
+                      1.1 GB); the allocation is T min(lines, k) L 4 B = 1.7 GB
+  backward            5 products of 2 I L d flops (S again, dA, dx; dU, dV), I d atomics
+                      for dx, I L (2 + 2 + 2) B of dS, A, dweights written, dS and A read
+                      back by the table products (d / block_d + L / block_e reads of
+                      each incidence's coefficient and vector tiles)
+So with router ids the line tiles do 1.5-3.5x fewer flops than dense masking, and as
+many with uniform ids; the L2 traffic and the atomics are what the GPU runs must check.
+`choose` picks this path only where experts are shared by many tokens.
 
 Backward (custom VJP, float32 accumulation). S is recomputed, not stored: storing it
 would cost I L 4 B (1.1 GB at k = 4096) written in the forward and read back, about the
 time of the recompute (0.56 TFLOP), and would make inference pay for training. One
-kernel per incidence chunk (same items as the forward) recomputes S, computes
-dA = dY V_line^T, then dS = dA W act'(S), A = W act(S), dweights = dA act(S), stores dS,
-A (in the product dtype) and dweights (per incidence, gathered back per pair in XLA;
-duplicate pairs each get theirs) and adds dx += dS U_line with atomics. A second kernel,
+kernel per incidence chunk (same items as the forward) recomputes S and
+dA = dY V_line^T (tile by tile by default: both for all five tiles would hold 160
+float32 registers a thread), then dS = dA W act'(S), A = W act(S) and
+dweights = dA act(S); it stores dS and A (in the product dtype) and dweights (per
+incidence, gathered back per pair in XLA; duplicate pairs each get theirs) and adds
+dx += dS U_line with atomics. A second kernel,
 run twice, makes the table gradients per line without atomics: one program per
 (d tile, expert tile, line) loops over the line's token chunks,
   dU_line = dS^T X,  dV_line = A^T dY,
@@ -156,6 +176,12 @@ def _columns(c, block_d: int, d: int):
   return cols, jnp.minimum(cols, d - 1), cols < d
 
 
+def _rows(table_ref, e, ok, cols, in_d, cdt):
+  """The (block_e, block_d) tile table[e, cols] in the product dtype, zero where masked."""
+  return plt.load(table_ref.at[e[:, None], cols[None, :]], mask=ok[:, None] & in_d[None, :],
+                  other=0.0).astype(cdt)
+
+
 def _passes(num_tiles: int, tiles_per_pass: int) -> list[range]:
   """The expert tiles of a line in groups that share one pass over d."""
   size = tiles_per_pass or num_tiles
@@ -171,12 +197,8 @@ def _scores(vec_ref, table_ref, t, live, tiles, block_d: int, steps, cdt):
     _, cols, in_d = _columns(c, block_d, d)
     v = plt.load(vec_ref.at[t[:, None], cols[None, :]], mask=live[:, None] & in_d[None, :],
                  other=0.0).astype(cdt)
-    out = []
-    for acc, (e, ok) in zip(accs, tiles):
-      u = plt.load(table_ref.at[e[:, None], cols[None, :]],
-                   mask=ok[:, None] & in_d[None, :], other=0.0).astype(cdt)
-      out.append(acc + common.dot(v, u.T))
-    return tuple(out)
+    return tuple(acc + common.dot(v, _rows(table_ref, e, ok, cols, in_d, cdt).T)
+                 for acc, (e, ok) in zip(accs, tiles))
 
   zeros = tuple(jnp.zeros((t.shape[0], e.shape[0]), jnp.float32) for e, _ in tiles)
   return lax.fori_loop(0, steps, step, zeros)
@@ -194,9 +216,7 @@ def _combine_atomic(coefs, tiles, table_ref, out_ref, spare, block_d: int, steps
     raw, cols, in_d = _columns(c, block_d, d)
     acc = jnp.zeros((spare.shape[0], block_d), jnp.float32)
     for coef, (e, ok) in zip(coefs, tiles):
-      v = plt.load(table_ref.at[e[:, None], cols[None, :]], mask=ok[:, None] & in_d[None, :],
-                   other=0.0).astype(cdt)
-      acc = acc + common.dot(coef, v)
+      acc = acc + common.dot(coef, _rows(table_ref, e, ok, cols, in_d, cdt))
     plt.atomic_add(out_ref, (spare[:, None], raw[None, :]), acc)
     return carry
 
@@ -295,8 +315,8 @@ def _line_product_kernel(line_start_ref, inc_token_ref, coef_ref, vec_ref, out_r
 
 def _atomic_buffer(tokens: int, d: int, config: BlockConfig):
   """Zeros (T + block_t, d padded to block_d) float32: the target of the atomics."""
-  return jnp.zeros((tokens + config.block_t, common.cdiv(d, config.block_d) * config.block_d),
-                   jnp.float32)
+  width = common.cdiv(d, config.block_d) * config.block_d
+  return jnp.zeros((tokens + config.block_t, width), jnp.float32)
 
 
 def forward(x, up, down, inc: lines.Incidences, *, activation: str, line_size: int,

@@ -47,7 +47,7 @@ MAX_ELEMENTS = 2 ** 31 - 1  # in-kernel offsets are int32
 class Incidences(NamedTuple):
   """The incidence lists of one routing (a pytree of int32 / float32 arrays)."""
   inc_token: jax.Array   # (capacity,) token of each incidence, line after line
-  line_start: jax.Array  # (num_lines + 1,) line l's incidences: line_start[l]:line_start[l+1]
+  line_start: jax.Array  # (num_lines + 1,) line l: line_start[l] .. line_start[l + 1]
   pair_inc: jax.Array    # (T, k) incidence of each pair; capacity where the id is invalid
   pair_pos: jax.Array    # (T, k) position of each pair's expert in its line
   weights: jax.Array     # (capacity, L) float32 dense routing weights per incidence
