@@ -131,3 +131,17 @@ def test_bucketing_methods_agree(interpret):
     members = order_a[starts_a[b]:starts_a[b + 1]]
     np.testing.assert_array_equal(np.sort(members), order_s[starts_s[b]:starts_s[b + 1]])
     assert np.all(flat[members] // 16 == b)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_lines_path_through_the_op(interpret):
+  """config.path='lines' runs the dense-regime kernels behind the same entry point (k = N/4
+  of a 10 x 10 grid, every token in every line); an unknown path is an error."""
+  rng = np.random.default_rng(5)
+  args, idx, dy = expert_inputs(rng, 19, 96, 100, 25)
+  lines = expert_ops.ExpertConfig(path="lines")
+  assert expert_ops.expert_lines.choose(4096, 4096, 320 * 320) == "lines"
+  check_against_brute_force(args, idx, dy, interpret, lines, TOL[jnp.float32])
+  with pytest.raises(ValueError, match="config.path"):
+    expert_ops.atomic_experts(*args, jnp.asarray(idx), config=expert_ops.ExpertConfig(
+        path="rows"), interpret=interpret)

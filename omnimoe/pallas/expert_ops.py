@@ -21,6 +21,11 @@ d=1024, N=65536, k=32): forward 0.172 ms, forward+backward 0.823 ms (v4; the ker
 forward: 0.281 / 0.897; plain XLA gathers: 0.589 / 3.417 ms; published Triton: 1.06 /
 4.75 ms).
 
+Density: this file serves k ~ 16..128, where each table row serves a few tokens. Where
+each expert serves many tokens and k is in the thousands (the paper's headline regime),
+`atomic_experts` hands the whole op to `expert_lines` (expert lines x token tiles on
+tensor cores); `expert_lines.choose` holds the rule and the measured crossover.
+
 Gradients of up/down come back in the tables' dtype, dx in x's, dweights in weights';
 all accumulation is float32.
 """
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe import reference
-from omnimoe.pallas import common, expert_tables, expert_tokens
+from omnimoe.pallas import common, expert_lines, expert_tables, expert_tokens
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
@@ -46,6 +51,8 @@ class ExpertConfig:
   tables: TableConfig = TableConfig()
   forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
   xla_forward_chunk: int = 8  # pairs per token that one XLA gather fusion takes
+  path: str = "auto"  # "auto": `expert_lines.choose`; "tokens": this file; "lines"
+  lines: expert_lines.LinesConfig = expert_lines.LinesConfig()
 
 
 def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
@@ -110,7 +117,18 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
-  [0, N) contribute nothing. Differentiable in x, up, down and weights.
+  [0, N) contribute nothing. Differentiable in x, up, down and weights. `config.path`
+  picks the token-centric kernels here or the dense-regime `expert_lines` ("auto": by
+  `expert_lines.choose` on T, k and N).
   """
+  path = config.path
+  if path == "auto":
+    path = expert_lines.choose(x.shape[0], indices.shape[1], up.shape[0])
+  if path == "lines":
+    return expert_lines.atomic_experts_lines(x, up, down, weights, indices,
+                                             activation=activation, config=config.lines,
+                                             interpret=interpret)
+  if path != "tokens":
+    raise ValueError(f"config.path must be 'auto', 'tokens' or 'lines', got {path!r}")
   return _atomic_experts(x, up, down, weights, indices, activation, config,
                          common.resolve_interpret(interpret))
