@@ -22,9 +22,11 @@ device, each holding a d-slice of it, and needs no routing-dependent traffic:
             ONE all-reduce (psum) of the (T, k) float32 scores over the table axes;
             a = act(s) * w;  y[:, slice] = sum_k a V[e, slice] (`pair_combine`);
             y goes back to batch sharding by the inverse all_to_all.
-  backward  da_part = <dy[:, slice], V[e, slice]>, ONE psum -> da, then dweights = da act(s),
-            ds = da w act'(s);  dx[:, slice] = sum_k ds U[e, slice];
-            dU[:, slice], dV[:, slice]: local segment sums over the group's pairs.
+  backward  da_part = <dy[:, slice], V[e, slice]>, ONE psum -> da, ds = da w act'(s);
+            dx[:, slice] = sum_k ds U[e, slice];
+            dU[:, slice], dV[:, slice]: local segment sums over the group's pairs;
+            dweights = da_part act(s), the slices' parts added by the shard_map
+            transpose (a second (T, k) psum; the weights are replicated over the slices).
 
 No (N, d) table gradient is all-reduced across the table axes: each device owns its
 slice and its gradient. Data parallelism (tables replicated) all-reduces 2 N d floats per
@@ -33,12 +35,13 @@ layer per step; for configs/gpu.py that is 2 x 65536 x 1024 = 134 M floats per l
 each of 2 GPUs send and receive once (~10 ms at 450 GB/s of NVLink per direction, ~90 ms
 at 50 GB/s of PCIe, next to a 0.20 s one-GPU step), and every GPU keeps whole tables,
 their gradients and both Adam moments (17 GB). Split along d over P devices, a layer's
-step moves per device, at T = 16384 tokens (batch 16 x 1024), k = 32, bf16, P = 2: two
-(T, k) float32 psums (2 MB each), the (T, k) weights and ids gathered once (2 MB), and
-four all_to_alls of half a (T / P, d) block (x, y, dy, dx: 8 MB each): about 40 MB, 0.3 GB
-per step, and each device holds 1/P of the tables and their optimizer state. (Computed
-from the shapes, not measured.) A `data` axis, over which the tables are replicated,
-still all-reduces the table gradients over that axis alone, 1/P of them per device.
+step moves per device, at T = 16384 tokens (batch 16 x 1024), k = 32, bf16, P = 2 (mesh
+fsdp = 2): three (T, k) float32 psums (2 MB each), the (T, k) weights and ids gathered
+once (2 MB), and four all_to_alls of half a (T / P, d) block (x, y, dy, dx: 8 MB each):
+about 42 MB, 0.34 GB per step, and each device holds 1/P of the tables and their
+optimizer state. (Computed from the shapes, not measured.) A `data` axis, over which the
+tables are replicated, still all-reduces the table gradients over that axis alone, the
+device's 1/P slice of them.
 
 The expert op is split into its two halves, with the reduction of the scores between
 them, in one custom VJP (`split_atomic_experts`) parameterised by the axes to psum over:

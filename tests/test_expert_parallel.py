@@ -95,12 +95,18 @@ def test_pair_kernels_match_the_reference_halves(tokens, d, n_experts, k, dtype,
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_split_op_matches_brute_force(impl):
+@pytest.mark.parametrize("tokens,d,n_experts,k,dtype", [
+    (36, 96, 50, 5, jnp.float32),
+    (21, 64, 300, 12, jnp.bfloat16),
+])
+def test_split_op_matches_brute_force(tokens, d, n_experts, k, dtype, impl):
   impl, interpret = impl
-  args, idx, dy = inputs(3)
+  args, idx, dy = inputs(3, tokens, d, n_experts, k)
+  args = [jnp.asarray(a, dtype) for a in args]
   op = functools.partial(expert_parallel.split_atomic_experts, impl=impl, interpret=interpret)
-  y, grads = value_and_grads(op, [jnp.asarray(a) for a in args], idx, dy)
-  check(y, grads, brute_force(args, idx, dy))
+  y, grads = value_and_grads(op, args, idx, dy)
+  assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+  check(y, grads, brute_force(args, idx, dy), TOL[dtype])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -119,8 +125,7 @@ def test_split_op_other_activations_match_reference(activation, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sharded_op_on_a_one_device_mesh(impl):
-  """The shard_map, its collectives over axes of size 1, and (on a GPU) the compiled
-  kernels inside it."""
+  """No axis splits anything: the op runs unsharded (no shard_map, no collective)."""
   impl, interpret = impl
   args, idx, dy = inputs(7)
   mesh = jax.make_mesh((1, 1, 1), sharding.AXES, devices=jax.devices()[:1],

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -145,7 +146,44 @@ def test_checkpoint_from_eight_devices_restores_on_one(tmp_path):
   one = run_launch(workdir, "--config.train.steps=9", *common)
   assert one.returncode == 0, one.stderr[-3000:]
   assert "resumed from the checkpoint of step 6" in one.stderr
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    losses = {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+  losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 10))
   assert abs(losses[7] - losses[6]) < 0.5 * losses[6]  # continues, not from scratch
+
+
+def train_losses(workdir) -> dict:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def test_two_processes_match_one_device(tmp_path):
+  """launch.py --num_processes=2 --process_id=i --coordinator_address=host:port: two
+  processes of 4 (fake CPU) devices train on one 2x2x2 mesh (batch, expert-table slices and
+  their collectives across both) and log the losses of a one-device run."""
+  common = ("--config.train.steps=6", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.batch_size=8")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(SUBPROCESS_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      launch_command(str(tmp_path / "two"), *common, "--config.mesh.data=2",
+                     "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--num_processes=2",
+                     f"--process_id={i}", f"--coordinator_address=localhost:{port}"),
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errors):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 process(es); mesh data x fsdp x tensor = (2, 2, 2)" in errors[0], errors[0][-3000:]
+
+  one = run_launch(str(tmp_path / "one"), *common)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two, want = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+  assert sorted(two) == sorted(want) == list(range(1, 7))
+  np.testing.assert_allclose([two[s] for s in want], list(want.values()), rtol=1e-5)
