@@ -54,16 +54,24 @@ def _check_indices(indices, num_experts: int) -> None:
                      f"[{idx.min()}, {idx.max()}]")
 
 
-def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, impl: str | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
+                   impl: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Exact top-k over the Cartesian grid of `lx[t, i] + ly[t, j]`.
 
   Args:
     lx, ly: (T, n) row and column scores (log-probabilities), same T.
     k: experts per token, a Python int with 1 <= k <= n_x * n_y.
+    sorted: True (default): scores in descending order, equal scores by ascending expert
+      id. False: the same set in whatever order the implementation finds cheapest (as
+      torch.topk's switch); the Pallas path for k > 128 then skips its final sort and
+      returns rows ascending, within a row by descending ly (see
+      `omnimoe.pallas.router_threshold`). The XLA path always sorts.
+    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). Pallas: a fused kernel
+      for k <= 128, a threshold search (`router_threshold`) for k in the thousands.
   Returns:
-    scores (T, k) float32 in descending order and indices (T, k) int32, the flat expert
-    ids `i * n_y + j`. Equal scores are ordered by ascending expert id.
+    scores (T, k) float32 and indices (T, k) int32, the flat expert ids `i * n_y + j`:
+    the k largest float32 sums, ties broken toward the lower expert id. Scores are
+    differentiable in lx and ly.
   """
   _check_rank("lx", lx, 2, "tokens, rows")
   _check_rank("ly", ly, 2, "tokens, columns")
@@ -74,12 +82,14 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, impl: str | None = N
                      f"and {ly.shape}")
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
     raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+  if not isinstance(sorted, (bool, np.bool_)):
+    raise TypeError(f"sorted must be a bool, got {type(sorted).__name__}")
   num_experts = lx.shape[1] * ly.shape[1]
   if not 1 <= k <= num_experts:
     raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {num_experts}, got {k}")
   if _resolve_impl(impl) == "pallas":
     from omnimoe.pallas import router_topk
-    return router_topk.cartesian_topk(lx, ly, int(k))
+    return router_topk.cartesian_topk(lx, ly, int(k), sorted=bool(sorted))
   return reference.cartesian_topk(lx, ly, int(k))
 
 

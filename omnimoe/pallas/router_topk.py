@@ -22,9 +22,10 @@ newer upstream Triton 0.34 ms), 0.096 ms at N=65536, 0.059 ms at N=4096, k=16. T
 tokens per program on one warp was the fastest of 7 launch shapes: the arg-max
 reductions then never leave the warp. Details: experiments/kernels_notes.md.
 
-k above `MAX_KERNEL_K` falls back to the reference (a threshold-search kernel for k in
-the thousands is a separate issue). Scores are differentiable: a custom JVP gathers the
-tangents of lx and ly at the chosen experts (the kernel only selects).
+k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded emit,
+O(n log n + k) per token, for k in the thousands); n above `MAX_KERNEL_N` falls back to
+the reference. Scores are differentiable: a custom JVP (`score_jvp`, shared by both
+kernels) gathers the tangents of lx and ly at the chosen experts (the kernels only select).
 
 Equivalent JAX code (per token, ignoring padding):
   ri = argsort(-lx)[:k]; ci = argsort(-ly)[:k]           # stable: lower index first
@@ -62,12 +63,19 @@ class RouterConfig:
 
 
 def _ordered_key(v: jax.Array) -> jax.Array:
-  """float32 -> int32 with the same order; -0.0 and +0.0 map to the same key."""
-  bits = lax.bitcast_convert_type(v + 0.0, jnp.int32)
-  return bits ^ ((bits >> 31) & _SIGN_FLIP)
+  """float32 -> int32 with the same order; -0.0 and +0.0 map to the same key, 0.
+
+  The fold is integer arithmetic (negative keys move up by one, so -0.0's -1 meets +0.0's
+  0): XLA simplifies `v + 0.0` to `v`, which would keep -0.0 apart wherever XLA compiles
+  this (the sorts around the kernels, interpret mode). INT_MIN stays below every float.
+  """
+  bits = lax.bitcast_convert_type(v, jnp.int32)
+  key = bits ^ ((bits >> 31) & _SIGN_FLIP)
+  return key - (key >> 31)
 
 
 def _key_to_float(key: jax.Array) -> jax.Array:
+  key = key + (key >> 31)
   return lax.bitcast_convert_type(key ^ ((key >> 31) & _SIGN_FLIP), jnp.float32)
 
 
@@ -129,7 +137,25 @@ def _num_warps(config: RouterConfig, n: int, k: int) -> int:
   return int(np.clip(elems // 2048, 1, 8))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def score_jvp(select, nondiff_argnums: tuple[int, ...]):
+  """`select(lx, ly, *static) -> (scores, idx)` as a `jax.custom_jvp` whose score tangents
+  are those of `lx[t, i] + ly[t, j]` at the chosen flat ids `idx = i * n_y + j` (a kernel
+  only selects). `nondiff_argnums` are the static arguments, all after lx and ly."""
+  select = jax.custom_jvp(select, nondiff_argnums=nondiff_argnums)
+
+  @select.defjvp
+  def jvp(*args):
+    *static, (lx, ly), (dlx, dly) = args
+    scores, idx = select(lx, ly, *static)
+    n_y = ly.shape[1]
+    dscores = (jnp.take_along_axis(dlx, idx // n_y, axis=1).astype(jnp.float32)
+               + jnp.take_along_axis(dly, idx % n_y, axis=1).astype(jnp.float32))
+    return (scores, idx), (dscores, np.zeros(idx.shape, jax.dtypes.float0))
+
+  return select
+
+
+@functools.partial(score_jvp, nondiff_argnums=(2, 3, 4))
 def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   tokens = lx.shape[0]
   kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t)
@@ -142,25 +168,19 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
       num_stages=config.num_stages, interpret=interpret, name="cartesian_topk")(lx, ly)
 
 
-@_cartesian_topk.defjvp
-def _cartesian_topk_jvp(k, config, interpret, primals, tangents):
-  lx, ly = primals
-  dlx, dly = tangents
-  scores, idx = _cartesian_topk(lx, ly, k, config, interpret)
-  n_y = ly.shape[1]
-  dscores = (jnp.take_along_axis(dlx, idx // n_y, axis=1).astype(jnp.float32)
-             + jnp.take_along_axis(dly, idx % n_y, axis=1).astype(jnp.float32))
-  return (scores, idx), (dscores, np.zeros(idx.shape, jax.dtypes.float0))
-
-
-def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *,
+def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
                    config: RouterConfig = RouterConfig(),
                    interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
-  """Exact product-key top-k: (scores (T, k) f32 descending, indices (T, k) int32).
+  """Exact product-key top-k: (scores (T, k) f32, indices (T, k) int32).
 
   Same contract as `omnimoe.ops.cartesian_topk` (which validates inputs). Runs the fused
-  kernel for k <= MAX_KERNEL_K and n <= MAX_KERNEL_N, the reference above that.
+  kernel for k <= MAX_KERNEL_K (always in sorted order), `router_threshold` above it
+  (sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
+  beyond that.
   """
-  if k > MAX_KERNEL_K or max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
+  if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
+  if k > MAX_KERNEL_K:
+    from omnimoe.pallas import router_threshold  # it imports this module's helpers
+    return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, interpret=interpret)
   return _cartesian_topk(lx, ly, k, config, common.resolve_interpret(interpret))
