@@ -247,7 +247,7 @@ class TableLayout:
 def layout_from_rules(mesh=None) -> TableLayout | None:
   """The layout `omnimoe.sharding.RULES` give the expert tables and the batch on `mesh`
   (default: the current mesh, `jax.sharding.get_abstract_mesh()`, which
-  `sharding.make_mesh` sets). None without a mesh of more than one device that has the
+  `sharding.on_mesh` sets). None without a mesh of more than one device that has the
   axes the rules name: then the plain op runs.
 
   Also a data-only mesh gets a layout (no table axis, no collective in the op): a

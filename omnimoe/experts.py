@@ -26,9 +26,9 @@ class AtomicExpertBank(nn.Module):
   initialised like U: `h = silu(<x, gate[e]>) * <x, U[e]>`.
 
   Devices: the tables are named ('experts', 'expert_embed'), which `omnimoe.sharding.RULES`
-  split along d. Under a current mesh of several devices (`sharding.make_mesh` sets it) the
-  bank runs `expert_parallel.sharded_atomic_experts` on the layout the rules give
-  (`expert_parallel.layout_from_rules`), so each device works on its d-slice and its
+  split along d. Under a current mesh of several devices (`sharding.on_mesh` sets it for
+  the train steps) the bank runs `expert_parallel.sharded_atomic_experts` on the layout
+  the rules give (`expert_parallel.layout_from_rules`), so each device works on its d-slice and its
   batch group; with one device, no mesh, activation 'swiglu', or a token count that the
   batch axes do not divide (model.init traces a single sequence), it runs the plain
   `ops.atomic_experts`, which XLA partitions by itself for impl 'xla'.

@@ -14,9 +14,9 @@ with numbers; the rows N are never split). The axes that split only the tables (
 come before the one that splits the batch too (fsdp): a token block's slice of d is then
 cut locally and one all_to_all over fsdp gathers the group's tokens.
 
-`make_mesh` also makes its mesh the current one (`jax.set_mesh`): jit with Auto-axis
-shardings does not tell the traced code which mesh it runs on, and the expert bank needs
-it for its `jax.shard_map` (`expert_parallel.layout_from_rules`).
+`on_mesh` runs a jitted function with its mesh as the current one (`jax.set_mesh`): jit
+with Auto-axis shardings does not tell the traced code which mesh it runs on, and the
+expert bank needs it for its `jax.shard_map` (`expert_parallel.layout_from_rules`).
 """
 from __future__ import annotations
 
@@ -67,15 +67,22 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The global mesh from `config.mesh`, with Auto axes (the same on JAX 0.10 and 0.11),
-  made the current mesh of this thread (`jax.set_mesh`) for the code that jit traces
-  later: the expert bank reads it there (`jax.sharding.get_abstract_mesh()`)."""
+  """The global mesh from `config.mesh`, with Auto axes (the same on JAX 0.10 and 0.11)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  mesh = jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
                        devices=devices)
-  jax.set_mesh(mesh)
-  return mesh
+
+
+def on_mesh(fn, mesh: jax.sharding.Mesh):
+  """`fn` called (and so traced) with `mesh` as the current mesh, scoped to the call (a
+  caller that already set it, e.g. to trace `fn` inside `jax.make_jaxpr`, keeps it)."""
+  def call(*args, **kwargs):
+    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+      return fn(*args, **kwargs)
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def mesh_axes(logical_names) -> PartitionSpec:

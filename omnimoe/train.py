@@ -201,13 +201,14 @@ def build(config, mesh: jax.sharding.Mesh) -> Program:
 
   batch = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
+  jit = lambda fn, **kw: sharding.on_mesh(jax.jit(fn, **kw), mesh)
   return Program(
       model=model, mesh=mesh, abstract_state=abstract_state,
-      init=jax.jit(lambda rng: _unbox(boxed_init(rng)), out_shardings=state_sharding),
-      train_step=jax.jit(train_step, in_shardings=(state_sharding, batch),
-                         out_shardings=(state_sharding, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(state_sharding, batch),
-                        out_shardings=replicated))
+      init=jit(lambda rng: _unbox(boxed_init(rng)), out_shardings=state_sharding),
+      train_step=jit(train_step, in_shardings=(state_sharding, batch),
+                     out_shardings=(state_sharding, replicated), donate_argnums=0),
+      eval_step=jit(eval_step, in_shardings=(state_sharding, batch),
+                    out_shardings=replicated))
 
 
 # ----------------------------------------------------------------------------------------
