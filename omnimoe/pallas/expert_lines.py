@@ -236,7 +236,7 @@ def _forward_kernel(items_ref, inc_token_ref, w_ref, x_ref, up_ref, down_ref, y_
   tokens, d = x_ref.shape
   line, rows, live, t, spare, any_live = _chunk(items_ref, inc_token_ref, config.block_t,
                                                 tokens)
-  steps = jnp.where(any_live, common.cdiv(d, config.block_d), 0)
+  steps = jnp.where(any_live, jnp.int32(common.cdiv(d, config.block_d)), jnp.int32(0))
   cdt = common.mma_dtype(x_ref.dtype, up_ref.dtype, down_ref.dtype)
   tiles = _line_tiles(line, line_size, config.block_e, up_ref.shape[0])
   coefs = []
@@ -258,7 +258,7 @@ def _backward_kernel(items_ref, inc_token_ref, w_ref, x_ref, dy_ref, up_ref, dow
   tokens, d = x_ref.shape
   line, rows, live, t, spare, any_live = _chunk(items_ref, inc_token_ref, config.block_t,
                                                 tokens)
-  steps = jnp.where(any_live, common.cdiv(d, config.block_d), 0)
+  steps = jnp.where(any_live, jnp.int32(common.cdiv(d, config.block_d)), jnp.int32(0))
   cdt = common.mma_dtype(x_ref.dtype, up_ref.dtype, down_ref.dtype)
   stored = jnp.where(live, rows, ds_ref.shape[0])[:, None]
   tiles = _line_tiles(line, line_size, config.block_e, up_ref.shape[0])
