@@ -27,6 +27,14 @@ ACTIVATIONS = {
 EXPERT_ACTIVATIONS = (*ACTIVATIONS, "swiglu")
 
 
+# The largest intermediate the oracle materialises at once (elements): a (T, k, d) gather
+# of table rows, or T candidate grids of k x k sums. Larger ones run in chunks (of pairs,
+# of tokens). Why: on one H200 (JAX 0.11.2) XLA programs whose intermediates passed 2^31
+# elements (a 4096 x 1250 x 1024 gather; 40,960 grids of 250 x 250 candidates) ended in
+# illegal memory accesses, and chunks also bound the oracle's memory.
+MAX_ELEMENTS = 2 ** 30
+
+
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Exact top-k of `lx[t, i] + ly[t, j]` over the grid, by product-key search.
 
@@ -44,6 +52,18 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   Returns:
     scores (T, k) float32, descending; indices (T, k) int32 flat expert ids.
   """
+  tokens = lx.shape[0]
+  rows = max(1, MAX_ELEMENTS // (min(k, lx.shape[1]) * min(k, ly.shape[1])))
+  if tokens <= rows:
+    return _candidate_topk(lx, ly, k)
+  lx, ly = (jnp.pad(a, ((0, -tokens % rows), (0, 0))).reshape(-1, rows, a.shape[1])
+            for a in (lx, ly))
+  scores, ids = lax.map(lambda pair: _candidate_topk(*pair, k), (lx, ly))
+  return scores.reshape(-1, k)[:tokens], ids.reshape(-1, k)[:tokens]
+
+
+def _candidate_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`cartesian_topk` of a block of tokens, all their k x k candidate grids at once."""
   n_y = ly.shape[1]
   rows, row_scores = _top_ids_ascending(lx.astype(jnp.float32), k)
   cols, col_scores = _top_ids_ascending(ly.astype(jnp.float32), k)
@@ -69,23 +89,52 @@ def _valid_ids(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Arr
   return valid, jnp.where(valid, indices, 0)
 
 
-def pair_scores(vec: jax.Array, table: jax.Array, indices: jax.Array) -> jax.Array:
-  """`<vec_t, table[e_tk]>` for every pair: (T, k) float32, 0 where e_tk is outside [0, N).
+def _pair_chunk(indices: jax.Array, d: int) -> int:
+  """Pairs per token in one gather: all k when the (T, k, d) gather fits MAX_ELEMENTS."""
+  tokens, k = indices.shape
+  return max(1, min(k, MAX_ELEMENTS // max(1, tokens * d)))
 
-  The first half of the expert op (s from x and U; in backward, da from dy and V)."""
+
+def _chunks(a: jax.Array, chunk: int, fill) -> jax.Array:
+  """(T, k) -> (ceil(k / chunk), T, chunk), the last chunk padded with `fill`."""
+  a = jnp.pad(a, ((0, 0), (0, -a.shape[1] % chunk)), constant_values=fill)
+  return jnp.moveaxis(a.reshape(a.shape[0], -1, chunk), 1, 0)
+
+
+def _gathered_scores(vec, table, indices):
   valid, safe = _valid_ids(indices, table.shape[0])
   s = jnp.einsum("td,tkd->tk", vec.astype(jnp.float32),
                  jnp.take(table, safe, axis=0).astype(jnp.float32))
   return jnp.where(valid, s, 0.0)
 
 
+def _gathered_combine(coef, table, indices):
+  valid, safe = _valid_ids(indices, table.shape[0])
+  return jnp.einsum("tk,tkd->td", jnp.where(valid, coef.astype(jnp.float32), 0.0),
+                    jnp.take(table, safe, axis=0).astype(jnp.float32))
+
+
+def pair_scores(vec: jax.Array, table: jax.Array, indices: jax.Array) -> jax.Array:
+  """`<vec_t, table[e_tk]>` for every pair: (T, k) float32, 0 where e_tk is outside [0, N).
+
+  The first half of the expert op (s from x and U; in backward, da from dy and V)."""
+  chunk = _pair_chunk(indices, table.shape[1])
+  if chunk == indices.shape[1]:
+    return _gathered_scores(vec, table, indices)
+  s = lax.map(lambda idx: _gathered_scores(vec, table, idx), _chunks(indices, chunk, -1))
+  return jnp.moveaxis(s, 0, 1).reshape(indices.shape[0], -1)[:, :indices.shape[1]]
+
+
 def pair_combine(coef: jax.Array, table: jax.Array, indices: jax.Array) -> jax.Array:
   """`sum_k coef_tk table[e_tk]`: (T, d) float32; pairs with e_tk outside [0, N) add nothing.
 
   The second half of the expert op (y from a and V; in backward, dx from ds and U)."""
-  valid, safe = _valid_ids(indices, table.shape[0])
-  return jnp.einsum("tk,tkd->td", jnp.where(valid, coef.astype(jnp.float32), 0.0),
-                    jnp.take(table, safe, axis=0).astype(jnp.float32))
+  chunk = _pair_chunk(indices, table.shape[1])
+  if chunk == indices.shape[1]:
+    return _gathered_combine(coef, table, indices)
+  add = lambda y, ci: (y + _gathered_combine(ci[0], table, ci[1]), None)
+  zeros = jnp.zeros((indices.shape[0], table.shape[1]), jnp.float32)
+  return lax.scan(add, zeros, (_chunks(coef, chunk, 0), _chunks(indices, chunk, -1)))[0]
 
 
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,

@@ -30,6 +30,23 @@ def test_cartesian_topk_rectangular_grid():
   np.testing.assert_array_equal(np.asarray(idx), bf.full_topk(lx, ly, 10)[1])
 
 
+@pytest.mark.parametrize("max_elements", [1, 5 * 36])
+def test_cartesian_topk_in_chunks_of_tokens(monkeypatch, max_elements):
+  """Candidate grids past reference.MAX_ELEMENTS run in chunks of tokens (1 and 5 of 23
+  here, the last chunk padded): the same exact top-k, and gradients reach lx and ly."""
+  monkeypatch.setattr(reference, "MAX_ELEMENTS", max_elements)
+  rng = np.random.default_rng(9)
+  lx, ly = bf.log_probs(rng, 23, 11, 0.125), bf.log_probs(rng, 23, 6, 0.125)
+  (scores, idx), vjp = jax.vjp(lambda a, b: reference.cartesian_topk(a, b, 6),
+                               jnp.asarray(lx), jnp.asarray(ly))
+  want_s, want_i = bf.full_topk(lx, ly, 6)
+  np.testing.assert_array_equal(np.asarray(idx), want_i)
+  np.testing.assert_array_equal(np.asarray(scores, np.float64), want_s)
+  dlx, dly = vjp((jnp.ones_like(scores), jnp.zeros_like(idx)))
+  np.testing.assert_array_equal(np.asarray(dlx).sum(1), 6.0)
+  np.testing.assert_array_equal(np.asarray(dly).sum(1), 6.0)
+
+
 def test_cartesian_topk_million_experts():
   """N = 2^20 (n = 1024) with few tokens: exact against the full 2^20-way sort."""
   rng = np.random.default_rng(2)
@@ -82,6 +99,25 @@ def test_atomic_experts_gradients(tokens, d, n_experts, k):
   want = bf.atomic_experts_grads(x, up, down, w, idx, dy)
   for name, g, wnt in zip(("dx", "dup", "ddown", "dw"), got, want):
     assert bf.rel_err(g, wnt) < 1e-5, name
+
+
+@pytest.mark.parametrize("max_elements", [23 * 40, 23 * 40 * 3])
+def test_atomic_experts_in_chunks_of_pairs(monkeypatch, max_elements):
+  """Gathers past reference.MAX_ELEMENTS run in chunks of pairs (1 and 3 of k = 7 here,
+  the last chunk padded): same values and gradients, bad ids still dropped."""
+  monkeypatch.setattr(reference, "MAX_ELEMENTS", max_elements)
+  rng = np.random.default_rng(8)
+  x, up, down, w, idx, dy = bf.expert_inputs(rng, 23, 40, 30, 7)
+  idx[0, :] = idx[1, 0]
+  idx[::4, 5] = -2
+  idx[2, 6] = 30
+  assert reference._pair_chunk(jnp.asarray(idx), 40) < 7
+  y, vjp = jax.vjp(lambda *a: reference.atomic_experts(*a, jnp.asarray(idx)),
+                   *map(jnp.asarray, (x, up, down, w)))
+  assert bf.rel_err(y, bf.atomic_experts(x, up, down, w, idx)) < 1e-5
+  want = bf.atomic_experts_grads(x, up, down, w, idx, dy)
+  for name, g, wnt in zip(("dx", "dup", "ddown", "dw"), vjp(jnp.asarray(dy)), want):
+    assert g.shape == wnt.shape and bf.rel_err(g, wnt) < 1e-5, name
 
 
 def test_brute_force_gradients_match_finite_differences():
