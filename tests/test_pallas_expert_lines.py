@@ -150,10 +150,7 @@ def test_incidences_and_items(interpret):
   assert not work[1:, len(want):].any()
 
 
-def test_choose_and_bad_configs():
-  assert expert_lines.choose(4096, 4096, 102400) == "lines"
-  assert expert_lines.choose(4096, 32, 65536) == "tokens"
-  assert expert_lines.choose(4096, 512, 2 ** 20) == "tokens"
+def test_line_size_and_bad_configs():
   assert expert_lines.auto_line_size(102400) == 320
   rng = np.random.default_rng(8)
   args, idx, _ = expert_inputs(rng, 5, 32, 16, 4)

@@ -135,13 +135,9 @@ def test_bucketing_methods_agree(interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_lines_path_through_the_op(interpret):
-  """config.path='lines' runs the dense-regime kernels behind the same entry point (k = N/4
-  of a 10 x 10 grid, every token in every line); an unknown path is an error."""
+  """config.path='lines' runs the expert-line kernels behind the same entry point (k = N/4
+  of a 10 x 10 grid, every token in every line)."""
   rng = np.random.default_rng(5)
   args, idx, dy = expert_inputs(rng, 19, 96, 100, 25)
   lines = expert_ops.ExpertConfig(path="lines")
-  assert expert_ops.expert_lines.choose(4096, 4096, 320 * 320) == "lines"
   check_against_brute_force(args, idx, dy, interpret, lines, TOL[jnp.float32])
-  with pytest.raises(ValueError, match="config.path"):
-    expert_ops.atomic_experts(*args, jnp.asarray(idx), config=expert_ops.ExpertConfig(
-        path="rows"), interpret=interpret)

@@ -22,9 +22,11 @@ forward: 0.281 / 0.897; plain XLA gathers: 0.589 / 3.417 ms; published Triton: 1
 4.75 ms).
 
 Density: this file serves k ~ 16..128, where each table row serves a few tokens. Where
-each expert serves many tokens and k is in the thousands (the paper's headline regime),
-`atomic_experts` hands the whole op to `expert_lines` (expert lines x token tiles on
-tensor cores); `expert_lines.choose` holds the rule and the measured crossover.
+k is a sizeable fraction of N (the paper's headline regime, k in the thousands),
+`atomic_experts` hands the whole op to `expert_dense` (the whole grid as tensor-core
+GEMMs, the routing as a mask); `choose_path` holds the rule and the measured crossover.
+The expert-line kernels (`expert_lines`, routed tiles on tensor cores) are selectable
+with `path="lines"`; measured slower than `expert_dense` at the headline (see there).
 
 Gradients of up/down come back in the tables' dtype, dx in x's, dweights in weights';
 all accumulation is float32.
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe import reference
-from omnimoe.pallas import common, expert_lines, expert_tables, expert_tokens
+from omnimoe.pallas import common, expert_dense, expert_lines, expert_tables, expert_tokens
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
@@ -51,8 +53,27 @@ class ExpertConfig:
   tables: TableConfig = TableConfig()
   forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
   xla_forward_chunk: int = 8  # pairs per token that one XLA gather fusion takes
-  path: str = "auto"  # "auto": `expert_lines.choose`; "tokens": this file; "lines"
+  path: str = "auto"  # "auto": `choose_path`; "tokens": this file; "dense"; "lines"
+  dense: expert_dense.DenseConfig = expert_dense.DenseConfig()
   lines: expert_lines.LinesConfig = expert_lines.LinesConfig()
+
+
+PATHS = ("tokens", "dense", "lines")
+# Break-even N / k of the two paths, by k: dense costs ~T N (GEMMs over the whole grid),
+# tokens ~T k c(k) where the per-pair cost c(k) grows with k (the per-token rows spill
+# out of cache). Measured fwd+bwd, H200, bf16, T = 4096, d = 1024 (experiments/RESULTS.md,
+# "Path crossover"): N = 4096: tokens wins at k = 16, dense at 32; N = 102400: tokens at
+# 128, dense at 160; N = 2^20: tokens at 512, dense at 2048.
+DENSE_BREAK_EVEN = ((64, 160), (128, 350), (None, 640))  # (k up to, N / k ratio)
+
+
+def choose_path(tokens: int, k: int, num_experts: int) -> str:
+  """"dense" where the whole-grid GEMMs beat the pair gathers (N <= ratio(k) k, the
+  measured break-even above) and every table row is used about once per call on average
+  (T k >= N: the dense path reads both whole tables), else "tokens"."""
+  ratio = next(r for k_max, r in DENSE_BREAK_EVEN if k_max is None or k <= k_max)
+  dense = num_experts <= ratio * k and tokens * k >= num_experts
+  return "dense" if dense else "tokens"
 
 
 def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
@@ -118,17 +139,20 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
   [0, N) contribute nothing. Differentiable in x, up, down and weights. `config.path`
-  picks the token-centric kernels here or the dense-regime `expert_lines` ("auto": by
-  `expert_lines.choose` on T, k and N).
+  picks the token-centric kernels here, the dense-regime GEMMs of `expert_dense` or the
+  expert-line kernels of `expert_lines` ("auto": `choose_path` on T, k and N).
   """
   path = config.path
   if path == "auto":
-    path = expert_lines.choose(x.shape[0], indices.shape[1], up.shape[0])
+    path = choose_path(x.shape[0], indices.shape[1], up.shape[0])
+  if path not in PATHS:
+    raise ValueError(f"config.path must be 'auto' or one of {PATHS}, got {path!r}")
+  if path == "dense":
+    return expert_dense.atomic_experts_dense(x, up, down, weights, indices,
+                                             activation=activation, config=config.dense)
   if path == "lines":
     return expert_lines.atomic_experts_lines(x, up, down, weights, indices,
                                              activation=activation, config=config.lines,
                                              interpret=interpret)
-  if path != "tokens":
-    raise ValueError(f"config.path must be 'auto', 'tokens' or 'lines', got {path!r}")
   return _atomic_experts(x, up, down, weights, indices, activation, config,
                          common.resolve_interpret(interpret))

@@ -1,0 +1,121 @@
+"""The dense-regime atomic experts (whole-grid GEMMs, routing as a mask) against brute
+force, and the density rule that picks them. No Pallas kernel here: XLA runs it on CPU
+as on GPU. Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe import ops, reference
+from omnimoe.pallas import expert_dense, expert_ops
+from tests import brute_force as bf
+from tests.test_pallas_experts import TOL, check_against_brute_force, expert_inputs
+
+DENSE = expert_ops.ExpertConfig(path="dense")
+
+
+def blocks_of(rows, n_experts):
+  """The dense path with token blocks of `rows` rows (a scan over several blocks)."""
+  return expert_ops.ExpertConfig(path="dense", dense=expert_dense.DenseConfig(
+      max_block_elements=rows * n_experts))
+
+
+@pytest.mark.parametrize("tokens,d,n_experts,k,rows,dtype", [
+    (37, 96, 100, 25, 0, jnp.float32),     # k = N / 4, one block
+    (37, 96, 100, 25, 8, jnp.float32),     # blocks of 8 rows, the last one padded
+    (37, 96, 9, 1, 16, jnp.float32),       # k = 1, N = 9
+    (21, 64, 300, 40, 8, jnp.bfloat16),
+])
+def test_values_and_gradients(tokens, d, n_experts, k, rows, dtype):
+  rng = np.random.default_rng(tokens + d + k + rows)
+  args, idx, dy = expert_inputs(rng, tokens, d, n_experts, k, dtype)
+  idx[0, :] = idx[1, 0]  # a token taking one expert k times, shared with another token
+  config = blocks_of(rows, n_experts) if rows else DENSE
+  check_against_brute_force(args, idx, dy, True, config, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_expert_in_random_order(dtype):
+  """k = N: every token takes every expert once."""
+  rng = np.random.default_rng(3)
+  args, _, dy = expert_inputs(rng, 19, 96, 64, 1, dtype)
+  idx = np.argsort(rng.random((19, 64)), axis=1).astype(np.int32)
+  args[3] = jnp.asarray(rng.uniform(0.05, 1.0, idx.shape), dtype)
+  check_against_brute_force(args, idx, dy, True, blocks_of(8, 64), TOL[dtype])
+
+
+def test_duplicates_busy_expert_and_bad_ids():
+  """Duplicate pairs add up (and each gets its weight gradient); one expert takes every
+  token; ids outside [0, N) contribute nothing, both ways."""
+  rng = np.random.default_rng(4)
+  args, idx, dy = expert_inputs(rng, 37, 96, 100, 12)
+  idx[:, 0] = 57
+  idx[2, 4:8] = 81
+  idx[::3, 2] = -5
+  idx[1::4, 3] = 100
+  idx[5, 1] = np.iinfo(np.int32).max
+  check_against_brute_force(args, idx, dy, True, blocks_of(16, 100), 1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+def test_other_activations_match_reference_autodiff(activation):
+  rng = np.random.default_rng(6)
+  args, idx, dy = expert_inputs(rng, 23, 48, 64, 20)
+  f = functools.partial(expert_ops.atomic_experts, activation=activation,
+                        config=blocks_of(8, 64))
+  g = functools.partial(reference.atomic_experts, activation=activation)
+  got = jax.vjp(lambda *a: f(*a, jnp.asarray(idx)), *args)
+  want = jax.vjp(lambda *a: g(*a, jnp.asarray(idx)), *args)
+  assert bf.rel_err(got[0], want[0]) < 1e-5
+  for a, b in zip(got[1](dy), want[1](dy)):
+    assert bf.rel_err(a, b) < 1e-5
+
+
+def test_jit_grad_and_empty_batch():
+  rng = np.random.default_rng(7)
+  args, idx, _ = expert_inputs(rng, 11, 32, 36, 9)
+  loss = lambda *a: jnp.sum(jnp.square(expert_ops.atomic_experts(
+      *a, jnp.asarray(idx), config=blocks_of(8, 36))))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+  want = jax.grad(lambda *a: jnp.sum(jnp.square(reference.atomic_experts(
+      *a, jnp.asarray(idx)))), argnums=(0, 1, 2, 3))(*args)
+  for a, b in zip(grads, want):
+    assert bf.rel_err(a, b) < 1e-5
+  empty = [a[:0] if i in (0, 3) else a for i, a in enumerate(args)]
+  y = expert_ops.atomic_experts(*empty, jnp.zeros((0, 9), jnp.int32), config=DENSE)
+  assert y.shape == (0, 32)
+
+
+def test_choose_path_and_bad_configs():
+  choose = expert_ops.choose_path
+  assert choose(4096, 4096, 320 * 320) == "dense"     # the paper's headline
+  assert choose(4096, 1024, 320 * 320) == "dense"
+  assert choose(4096, 32, 65536) == "tokens"          # the released code's examples
+  assert choose(4096, 128, 2 ** 20) == "tokens"
+  assert choose(4096, 16, 4096) == "tokens"            # the measured crossovers
+  assert choose(4096, 32, 4096) == "dense"
+  assert choose(4096, 128, 320 * 320) == "tokens"
+  assert choose(4096, 160, 320 * 320) == "dense"
+  assert choose(4096, 512, 2 ** 20) == "tokens"
+  assert choose(4096, 2048, 2 ** 20) == "dense"
+  assert choose(1, 4096, 320 * 320) == "tokens"       # one token: the tables once each
+  rng = np.random.default_rng(8)
+  args, idx, _ = expert_inputs(rng, 5, 32, 16, 4)
+  with pytest.raises(ValueError, match="config.path"):
+    expert_ops.atomic_experts(*args, jnp.asarray(idx),
+                              config=expert_ops.ExpertConfig(path="rows"))
+  with pytest.raises(ValueError, match="max_block_elements"):
+    expert_ops.atomic_experts(*args, jnp.asarray(idx), config=blocks_of(0, 16))
+
+
+def test_public_op_reaches_the_dense_path():
+  """ops.atomic_experts(impl="pallas") with k a sizeable fraction of N runs the dense
+  path (same numbers as the reference)."""
+  rng = np.random.default_rng(9)
+  args, idx, _ = expert_inputs(rng, 40, 32, 64, 16)
+  assert expert_ops.choose_path(40, 16, 64) == "dense"
+  got = ops.atomic_experts(*args, jnp.asarray(idx), impl="pallas")
+  assert bf.rel_err(got, reference.atomic_experts(*args, jnp.asarray(idx))) < 1e-5
