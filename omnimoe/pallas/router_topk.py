@@ -48,7 +48,10 @@ from jax.experimental.pallas import triton as plt
 from omnimoe import reference
 from omnimoe.pallas import common
 
-MAX_KERNEL_K = 128
+# The fused kernel's k^3 merge overtakes the threshold search between k = 32 and 64 at
+# every size measured (H200, T = 4096 and 40960, n = 320 and 1024: experiments/RESULTS.md,
+# "Path crossover"); `--crossover` in experiments/bench_headline.py times it beyond.
+MAX_KERNEL_K = 48
 MAX_KERNEL_N = 16384
 _INT_MIN = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
@@ -60,6 +63,7 @@ class RouterConfig:
   block_t: int = 2      # tokens per program
   num_warps: int = 0    # 0: one warp per 2048 elements of the larger in-register array
   num_stages: int = 1
+  max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
 
 
 def _ordered_key(v: jax.Array) -> jax.Array:
@@ -174,13 +178,13 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
   """Exact product-key top-k: (scores (T, k) f32, indices (T, k) int32).
 
   Same contract as `omnimoe.ops.cartesian_topk` (which validates inputs). Runs the fused
-  kernel for k <= MAX_KERNEL_K (always in sorted order), `router_threshold` above it
+  kernel for k <= config.max_kernel_k (always in sorted order), `router_threshold` above it
   (sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
   beyond that.
   """
   if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
-  if k > MAX_KERNEL_K:
+  if k > config.max_kernel_k:
     from omnimoe.pallas import router_threshold  # it imports this module's helpers
     return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, interpret=interpret)
   return _cartesian_topk(lx, ly, k, config, common.resolve_interpret(interpret))
