@@ -9,18 +9,22 @@ width 1024, k in {512, 1024, 2048, 4096}, 1K-16K tokens: OmniMoE 6.7 ms against 
 
   omnimoe  router (BatchNorm'd gates, log-softmax, exact top-k) + shared SwiGLU MLP +
            routed branch, in three implementations:
-             pallas      our kernels (`impl="pallas"`; unsorted top-k, the expert op picks
-                         its kernel by density)
+             pallas      our path (`impl="pallas"`; unsorted top-k, the expert op picks
+                         by density: token kernels, or the whole grid as GEMMs)
              xla-dense   plain XLA: exact top-k (`omnimoe.reference`), then the routed
                          branch dense-masked: S = X U^T over all N, G the routing weights
                          scattered into (T, N), y = (G * silu(S)) V
              xla-gather  plain XLA: exact top-k, then the token-centric gather of
-                         `omnimoe.reference.atomic_experts` (how PEER is usually written)
+                         `omnimoe.reference.atomic_experts` (how PEER is usually written;
+                         in chunks of pairs once one gather passes 2^30 elements)
            forward for all, forward+backward for pallas and xla-dense, and the router alone.
   peer     PEER (no shared branch; product-key retrieval per head, softmax over each head's
            k, gelu experts) at N = 102,400 with k = heads x k_head active experts, as
            usually written (xla-gather) and on our kernels (pallas).
 
+`--crossover` instead times the competing paths where the dispatch rules switch: the expert
+op alone on the token kernels and on the dense GEMMs (N from 4096 to 2^20), and the router
+on the fused kernel and on the threshold kernels (crossover-<device>.json).
 Peak memory is XLA's accounting of each compiled program; a case whose program needs
 more than the device has is recorded with peak_gib and no time ("oom"), not run. Writes
 headline-<device>.json (one object per case: model, impl, what, device, tokens, hidden,
@@ -30,6 +34,7 @@ active parameters and against tokens (the paper's Figure 4, our figures).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -158,6 +163,71 @@ def run_case(model, what, impl, tokens, k, p, keys, want_bwd):
   return fwd, fb, peak
 
 
+# Where the paths cross. Expert op (T = 4096): (N, k values) timed on the token kernels
+# and on the dense GEMMs. Router: (tokens, n, k values) on the fused kernel and
+# on the threshold kernels (PEER's 10 heads x 4096 tokens give the 40,960 rows).
+CROSSOVER_EXPERTS = ((4096, (16, 32, 64, 128)), (N, (128, 160, 192, 256)),
+                     (2 ** 20, (512, 2048)))
+CROSSOVER_ROUTER = ((4096, 320, (32, 48, 64, 128)), (40960, 320, (32, 48, 64, 125)),
+                    (4096, 1024, (32, 48, 64, 128)))
+
+
+def fmt(value, spec):
+  return "-" if value is None else format(value, spec)
+
+
+def crossover(args, device, tag):
+  """Times the competing paths around `expert_ops.choose_path` and the router's
+  `MAX_KERNEL_K` dispatch; writes crossover-<device>.json."""
+  from omnimoe.pallas import expert_ops, router_threshold, router_topk
+  keys = key_iter(args.seed + 1)
+  rows = []
+
+  def record(row, label):
+    rows.append(dict(row, device=device))
+    say(f"{label:58s} fwd {fmt(row['fwd_ms'], '8.3f')}  "
+        f"fwd+bwd {fmt(row.get('fwd_bwd_ms'), '8.3f')}")
+    with open(os.path.join(args.out, f"crossover-{tag}.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+
+  say(f"\n== crossover: expert op alone, T=4096 d={D} (ms)")
+  for n_experts, ks in CROSSOVER_EXPERTS:
+    n_axis = int(round(n_experts ** 0.5))
+    up, down = benchlib.tables(next(keys), n_experts, D)
+    for k in ks:
+      lx, ly = (benchlib.log_probs(next(keys), 4096, n_axis) for _ in range(2))
+      scores, idx = ops.cartesian_topk(lx, ly, k, impl="pallas", sorted=False)
+      sets = [(benchlib.tokens_in(next(keys), 4096, D), up, down,
+               jnp.exp(scores).astype(BF16), idx)]
+      cot = jax.random.normal(next(keys), (4096, D), jnp.float32)
+      for path in ("tokens", "dense"):
+        op = functools.partial(expert_ops.atomic_experts,
+                               config=expert_ops.ExpertConfig(path=path))
+        fwd, fb = guarded(f"crossover {path} N={n_experts} k={k}", lambda: (
+            timeit(jax.jit(op), sets), timeit(fwd_bwd(op, 4), [(cot,) + sets[0]]))
+        ) or (None, None)
+        record(dict(what="expert", path=path, tokens=4096, hidden=D, experts=n_experts, k=k,
+                    fwd_ms=fwd, fwd_bwd_ms=fb, chosen=expert_ops.choose_path(
+                        4096, k, n_experts)),
+               f"expert {path:6s} N={n_experts} k={k} (auto: "
+               f"{expert_ops.choose_path(4096, k, n_experts)})")
+
+  say("\n== crossover: router top-k alone (ms)")
+  kernels = dict(
+      fused=lambda lx, ly, k: router_topk.cartesian_topk(
+          lx, ly, k, config=router_topk.RouterConfig(max_kernel_k=k)),
+      threshold=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k, sorted=False),
+      threshold_sorted=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k))
+  for tokens, n_axis, ks in CROSSOVER_ROUTER:
+    for k in ks:
+      sets = [tuple(benchlib.log_probs(next(keys), tokens, n_axis) for _ in range(2))]
+      for name, fn in kernels.items():
+        fwd = guarded(f"crossover router {name} T={tokens} n={n_axis} k={k}", lambda: timeit(
+            jax.jit(functools.partial(fn, k=k)), sets))
+        record(dict(what="router", path=name, tokens=tokens, experts=n_axis ** 2, k=k,
+                    fwd_ms=fwd), f"router {name:16s} T={tokens} n={n_axis} k={k}")
+
+
 def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
   """(model, what, impl, tokens, k, with backward) in run order."""
   out = []
@@ -180,6 +250,8 @@ def main_run(args):
       f"argv {' '.join(sys.argv)}")
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"headline-{tag}.json")
+  if args.crossover:
+    return crossover(args, device, tag)
   keys = key_iter(args.seed)
   params = {}
   rows = []
@@ -195,7 +267,6 @@ def main_run(args):
     rows.append(dict(model=model, impl=impl, what=what, device=device, tokens=tokens,
                      hidden=D, experts=N, k=active_k, fwd_ms=fwd, fwd_bwd_ms=fb,
                      peak_gib=peak))
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     say(f"{label:46s} fwd {fmt(fwd, '8.3f')}  fwd+bwd {fmt(fb, '8.3f')}  "
         f"peak {fmt(peak, '6.2f')}{'  (does not fit: not run)' if peak and fwd is None else ''}")
     with open(path, "w") as f:
@@ -273,6 +344,9 @@ def main():
   parser.add_argument("--k", type=int, nargs="*", default=KS, help="OmniMoE k values")
   parser.add_argument("--peer-k", type=int, nargs="*", default=PEER_K_HEAD,
                       help=f"PEER k per head ({PEER_HEADS} heads)")
+  parser.add_argument("--crossover", action="store_true",
+                      help="instead of the sweep, time the competing expert-op paths and "
+                      "router kernels where the dispatch rules switch")
   parser.add_argument("--plot", help="draw the figure from this JSON instead of running")
   args = parser.parse_args()
   if args.plot:

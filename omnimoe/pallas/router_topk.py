@@ -48,10 +48,10 @@ from jax.experimental.pallas import triton as plt
 from omnimoe import reference
 from omnimoe.pallas import common
 
-# The fused kernel's k^3 merge overtakes the threshold search between k = 32 and 64 at
-# every size measured (H200, T = 4096 and 40960, n = 320 and 1024: experiments/RESULTS.md,
-# "Path crossover"); `--crossover` in experiments/bench_headline.py times it beyond.
-MAX_KERNEL_K = 48
+# The fused kernel's k^3 merge loses to the threshold search from k = 48 (n = 320) or 64
+# (n = 1024) on, and wins by 2.3-3.4x at k = 32 (H200, T = 4096 and 40960:
+# experiments/RESULTS.md, "Path crossover"; `--crossover` in experiments/bench_headline.py).
+MAX_KERNEL_K = 32
 MAX_KERNEL_N = 16384
 _INT_MIN = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
