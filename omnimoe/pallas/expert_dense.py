@@ -9,25 +9,29 @@ of the (token, expert) grid routed). A token-centric pass gathers two table rows
 (16.7 M pairs, ~68 GB); the expert-line kernels (`expert_lines`) tile the routed pairs
 onto tensor cores but pay row gathers, float32 atomics and an incidence build per call.
 The whole grid as two GEMMs does 4 T N d flops (1.7 TFLOP) whatever the routing, at the
-tensor cores' full rate, and the routing enters only as an elementwise mask. Measured on
-one H200 (bf16, the headline shapes, routing from the exact router;
-experiments/RESULTS.md): two bare GEMMs of these shapes 3.08 ms; this computation's
-forward 3.99 ms; `expert_lines` forward 19.5 ms (its incidence build alone 1.7 ms). So the Pallas path hands this regime to this file
+tensor cores' full rate, and the routing enters only at the routed pairs. Measured on
+one H200 (bf16, the headline shapes, routing from the exact router; experiments/
+RESULTS.md): `expert_lines` forward 19.5 ms (its incidence build alone 1.7 ms); this
+file's forward 3.96 ms with float32 (T, N) grids and a dense routing matrix, 2.96 ms as
+below (fwd+bwd 9.44 -> 9.26 ms). So the Pallas path hands this regime to this file
 (`expert_ops.choose_path`); the expert-line kernels stay selectable (`path="lines"`).
 
-Maths (G the (T, N) routing weights: pair weights scattered at (t, e), duplicate pairs
-adding up and ids outside [0, N) dropped, as in the reference):
-  forward    S = x U^T;  A = G act(S);  y = A V
-  backward   dA = dy V^T;  dS = dA G act'(S);  dx = dS U;  dU = dS^T x;  dV = A^T dy;
-             dweights[t, j] = (dA act(S))[t, e_tj]
-S is recomputed in the backward rather than stored (storing costs T N 4 bytes, the time
-of the recompute). All products take the inputs' dtype as operands (bf16 stays bf16) and
-accumulate in float32; A and dS are rounded to that dtype before their GEMMs.
+Maths (pairs (t, e_tj) with weights w_tj; duplicate pairs add up, ids outside [0, N)
+drop, as in the reference):
+  forward    S = x U^T;  A = scatter_tj(w act(S[t, e_tj]));  y = A V
+  backward   dA = dy V^T;  dS = scatter_tj(dA[t, e_tj] w act'(S[t, e_tj]));
+             dx = dS U;  dU = dS^T x;  dV = A^T dy;  dweights_tj = dA[t, e_tj] act(S[t, e_tj])
+Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed pairs and
+A and dS are scattered from them (into zero-filled grids), so the elementwise work is
+O(T k), not O(T N). The
+grids are written in the inputs' dtype (bf16 stays bf16, float32 accumulation inside the
+GEMMs; the pair values are computed in float32). S is recomputed in the backward rather
+than stored (storing costs T N elements, the time of the recompute).
 
-Memory. The (rows, N) float32 temporaries (G, S, dA, dS) are bounded by processing the
-tokens in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate
-in float32 across blocks): 2^29 elements is 2 GiB per temporary, one block for the
-headline's 4096 tokens, four for 16,384.
+Memory. The (rows, N) temporaries (S, A, dA, dS) are bounded by processing the tokens in
+blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
+across blocks): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
+four for 16,384.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  max_block_elements: int = 2 ** 29  # rows x N of one token block's float32 temporaries
+  max_block_elements: int = 2 ** 29  # rows x N of one token block's (rows, N) grids
 
 
 def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
@@ -55,13 +59,25 @@ def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
   return tokens if rows >= tokens else max(8, rows // 8 * 8)
 
 
-def _routing_matrix(weights, indices, num_experts: int):
-  """G (rows, N) float32: each pair's weight at (t, e); duplicates add, bad ids drop."""
+def _pair_ids(indices, num_experts: int):
+  """valid (rows, k), ids clamped into range for gathers, ids sent past N for scatters."""
   valid = (indices >= 0) & (indices < num_experts)
-  ids = jnp.where(valid, indices, num_experts)
+  return valid, jnp.where(valid, indices, 0), jnp.where(valid, indices, num_experts)
+
+
+def _scatter_pairs(values, ids, num_experts: int, dtype):
+  """(rows, N) in dtype, zero but for each pair's value at (t, e); duplicates add and ids
+  at N drop."""
   t = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  return jnp.zeros((ids.shape[0], num_experts), F32).at[t, ids].add(
-      weights.astype(F32), mode="drop")
+  return jnp.zeros((ids.shape[0], num_experts), dtype).at[t, ids].add(
+      values.astype(dtype), mode="drop")
+
+
+def _grid_dot(a, b, dtype):
+  """a @ b with float32 accumulation, written in `dtype` (the (rows, N) grids in bf16 for
+  bf16 inputs: half the traffic of float32 grids); float32 operands in full precision."""
+  highest = lax.Precision.HIGHEST if a.dtype == F32 else None
+  return jnp.dot(a, b, preferred_element_type=dtype, precision=highest)
 
 
 def _blocks(a, rows: int, fill):
@@ -77,9 +93,12 @@ def _unblock(a, tokens: int):
 
 def _forward_block(x, up, down, weights, indices, activation):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
-  g = _routing_matrix(weights, indices, up.shape[0])
-  h = reference.ACTIVATIONS[activation](common.dot(x.astype(cdt), up.T.astype(cdt)))
-  return common.dot((g * h).astype(cdt), down.astype(cdt)).astype(x.dtype)
+  valid, safe, drop = _pair_ids(indices, up.shape[0])
+  s = _grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
+  s_pairs = jnp.take_along_axis(s, safe, axis=1).astype(F32)
+  a_pairs = jnp.where(valid, reference.ACTIVATIONS[activation](s_pairs) * weights.astype(F32), 0)
+  a = _scatter_pairs(a_pairs, drop, up.shape[0], cdt)
+  return common.dot(a, down.astype(cdt)).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -101,17 +120,19 @@ def _bwd(activation, rows, residuals, dy):
 
   def block(grads, b):
     xb, wb, ib, dyb = b
-    g = _routing_matrix(wb, ib, num_experts)
-    h, dh = common.activation_with_grad(activation, common.dot(xb.astype(cdt), up.T.astype(cdt)))
-    da = common.dot(dyb.astype(cdt), down.T.astype(cdt))
-    ds = (da * g * dh).astype(cdt)
-    a = (g * h).astype(cdt)
+    valid, safe, drop = _pair_ids(ib, num_experts)
+    s = _grid_dot(xb.astype(cdt), up.T.astype(cdt), cdt)
+    da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
+    h, dh = common.activation_with_grad(
+        activation, jnp.take_along_axis(s, safe, axis=1).astype(F32))
+    da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
+    w = wb.astype(F32)
+    a = _scatter_pairs(h * w, drop, num_experts, cdt)
+    ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt)
     dup, ddown = grads
     dup = dup + common.dot(ds.T, xb.astype(cdt))
     ddown = ddown + common.dot(a.T, dyb.astype(cdt))
-    valid = (ib >= 0) & (ib < num_experts)
-    dw = jnp.where(valid, jnp.take_along_axis(da * h, jnp.where(valid, ib, 0), axis=1), 0)
-    return (dup, ddown), (common.dot(ds, up.astype(cdt)), dw)
+    return (dup, ddown), (common.dot(ds, up.astype(cdt)), da_pairs * h)
 
   zeros = jnp.zeros(up.shape, F32)
   blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1),
