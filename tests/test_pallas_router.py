@@ -19,9 +19,9 @@ MODES = [pytest.param(True, id="interpret"),
              pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")])]
 
 
-def check_exact(lx, ly, k, interpret):
+def check_exact(lx, ly, k, interpret, config=router_topk.RouterConfig()):
   scores, idx = router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k,
-                                           interpret=interpret)
+                                           config=config, interpret=interpret)
   want_s, want_i = bf.full_topk(lx, ly, k)
   assert scores.dtype == jnp.float32 and idx.dtype == jnp.int32
   assert scores.shape == idx.shape == (lx.shape[0], k)
@@ -70,6 +70,23 @@ def test_large_k_falls_back_to_reference():
   lx, ly = bf.log_probs(rng, 4, 12), bf.log_probs(rng, 4, 12)
   k = router_topk.MAX_KERNEL_K + 2
   check_exact(lx, ly, k, interpret=True)
+
+
+def test_fused_kernel_past_its_dispatch_bound(monkeypatch):
+  """RouterConfig.max_kernel_k moves the bound (the crossover benchmark times the fused
+  kernel beyond MAX_KERNEL_K): k = MAX_KERNEL_K + 9 then runs fused, still exact."""
+  from omnimoe.pallas import router_threshold
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("dispatched to the threshold search")
+
+  monkeypatch.setattr(router_threshold, "cartesian_topk", refuse)
+  rng = np.random.default_rng(11)
+  lx, ly = bf.log_probs(rng, 5, 12, 0.25), bf.log_probs(rng, 5, 10, 0.25)
+  k = router_topk.MAX_KERNEL_K + 9
+  check_exact(lx, ly, k, True, router_topk.RouterConfig(max_kernel_k=k))
+  with pytest.raises(AssertionError, match="threshold"):
+    check_exact(lx, ly, k, True)
 
 
 def test_gradients_and_jit_through_ops():
