@@ -13,23 +13,27 @@ tensor cores' full rate, and the routing enters only at the routed pairs. Measur
 one H200 (bf16, the headline shapes, routing from the exact router; experiments/
 RESULTS.md): `expert_lines` forward 19.5 ms (its incidence build alone 1.7 ms); this
 file's forward 3.96 ms with float32 (T, N) grids and a dense routing matrix, 2.96 ms as
-below (fwd+bwd 9.44 -> 9.26 ms). So the Pallas path hands this regime to this file
-(`expert_ops.choose_path`); the expert-line kernels stay selectable (`path="lines"`).
+below (fwd+bwd 9.44 -> 9.26 ms, while the backward still recomputed S; keeping the
+pair scores instead is not yet timed on a GPU). So the Pallas path hands this regime to
+this file (`expert_ops.choose_path`); the expert-line kernels stay selectable
+(`path="lines"`).
 
 Maths (pairs (t, e_tj) with weights w_tj; duplicate pairs add up, ids outside [0, N)
 drop, as in the reference):
   forward    S = x U^T;  A = scatter_tj(w act(S[t, e_tj]));  y = A V
-  backward   dA = dy V^T;  dS = scatter_tj(dA[t, e_tj] w act'(S[t, e_tj]));
-             dx = dS U;  dU = dS^T x;  dV = A^T dy;  dweights_tj = dA[t, e_tj] act(S[t, e_tj])
-Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed pairs and
+  backward   dA = dy V^T;  dS = scatter_tj(dA[t, e_tj] w act'(S[t, e_tj]));  A again;
+             dx = dS U;  dU = dS^T x;  dV = A^T dy;
+             dweights_tj = dA[t, e_tj] act(S[t, e_tj])
+Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed pairs,
 A and dS are scattered from them (into zero-filled grids), so the elementwise work is
-O(T k), not O(T N). The
-grids are written in the inputs' dtype (bf16 stays bf16, float32 accumulation inside the
-GEMMs; the pair values are computed in float32). S is recomputed in the backward rather
-than stored (storing costs T N elements, the time of the recompute).
+O(T k), not O(T N). The grids are written in the inputs' dtype (bf16 stays bf16, float32
+accumulation inside the GEMMs; the pair values are computed in float32). The backward
+needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k float32, 67 MB at the
+headline) instead of the grid, so fwd+bwd runs six grid GEMMs (2 forward, 4 backward),
+not seven.
 
-Memory. The (rows, N) temporaries (S, A, dA, dS) are bounded by processing the tokens in
-blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
+Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
+in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
 across blocks): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
 four for 16,384.
 """
@@ -96,35 +100,40 @@ def _forward_block(x, up, down, weights, indices, activation):
   valid, safe, drop = _pair_ids(indices, up.shape[0])
   s = _grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
   s_pairs = jnp.take_along_axis(s, safe, axis=1).astype(F32)
-  a_pairs = jnp.where(valid, reference.ACTIVATIONS[activation](s_pairs) * weights.astype(F32), 0)
+  act = reference.ACTIVATIONS[activation]
+  a_pairs = jnp.where(valid, act(s_pairs) * weights.astype(F32), 0)
   a = _scatter_pairs(a_pairs, drop, up.shape[0], cdt)
-  return common.dot(a, down.astype(cdt)).astype(x.dtype)
+  return common.dot(a, down.astype(cdt)).astype(x.dtype), s_pairs
+
+
+def _forward(x, up, down, weights, indices, activation, rows):
+  """y, and the pair scores s (T, k) float32 that the backward keeps."""
+  blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1))
+  y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation),
+                       blocks)
+  return _unblock(y, x.shape[0]), _unblock(s_pairs, x.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _dense_op(x, up, down, weights, indices, activation, rows):
-  blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1))
-  y = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation), blocks)
-  return _unblock(y, x.shape[0])
+  return _forward(x, up, down, weights, indices, activation, rows)[0]
 
 
 def _fwd(x, up, down, weights, indices, activation, rows):
-  y = _dense_op(x, up, down, weights, indices, activation, rows)
-  return y, (x, up, down, weights, indices)
+  y, s_pairs = _forward(x, up, down, weights, indices, activation, rows)
+  return y, (x, up, down, weights, indices, s_pairs)
 
 
 def _bwd(activation, rows, residuals, dy):
-  x, up, down, weights, indices = residuals
+  x, up, down, weights, indices, s_pairs = residuals
   num_experts = up.shape[0]
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
 
   def block(grads, b):
-    xb, wb, ib, dyb = b
+    xb, wb, ib, sb, dyb = b
     valid, safe, drop = _pair_ids(ib, num_experts)
-    s = _grid_dot(xb.astype(cdt), up.T.astype(cdt), cdt)
     da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-    h, dh = common.activation_with_grad(
-        activation, jnp.take_along_axis(s, safe, axis=1).astype(F32))
+    h, dh = common.activation_with_grad(activation, sb)
     da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
     w = wb.astype(F32)
     a = _scatter_pairs(h * w, drop, num_experts, cdt)
@@ -136,7 +145,7 @@ def _bwd(activation, rows, residuals, dy):
 
   zeros = jnp.zeros(up.shape, F32)
   blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1),
-            _blocks(dy, rows, 0))
+            _blocks(s_pairs, rows, 0), _blocks(dy, rows, 0))
   (dup, ddown), (dx, dw) = lax.scan(block, (zeros, zeros), blocks)
   tokens = x.shape[0]
   return (_unblock(dx, tokens).astype(x.dtype), dup.astype(up.dtype),

@@ -60,11 +60,12 @@ class ExpertConfig:
 
 PATHS = ("tokens", "dense", "lines")
 # Break-even N / k of the two paths, by k: dense costs ~T N (GEMMs over the whole grid),
-# tokens ~T k c(k) where the measured per-pair cost c(k) grows with k. Measured fwd+bwd, H200, bf16, T = 4096, d = 1024 (experiments/RESULTS.md,
-# "Path crossover"): N = 4096: tokens wins at k = 16, dense at 32; N = 102400: tokens at
-# 128, dense at 160; N = 2^20: tokens at 512, dense at 2048.
-# (Measured before the dense path's grids went bf16 with pair-only elementwise work, which
-# made it 2-25 % faster: the rule errs, if anything, toward the token kernels.)
+# tokens ~T k c(k) where the measured per-pair cost c(k) grows with k. Measured fwd+bwd,
+# H200, bf16, T = 4096, d = 1024 (experiments/RESULTS.md, "Path crossover"): N = 4096:
+# tokens wins at k = 16, dense at 32; N = 102400: tokens at 128, dense at 160; N = 2^20:
+# tokens at 512, dense at 2048. (Measured before the dense path's grids went bf16 with
+# pair-only elementwise work, which made it 2-25 % faster: the rule errs, if anything,
+# toward the token kernels.)
 DENSE_BREAK_EVEN = ((64, 160), (128, 350), (None, 640))  # (k up to, N / k ratio)
 
 
