@@ -56,10 +56,21 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   rows = max(1, MAX_ELEMENTS // (min(k, lx.shape[1]) * min(k, ly.shape[1])))
   if tokens <= rows:
     return _candidate_topk(lx, ly, k)
-  lx, ly = (jnp.pad(a, ((0, -tokens % rows), (0, 0))).reshape(-1, rows, a.shape[1])
-            for a in (lx, ly))
-  scores, ids = lax.map(lambda pair: _candidate_topk(*pair, k), (lx, ly))
-  return scores.reshape(-1, k)[:tokens], ids.reshape(-1, k)[:tokens]
+  scores, ids = lax.map(lambda pair: _candidate_topk(*pair, k),
+                        (token_blocks(lx, rows, 0), token_blocks(ly, rows, 0)))
+  return unblock_tokens(scores, tokens), unblock_tokens(ids, tokens)
+
+
+def token_blocks(a: jax.Array, rows: int, fill) -> jax.Array:
+  """(T, ...) -> (ceil(T / rows), rows, ...), the last block padded with `fill`: for
+  `lax.map` / `lax.scan` over blocks of tokens that bound an intermediate's size."""
+  a = jnp.pad(a, [(0, -a.shape[0] % rows)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+  return a.reshape(-1, rows, *a.shape[1:])
+
+
+def unblock_tokens(a: jax.Array, tokens: int) -> jax.Array:
+  """The inverse of `token_blocks`: (blocks, rows, ...) -> (tokens, ...)."""
+  return a.reshape(-1, *a.shape[2:])[:tokens]
 
 
 def _candidate_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

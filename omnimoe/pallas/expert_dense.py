@@ -84,17 +84,6 @@ def _grid_dot(a, b, dtype):
   return jnp.dot(a, b, preferred_element_type=dtype, precision=highest)
 
 
-def _blocks(a, rows: int, fill):
-  """(T, ...) -> (ceil(T / rows), rows, ...), padding the last block with `fill`."""
-  pad = -a.shape[0] % rows
-  a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-  return a.reshape(-1, rows, *a.shape[1:])
-
-
-def _unblock(a, tokens: int):
-  return a.reshape(-1, *a.shape[2:])[:tokens]
-
-
 def _forward_block(x, up, down, weights, indices, activation):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   valid, safe, drop = _pair_ids(indices, up.shape[0])
@@ -108,10 +97,11 @@ def _forward_block(x, up, down, weights, indices, activation):
 
 def _forward(x, up, down, weights, indices, activation, rows):
   """y, and the pair scores s (T, k) float32 that the backward keeps."""
-  blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1))
+  blocks = [reference.token_blocks(a, rows, fill) for a, fill in
+            ((x, 0), (weights, 0), (indices, -1))]
   y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation),
                        blocks)
-  return _unblock(y, x.shape[0]), _unblock(s_pairs, x.shape[0])
+  return tuple(reference.unblock_tokens(a, x.shape[0]) for a in (y, s_pairs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -144,12 +134,12 @@ def _bwd(activation, rows, residuals, dy):
     return (dup, ddown), (common.dot(ds, up.astype(cdt)), da_pairs * h)
 
   zeros = jnp.zeros(up.shape, F32)
-  blocks = (_blocks(x, rows, 0), _blocks(weights, rows, 0), _blocks(indices, rows, -1),
-            _blocks(s_pairs, rows, 0), _blocks(dy, rows, 0))
+  blocks = [reference.token_blocks(a, rows, fill) for a, fill in
+            ((x, 0), (weights, 0), (indices, -1), (s_pairs, 0), (dy, 0))]
   (dup, ddown), (dx, dw) = lax.scan(block, (zeros, zeros), blocks)
-  tokens = x.shape[0]
-  return (_unblock(dx, tokens).astype(x.dtype), dup.astype(up.dtype),
-          ddown.astype(down.dtype), _unblock(dw, tokens).astype(weights.dtype), None)
+  dx, dw = (reference.unblock_tokens(a, x.shape[0]) for a in (dx, dw))
+  return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
+          dw.astype(weights.dtype), None)
 
 
 _dense_op.defvjp(_fwd, _bwd)
