@@ -206,11 +206,10 @@ def crossover(args, device, tag):
         fwd, fb = guarded(f"crossover {path} N={n_experts} k={k}", lambda: (
             timeit(jax.jit(op), sets), timeit(fwd_bwd(op, 4), [(cot,) + sets[0]]))
         ) or (None, None)
+        chosen = expert_ops.choose_path(4096, k, n_experts)
         record(dict(what="expert", path=path, tokens=4096, hidden=D, experts=n_experts, k=k,
-                    fwd_ms=fwd, fwd_bwd_ms=fb, chosen=expert_ops.choose_path(
-                        4096, k, n_experts)),
-               f"expert {path:6s} N={n_experts} k={k} (auto: "
-               f"{expert_ops.choose_path(4096, k, n_experts)})")
+                    fwd_ms=fwd, fwd_bwd_ms=fb, chosen=chosen),
+               f"expert {path:6s} N={n_experts} k={k} (auto: {chosen})")
 
   say("\n== crossover: router top-k alone (ms)")
   kernels = dict(

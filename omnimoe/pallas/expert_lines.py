@@ -3,9 +3,9 @@
 Reference: `omnimoe.reference.atomic_experts` (values) and its autodiff (gradients).
 Selected by `ExpertConfig(path="lines")` only: measured on one H200 at the headline
 shapes (T = 4096, k = 4096, N = 102,400, d = 1024, bf16, router ids) this op takes
-19.5 ms forward and 49.3 ms forward+backward, against 3.99 / 18.1 ms for the whole grid
-as XLA GEMMs (`expert_dense`, which `expert_ops.choose_path` picks instead); the
-incidence build alone takes 1.7 ms. The estimates below are what the design aimed at;
+19.5 ms forward and 49.3 ms forward+backward, several times the whole grid as XLA
+GEMMs (`expert_dense`, whose docstring has its figures; `expert_ops.choose_path` picks
+it instead); the incidence build alone takes 1.7 ms. The estimates below are what the design aimed at;
 closing the gap (row gathers by pointer arrays rather than TMA, 64 x 64 tiles, atomics)
 is open work.
 

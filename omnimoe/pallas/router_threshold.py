@@ -8,9 +8,9 @@ also in the reference's order; `sorted=False` returns the same set in the kernel
 
 Why not the fused kernel (`router_topk`, k <= MAX_KERNEL_K): it ranks a k_x x k_y
 candidate grid in registers, O(k n + k^3) per token; and XLA's exact `lax.top_k` over all
-N = 102,400 sums takes 29 ms at T = 4096, k = 4096 (DESIGN.md section 3b). Here no token ever holds its N
-sums; the cost is O(n log n) to sort one axis plus O(n_x log n_y) per bisection step plus
-O(k log n_x) to emit, per token.
+N = 102,400 sums takes 29 ms at T = 4096, k = 4096 (DESIGN.md section 3b). Here no token
+ever holds its N sums; the cost is O(n log n) to sort one axis plus O(n_x log n_y) per
+bisection step plus O(k log n_x) to emit, per token.
 
 Design. Outside the kernels, XLA sorts each token's ly in descending order (equal values:
 lower column id first) and keeps the column ids: one (T, n_y) row sort, no sort of the
