@@ -2,11 +2,15 @@
 
 Runs `launch.py` once per FFN kind on the same config file (fresh workdirs, same seed and
 data order) and prints a table from each run's metrics.jsonl; the first logged interval
-(compilation) is left out of the medians. With --out, every run's metrics go to one JSON
-file; `--plot FILE` draws the validation curves of such a file into a PNG beside it.
+(compilation) is left out of the medians. A `--variant NAME:A=1,B=2` run is the config's
+own FFN kind with extra overrides (an ablation), reported as NAME. With --out, every
+run's metrics go to one JSON file; `--plot FILE` draws the validation curves of such a
+file into a PNG beside it.
 
   python experiments/train_throughput.py --config configs/gpu.py --steps 150 \
       --kinds omnimoe,dense [--set train.batch_size=16 ...] [--out DIR]
+  python experiments/train_throughput.py --config configs/quality.py --kinds omnimoe \
+      --variant norm_none:model.omnimoe.router_norm=none [--variant ...]
   python experiments/train_throughput.py --plot DIR/train-runs.json
 """
 import argparse
@@ -20,11 +24,10 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(config: str, kind: str, steps: int, log_every: int, overrides: list[str]
+def run(spec: str, name: str, steps: int, log_every: int, overrides: list[str]
         ) -> tuple[list[dict], int]:
   """The run's metrics.jsonl records and its tokens per step."""
-  spec = config if kind == "omnimoe" else f"{config}:{kind}"
-  workdir = tempfile.mkdtemp(prefix=f"throughput-{kind}-")
+  workdir = tempfile.mkdtemp(prefix=f"throughput-{name}-")
   cmd = [sys.executable, os.path.join(REPO, "launch.py"), f"--config={spec}",
          f"--workdir={workdir}", f"--config.train.steps={steps}",
          f"--config.train.log_every={log_every}", f"--config.train.eval_every={steps}",
@@ -66,16 +69,25 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--log_every", type=int, default=10)
   parser.add_argument("--set", action="append", default=[], help="config override a.b=v")
+  parser.add_argument("--variant", action="append", default=[],
+                      help="NAME:a.b=v[,c.d=w]: the config's own kind with these overrides")
   args = parser.parse_args()
   if args.plot:
     return plot(args.plot)
+  plan = [(kind, args.config if kind == "omnimoe" else f"{args.config}:{kind}", args.set)
+          for kind in args.kinds.split(",") if kind]
+  for variant in args.variant:
+    name, sep, overrides = variant.partition(":")
+    if not (sep and name and overrides):
+      parser.error(f"--variant {variant!r}: expected NAME:a.b=v[,c.d=w]")
+    plan.append((name, args.config, args.set + overrides.split(",")))
   rows, runs = {}, {}
-  for kind in args.kinds.split(","):
-    records, tokens_per_step = run(args.config, kind, args.steps, args.log_every, args.set)
-    runs[kind] = records
+  for name, spec, overrides in plan:
+    records, tokens_per_step = run(spec, name, args.steps, args.log_every, overrides)
+    runs[name] = records
     train = [r for r in records if r["split"] == "train"][1:]
     val = [r for r in records if r["split"] == "val"]
-    rows[kind] = dict(
+    rows[name] = dict(
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in train),
         mfu=statistics.median(r.get("mfu") or float("nan") for r in train),
         peak_gib=max((r.get("peak_gib") or float("nan") for r in train), default=float("nan")),

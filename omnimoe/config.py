@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.lr = 3e-3
   config.train.warmup_steps = 10
   config.train.weight_decay = 0.1
+  config.train.expert_lr_scale = 1.0  # learning-rate factor of the atomic expert tables
   config.train.grad_clip = 1.0
   config.train.z_loss = 1e-4
   config.train.seed = 0

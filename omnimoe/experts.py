@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from omnimoe import expert_parallel, ops
 
+BANK_NAME = "experts"  # the name every FFN layer gives its AtomicExpertBank
+
 
 class AtomicExpertBank(nn.Module):
   """`y_t = sum_k act(<x_t, U[e_tk]>) * g_tk * V[e_tk]` over N single-neuron experts.

@@ -18,7 +18,7 @@ import ml_collections
 
 from omnimoe import config as config_lib
 from omnimoe import router as router_lib
-from omnimoe.experts import AtomicExpertBank
+from omnimoe.experts import BANK_NAME, AtomicExpertBank
 
 
 def no_aux() -> dict:
@@ -90,7 +90,7 @@ class OmniMoELayer(nn.Module):
         self.num_experts, self.top_k, self.routing_weights, self.router_norm, self.impl,
         self.param_dtype, name="router")(tokens, train=train)
     routed = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
-                              self.param_dtype, name="experts")(tokens, weights, indices)
+                              self.param_dtype, name=BANK_NAME)(tokens, weights, indices)
     shared = SharedMLP(self.shared_ffn_dim, self.dtype, self.param_dtype, name="shared_mlp")(x)
     return shared + routed.reshape(x.shape), routed_aux(stats["load"], stats["entropy"])
 
@@ -206,7 +206,7 @@ class PEERLayer(nn.Module):
     weights = weights.reshape(t, self.num_heads * self.top_k)
     indices = indices.reshape(t, self.num_heads * self.top_k)
     y = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
-                         self.param_dtype, name="experts")(tokens, weights, indices)
+                         self.param_dtype, name=BANK_NAME)(tokens, weights, indices)
     load = router_lib.expert_load(indices, self.num_experts)
     return y.reshape(x.shape), routed_aux(load, router_lib.grid_entropy(lx, ly))
 

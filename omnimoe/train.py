@@ -43,6 +43,7 @@ from omnimoe import data as data_lib
 from omnimoe import metrics as metrics_lib
 from omnimoe import sharding
 from omnimoe.config import ConfigError
+from omnimoe.experts import BANK_NAME
 from omnimoe.model import build_model
 
 FINAL_LR_FRACTION = 0.1  # the cosine ends at this fraction of train.lr
@@ -69,7 +70,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
                    ("debug_nan_step", -1)):
     config_lib.check_int(t[name], f"train.{name}", lo)
   for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", True),
-                         ("z_loss", False)):
+                         ("z_loss", False), ("expert_lr_scale", True)):
     config_lib.check_number(t[name], f"train.{name}", positive)
   config_lib.check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
          f"must be < train.steps={t.steps}")
@@ -102,18 +103,29 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
 # The jitted program: init, train step, eval step, on one mesh.
 # ----------------------------------------------------------------------------------------
 
+def is_expert_table(path) -> bool:
+  """True for the atomic expert tables (U, V, gate of an `AtomicExpertBank`: OmniMoE's and
+  PEER's), the parameters that `train.expert_lr_scale` applies to."""
+  return any(getattr(key, "key", None) == BANK_NAME for key in path)
+
+
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only."""
+  """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only;
+  the atomic expert tables' updates scaled by `expert_lr_scale` (their rows see a
+  gradient only when routed to, so a larger step is a natural knob to try)."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=train_cfg.lr / max(train_cfg.warmup_steps, 1), peak_value=train_cfg.lr,
       warmup_steps=train_cfg.warmup_steps, decay_steps=train_cfg.steps,
       end_value=train_cfg.lr * FINAL_LR_FRACTION)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train_cfg.weight_decay,
-                  mask=decay_mask))
-  return tx, schedule
+  parts = [optax.clip_by_global_norm(train_cfg.grad_clip),
+           optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train_cfg.weight_decay,
+                       mask=decay_mask)]
+  if train_cfg.expert_lr_scale != 1.0:
+    table_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: is_expert_table(path), params)
+    parts.append(optax.masked(optax.scale(train_cfg.expert_lr_scale), table_mask))
+  return optax.chain(*parts), schedule
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

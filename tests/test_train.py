@@ -18,6 +18,7 @@ from omnimoe.config import ConfigError
     ("train.seq_len", 65, "train.seq_len=65: must be <= model.max_len=64"),
     ("train.warmup_steps", 12, "train.warmup_steps=12: must be < train.steps=12"),
     ("train.lr", -1.0, "train.lr=-1.0: must be > 0"),
+    ("train.expert_lr_scale", 0.0, "train.expert_lr_scale=0.0: must be > 0"),
     ("train.log_every", 0, "train.log_every=0: must be >= 1"),
     ("train.eval_steps", 0, "train.eval_steps=0: must be >= 1"),
     ("data.source", "csv", "data.source='csv': must be one of"),
@@ -116,6 +117,30 @@ def test_flops_and_peak():
   assert metrics.peak_flops(jax.devices()[0]) is None  # CPU
   fake_h100 = type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()
   assert metrics.peak_flops(fake_h100) == 989e12
+
+
+def test_expert_lr_scale_scales_only_the_expert_tables(tiny_config):
+  keys = iter(jax.random.split(jax.random.key(3), 8))
+  params = {"block_0": {"ffn": {"experts": {"up": jax.random.normal(next(keys), (9, 5)),
+                                            "down": jax.random.normal(next(keys), (9, 5))},
+                                "shared_mlp": {"w": jax.random.normal(next(keys), (5, 7))}}},
+            "norm": {"scale": jax.random.normal(next(keys), (5,))}}
+  grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+
+  def first_update(scale):
+    tiny_config.train.expert_lr_scale = scale
+    tx, _ = train.make_optimizer(tiny_config.train)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  base, scaled = first_update(1.0), first_update(3.5)
+  tables = base["block_0"]["ffn"]["experts"]
+  assert all(float(jnp.max(jnp.abs(t))) > 0 for t in jax.tree.leaves(base))
+  for name in ("up", "down"):
+    np.testing.assert_allclose(scaled["block_0"]["ffn"]["experts"][name], 3.5 * tables[name],
+                               rtol=1e-6)
+  np.testing.assert_array_equal(scaled["block_0"]["ffn"]["shared_mlp"]["w"],
+                                base["block_0"]["ffn"]["shared_mlp"]["w"])
+  np.testing.assert_array_equal(scaled["norm"]["scale"], base["norm"]["scale"])
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_config, tmp_path):
