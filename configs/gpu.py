@@ -5,9 +5,8 @@
 
 d_model 1024, 8 layers, N = 65536 atomic experts (256 x 256 grid) per layer, k = 32, shared
 SwiGLU width 4096, sequences of 1024 bytes, batch 16 (16k tokens a step): 1.2 B parameters
-in all (mostly the expert tables), 0.14 B active per token. Measured on one H100 (JAX
-0.11.2, plain AdamW step, `--config.model.omnimoe.impl=xla`): 0.20 s a step (81k tokens/s),
-47 GiB peak memory; :dense 0.07 s and 21 GiB. The loss curve is still to be measured.
+in all (mostly the expert tables), 0.14 B active per token. Tokens/s, MFU and loss against
+the dense model of equal active parameters: experiments/RESULTS.md ("Training throughput").
 """
 from omnimoe import config as config_lib
 from omnimoe import params
