@@ -25,6 +25,8 @@ width 1024, k in {512, 1024, 2048, 4096}, 1K-16K tokens: OmniMoE 6.7 ms against 
 `--crossover` instead times the competing paths where the dispatch rules switch: the expert
 op alone on the token kernels and on the dense GEMMs (N from 4096 to 2^20), and the router
 on the fused kernel and on the threshold kernels (crossover-<device>.json).
+`--router-configs` times the router's stages and the threshold search's launch parameters
+(router-configs-<device>.json; every config's output checked against the default's).
 Peak memory is XLA's accounting of each compiled program; a case whose program needs
 more than the device has is recorded with peak_gib and no time ("oom"), not run. Writes
 headline-<device>.json (one object per case: model, impl, what, device, tokens, hidden,
@@ -34,6 +36,7 @@ active parameters and against tokens (the paper's Figure 4, our figures).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -45,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib
-from experiments.benchlib import BF16, fwd_bwd, guarded, key_iter, peak_gib, say, timeit
+from experiments.benchlib import (BF16, fwd_bwd, guarded, key_iter, peak_gib, say, timeit,
+                                  timeit_unrolled)
 from omnimoe import ops, reference
 
 N_AXIS = 320
@@ -60,17 +64,20 @@ PEER_KEY_DIM = 256
 BN_EPS = 1e-5
 
 
+def scaled_normal(key, shape, fan_in):
+  return (jax.random.normal(key, shape) / np.sqrt(fan_in)).astype(BF16)
+
+
 def init(key, peer: bool):
   ks = jax.random.split(key, 7)
-  normal = lambda k, shape, fan_in: (jax.random.normal(k, shape) / np.sqrt(fan_in)).astype(BF16)
-  p = dict(up=normal(ks[0], (N, D), D), down=normal(ks[1], (N, D), D))
+  p = dict(up=scaled_normal(ks[0], (N, D), D), down=scaled_normal(ks[1], (N, D), D))
   if peer:
-    p["query"] = normal(ks[2], (D, PEER_HEADS * PEER_KEY_DIM), D)
-    p["keys"] = normal(ks[3], (2, PEER_KEY_DIM // 2, N_AXIS), PEER_KEY_DIM // 2)
+    p["query"] = scaled_normal(ks[2], (D, PEER_HEADS * PEER_KEY_DIM), D)
+    p["keys"] = scaled_normal(ks[3], (2, PEER_KEY_DIM // 2, N_AXIS), PEER_KEY_DIM // 2)
     return p
-  p.update(rx=normal(ks[2], (D, N_AXIS), D), ry=normal(ks[3], (D, N_AXIS), D),
-           wg=normal(ks[4], (D, F), D), wu=normal(ks[5], (D, F), D),
-           wd=normal(ks[6], (F, D), F))
+  p.update(rx=scaled_normal(ks[2], (D, N_AXIS), D), ry=scaled_normal(ks[3], (D, N_AXIS), D),
+           wg=scaled_normal(ks[4], (D, F), D), wu=scaled_normal(ks[5], (D, F), D),
+           wd=scaled_normal(ks[6], (F, D), F))
   return p
 
 
@@ -227,6 +234,56 @@ def crossover(args, device, tag):
                     fwd_ms=fwd), f"router {name:16s} T={tokens} n={n_axis} k={k}")
 
 
+# (n per axis, k) cases and ThresholdConfig fields swept by --router-configs.
+ROUTER_CONFIG_TOKENS = 4096
+ROUTER_CONFIG_CASES = ((320, 512), (320, 4096), (1024, 64), (1024, 512))
+THRESHOLD_GRID = ((1, 0), (1, 1), (1, 2), (1, 4), (2, 1), (2, 4))  # (block_t, num_warps)
+EMIT_GRID = ((1, 256, 4), (1, 256, 2), (1, 1024, 8), (2, 1024, 4))  # (block_t, slots, warps)
+
+
+def router_configs(args, device, tag):
+  """Router stages (gates with BatchNorm and log-softmax, column sort, threshold kernel,
+  whole unsorted top-k) and the threshold / emit launch parameters, each checked against
+  the default config's output; writes router-configs-<device>.json."""
+  from omnimoe.pallas import router_threshold as rt
+  keys = key_iter(args.seed + 2)
+  rows = []
+
+  def record(label, ms, **fields):
+    rows.append(dict(fields, device=device, tokens=ROUTER_CONFIG_TOKENS, ms=ms))
+    say(f"{label:64s} {fmt(ms, '8.4f')}")
+    with open(os.path.join(args.out, f"router-configs-{tag}.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+
+  say(f"\n== router stages and launch parameters, T={ROUTER_CONFIG_TOKENS} (ms, unrolled)")
+  for n_axis, k in ROUTER_CONFIG_CASES:
+    p = {"rx": scaled_normal(next(keys), (D, n_axis), D),
+         "ry": scaled_normal(next(keys), (D, n_axis), D)}
+    xs = [(benchlib.tokens_in(next(keys), ROUTER_CONFIG_TOKENS, D),) for _ in range(3)]
+    sets = [router_log_probs(p, *x) for x in xs]
+    gates = lambda x: router_log_probs(p, x)
+    record(f"n={n_axis} gates + BatchNorm + log-softmax", timeit_unrolled(gates, xs),
+           stage="gates", n=n_axis, k=k)
+    record(f"n={n_axis} column sort", timeit_unrolled(lambda lx, ly: rt._sort_columns(ly), sets),
+           stage="sort", n=n_axis, k=k)
+    want = rt.cartesian_topk(*sets[0], k, sorted=False)
+    grid = [("threshold", dict(block_t=b, num_warps=w)) for b, w in THRESHOLD_GRID]
+    grid += [("topk", dict(emit_block_t=b, emit_slots=sl, emit_num_warps=w))
+             for b, sl, w in EMIT_GRID]
+    for stage, fields in grid:
+      config = dataclasses.replace(rt.ThresholdConfig(), **fields)
+      if stage == "threshold":  # includes the column sort
+        fn = lambda lx, ly, c=config: rt.threshold(lx, ly, k, config=c)
+        same = True
+      else:
+        fn = lambda lx, ly, c=config: rt.cartesian_topk(lx, ly, k, sorted=False, config=c)
+        got = fn(*sets[0])
+        same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, want))
+      ms = guarded(f"router config {fields}", lambda: timeit_unrolled(fn, sets))
+      record(f"n={n_axis} k={k} {stage} {fields}{'' if same else ' DIFFERS'}", ms,
+             stage=stage, n=n_axis, k=k, same=same, **fields)
+
+
 def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
   """(model, what, impl, tokens, k, with backward) in run order."""
   out = []
@@ -251,6 +308,8 @@ def main_run(args):
   path = os.path.join(args.out, f"headline-{tag}.json")
   if args.crossover:
     return crossover(args, device, tag)
+  if args.router_configs:
+    return router_configs(args, device, tag)
   keys = key_iter(args.seed)
   params = {}
   rows = []
@@ -346,6 +405,9 @@ def main():
   parser.add_argument("--crossover", action="store_true",
                       help="instead of the sweep, time the competing expert-op paths and "
                       "router kernels where the dispatch rules switch")
+  parser.add_argument("--router-configs", action="store_true",
+                      help="instead of the sweep, time the router's stages and its "
+                      "threshold-search launch parameters")
   parser.add_argument("--plot", help="draw the figure from this JSON instead of running")
   args = parser.parse_args()
   if args.plot:

@@ -176,6 +176,11 @@ def test_bad_config_and_k():
   lx = jnp.asarray(bf.log_probs(np.random.default_rng(14), 2, 4))
   with pytest.raises(ValueError, match="power of two"):
     router_threshold.threshold(lx, lx, 3, config=router_threshold.ThresholdConfig(block_t=3))
+  with pytest.raises(ValueError, match="ThresholdConfig.num_warps must be a power of two"):
+    router_threshold.threshold(lx, lx, 3, config=router_threshold.ThresholdConfig(num_warps=3))
+  with pytest.raises(ValueError, match="ThresholdConfig.emit_num_warps must be a power"):
+    router_threshold.cartesian_topk(
+        lx, lx, 3, config=router_threshold.ThresholdConfig(emit_num_warps=6))
   with pytest.raises(ValueError, match="1 <= k <= n_x \\* n_y = 16"):
     router_threshold.cartesian_topk(lx, lx, 17)
 

@@ -50,7 +50,8 @@ the denormal mode (XLA:CPU, which runs interpret mode, flushes denormals in comp
 Scores are differentiable through `router_topk.score_jvp` (tangents gathered at the ids).
 Cost per token at n = 320, k = 4096: ~32 bisection steps x 512 padded rows x a few probes
 (9 while the bracket is wide), then k x (9 + 3) gathers to emit; the (T, k) XLA sort of
-sorted=True is extra and is what sorted=False avoids. GPU timings: pending.
+sorted=True is extra and is what sorted=False avoids. Measured stage times (one H200):
+experiments/RESULTS.md, "headline" section.
 
 Equivalent JAX code (per token; `key` = order-preserving int32 of float32):
   ly_s, col = sort ly descending (ties: lower id)          # XLA, outside the kernels
@@ -81,12 +82,24 @@ _KEY_BITS = 32  # bisection steps that close any bracket of int32 keys
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig:
-  block_t: int = 2          # tokens per program, threshold kernel
-  num_warps: int = 4
-  emit_block_t: int = 2     # tokens per program, emit kernel
-  emit_slots: int = 1024    # output slots per token per emit step (power of two)
+  """Launch parameters; 0 = chosen by size (`_threshold_launch`). The emit defaults were
+  measured best on one H200 at T = 4096, n = 320 (RESULTS.md): whole unsorted top-k
+  0.409 ms at k = 4096 against 0.439 ms for two tokens x 1024 slots a program."""
+  block_t: int = 0          # tokens per program, threshold kernel
+  num_warps: int = 0        # threshold kernel
+  emit_block_t: int = 1     # tokens per program, emit kernel
+  emit_slots: int = 256     # output slots per token per emit step (power of two)
   emit_num_warps: int = 4
   num_stages: int = 1
+
+
+def _threshold_launch(config: ThresholdConfig, n_x: int) -> tuple[int, int]:
+  """(block_t, num_warps) of the threshold kernel. Measured on one H200 (T = 4096, n = 320,
+  k in {512, 4096}, RESULTS.md): one token and one warp per program, 0.13 ms against
+  0.19 ms for two tokens on four warps. Wider grids (n_x > 512 padded rows) keep the
+  earlier (2, 4), not yet compared there."""
+  small = common.pow2(n_x) <= 512
+  return config.block_t or (1 if small else 2), config.num_warps or (1 if small else 4)
 
 
 def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -228,13 +241,14 @@ def _sort_columns(ly: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _threshold(lx, ly, lys, k: int, config: ThresholdConfig, interpret: bool):
   tokens, n_x = lx.shape
-  kernel = functools.partial(_threshold_kernel, k=k, block_t=config.block_t)
+  block_t, num_warps = _threshold_launch(config, n_x)
+  kernel = functools.partial(_threshold_kernel, k=k, block_t=block_t)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens,), jnp.float32),
                  jax.ShapeDtypeStruct((tokens,), jnp.int32),
                  jax.ShapeDtypeStruct((tokens, n_x), jnp.int32)),
-      grid=(common.cdiv(tokens, config.block_t),), num_warps=config.num_warps,
+      grid=(common.cdiv(tokens, block_t),), num_warps=num_warps,
       num_stages=config.num_stages, interpret=interpret, name="router_threshold")(lx, ly, lys)
 
 
@@ -277,9 +291,9 @@ def _check(lx: jax.Array, ly: jax.Array, k: int, config: ThresholdConfig) -> Non
   if not 1 <= k <= lx.shape[1] * ly.shape[1]:
     raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
                      f"got {k}")
-  for name in ("block_t", "emit_block_t", "emit_slots"):
+  for name in ("block_t", "emit_block_t", "emit_slots", "emit_num_warps", "num_warps"):
     value = getattr(config, name)
-    if value != common.pow2(value, 1):
+    if value != common.pow2(value, 1) and not (name in ("block_t", "num_warps") and value == 0):
       raise ValueError(f"ThresholdConfig.{name} must be a power of two, got {value}")
 
 
