@@ -111,8 +111,8 @@ def is_expert_table(path) -> bool:
 
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only;
-  the atomic expert tables' updates scaled by `expert_lr_scale` (their rows see a
-  gradient only when routed to, so a larger step is a natural knob to try)."""
+  the atomic expert tables' updates scaled by `expert_lr_scale` (x4 helped OmniMoE in the
+  quality ablations: experiments/RESULTS.md, "Ablations")."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=train_cfg.lr / max(train_cfg.warmup_steps, 1), peak_value=train_cfg.lr,
       warmup_steps=train_cfg.warmup_steps, decay_steps=train_cfg.steps,
