@@ -1,0 +1,80 @@
+"""Where a training step's time goes: whole step, forward, optimizer, per FFN kind.
+
+Builds the jitted program of `omnimoe.train.build` for a config and for other FFN kinds at
+equal active parameters (`params.ffn_variant`, what the config files' arg does), on
+synthetic tokens (no data pipeline), and times with the shared bench harness:
+  step       `train_step` (forward, backward, AdamW, parameter update), donated state;
+  forward    `eval_step` (the model's forward and the loss, no gradients);
+  optimizer  the config's optimizer update + `apply_updates` alone, on the step's state;
+  backward   what is left: step - forward - optimizer.
+A step that is slower for one kind than another at equal active parameters shows here in
+which part; experiments/RESULTS.md quotes the figures.
+
+  PYTHONPATH=. python3 experiments/train_step_breakdown.py --config configs/gpu.py \
+      --kinds omnimoe,dense [--config.train.batch_size=8 ...]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.benchlib import say, timeit
+from omnimoe import params, sharding, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu.py", "Experiment config file.")
+_KINDS = flags.DEFINE_list("kinds", ["omnimoe", "dense"], "FFN kinds at equal active "
+                           "parameters (the config's own kind and others)")
+WIDTH_MULTIPLE = 64  # matched widths rounded as the config files round them
+
+
+def breakdown(config) -> dict:
+  """ms of step, forward, optimizer and backward (the rest) for one config."""
+  train.validate(config)
+  t = config.train
+  program = train.build(config, sharding.make_mesh(config.mesh))
+  tokens = program.global_batch(jax.random.randint(
+      jax.random.key(1), (t.batch_size, t.seq_len + 1), 0, config.model.vocab_size,
+      jnp.int32))
+  state = program.init(jax.random.key(t.seed))
+  tx, _ = train.make_optimizer(t)
+  update = jax.jit(lambda s: optax.apply_updates(
+      s["params"], tx.update(s["params"], s["opt_state"], s["params"])[0]))
+  out = {"forward": timeit(program.eval_step, [(state, tokens)]),
+         "optimizer": timeit(update, [(state,)])}
+  holder = [state]
+
+  def step():
+    holder[0], metrics = program.train_step(holder[0], tokens)
+    return metrics["loss"]
+
+  out["step"] = timeit(step, [()])
+  out["backward"] = out["step"] - out["forward"] - out["optimizer"]
+  out["tokens_per_s"] = t.batch_size * t.seq_len / out["step"] * 1e3
+  return out
+
+
+def main(_) -> None:
+  say(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; argv {' '.join(sys.argv)}")
+  rows = {kind: breakdown(params.ffn_variant(copy.deepcopy(_CONFIG.value), kind,
+                                             WIDTH_MULTIPLE))
+          for kind in _KINDS.value}
+  say("| ffn | step ms | forward | backward (rest) | optimizer | tokens/s |")
+  say("| --- | ---: | ---: | ---: | ---: | ---: |")
+  for kind, r in rows.items():
+    say(f"| {kind} | {r['step']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
+        f"{r['optimizer']:.2f} | {r['tokens_per_s']:,.0f} |")
+  if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "train-step-breakdown.json"), "w") as f:
+      json.dump(dict(argv=sys.argv, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,20 @@
+"""Experiment scripts that run in seconds on the CPU do so, and print what they promise."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, SUBPROCESS_ENV
+
+
+def test_train_step_breakdown_times_each_kind(tmp_path):
+  env = dict(SUBPROCESS_ENV, PYTHONPATH=REPO, OUT=str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, "experiments/train_step_breakdown.py", "--config", "configs/tiny.py",
+       "--kinds", "omnimoe,dense", "--config.train.batch_size=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True)
+  rows = json.loads((tmp_path / "train-step-breakdown.json").read_text())["rows"]
+  assert set(rows) == {"omnimoe", "dense"}
+  for r in rows.values():
+    assert r["step"] > 0 and r["forward"] > 0 and r["optimizer"] > 0
+    assert abs(r["step"] - r["forward"] - r["optimizer"] - r["backward"]) < 1e-6
+  assert "| omnimoe |" in proc.stdout and "| dense |" in proc.stdout
