@@ -238,7 +238,10 @@ def crossover(args, device, tag):
 ROUTER_CONFIG_TOKENS = 4096
 ROUTER_CONFIG_CASES = ((320, 512), (320, 4096), (1024, 64), (1024, 512))
 THRESHOLD_GRID = ((1, 0), (1, 1), (1, 2), (1, 4), (2, 1), (2, 4))  # (block_t, num_warps)
-EMIT_GRID = ((1, 256, 4), (1, 256, 2), (1, 1024, 8), (2, 1024, 4))  # (block_t, slots, warps)
+EMIT_GRID = (  # (block_t, slots, warps, how a slot finds its row, window)
+    (1, 256, 4, "search", 64), (1, 256, 2, "search", 64), (1, 1024, 8, "search", 64),
+    (2, 1024, 4, "search", 64), (1, 256, 4, "window", 64), (1, 256, 4, "window", 32),
+    (1, 1024, 8, "window", 64))
 
 
 def router_configs(args, device, tag):
@@ -268,8 +271,9 @@ def router_configs(args, device, tag):
            stage="sort", n=n_axis, k=k)
     want = rt.cartesian_topk(*sets[0], k, sorted=False)
     grid = [("threshold", dict(block_t=b, num_warps=w)) for b, w in THRESHOLD_GRID]
-    grid += [("topk", dict(emit_block_t=b, emit_slots=sl, emit_num_warps=w))
-             for b, sl, w in EMIT_GRID]
+    grid += [("topk", dict(emit_block_t=b, emit_slots=sl, emit_num_warps=w, emit_rows=rows,
+                           emit_window=window))
+             for b, sl, w, rows, window in EMIT_GRID]
     for stage, fields in grid:
       config = dataclasses.replace(rt.ThresholdConfig(), **fields)
       if stage == "threshold":  # includes the column sort
