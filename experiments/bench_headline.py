@@ -269,20 +269,17 @@ def router_configs(args, device, tag):
            stage="gates", n=n_axis, k=k)
     record(f"n={n_axis} column sort", timeit_unrolled(lambda lx, ly: rt._sort_columns(ly), sets),
            stage="sort", n=n_axis, k=k)
-    want = rt.cartesian_topk(*sets[0], k, sorted=False)
+    stages = {"threshold": rt.threshold,  # includes the column sort
+              "topk": functools.partial(rt.cartesian_topk, sorted=False)}
+    want = {stage: fn(*sets[0], k) for stage, fn in stages.items()}
     grid = [("threshold", dict(block_t=b, num_warps=w)) for b, w in THRESHOLD_GRID]
     grid += [("topk", dict(emit_block_t=b, emit_slots=sl, emit_num_warps=w, emit_rows=rows,
                            emit_window=window))
              for b, sl, w, rows, window in EMIT_GRID]
     for stage, fields in grid:
       config = dataclasses.replace(rt.ThresholdConfig(), **fields)
-      if stage == "threshold":  # includes the column sort
-        fn = lambda lx, ly, c=config: rt.threshold(lx, ly, k, config=c)
-        same = True
-      else:
-        fn = lambda lx, ly, c=config: rt.cartesian_topk(lx, ly, k, sorted=False, config=c)
-        got = fn(*sets[0])
-        same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, want))
+      fn = lambda lx, ly, op=stages[stage], c=config: op(lx, ly, k, config=c)
+      same = all(bool(jnp.array_equal(a, b)) for a, b in zip(fn(*sets[0]), want[stage]))
       ms = guarded(f"router config {fields}", lambda: timeit_unrolled(fn, sets))
       record(f"n={n_axis} k={k} {stage} {fields}{'' if same else ' DIFFERS'}", ms,
              stage=stage, n=n_axis, k=k, same=same, **fields)
