@@ -108,8 +108,7 @@ def _pair_chunk(indices: jax.Array, d: int) -> int:
 
 def _chunks(a: jax.Array, chunk: int, fill) -> jax.Array:
   """(T, k) -> (ceil(k / chunk), T, chunk), the last chunk padded with `fill`."""
-  a = jnp.pad(a, ((0, 0), (0, -a.shape[1] % chunk)), constant_values=fill)
-  return jnp.moveaxis(a.reshape(a.shape[0], -1, chunk), 1, 0)
+  return jnp.swapaxes(token_blocks(a.T, chunk, fill), 1, 2)
 
 
 def _gathered_scores(vec, table, indices):
