@@ -8,7 +8,10 @@ temporaries, minus donated aliases), so it needs no run and no allocator reset.
 """
 from __future__ import annotations
 
+import collections
+import glob
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -49,6 +52,33 @@ def timeit_unrolled(fn, arg_sets):
   """ms per call with len(arg_sets) calls inside one jit (no dispatch gaps)."""
   many = jax.jit(lambda sets: [fn(*args) for args in sets])
   return timeit(many, [(list(arg_sets),)]) / len(arg_sets)
+
+
+def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
+  """Device time per kernel name over `calls` calls of `fn()` (a profiler trace), most
+  expensive first: [{"kernel", "ms_per_call", "launches_per_call"}], the `top` of them.
+
+  Reads the trace's device planes (GPU streams; empty on the CPU backend, which has none).
+  """
+  jax.block_until_ready(fn())
+  trace_dir = tempfile.mkdtemp(prefix="omnimoe-trace-")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(calls):
+      out = fn()
+    jax.block_until_ready(out)
+  ns, launches = collections.Counter(), collections.Counter()
+  for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:"):
+        continue
+      for line in plane.lines:
+        if line.name.startswith("XLA"):  # module / op summaries repeat the stream events
+          continue
+        for event in line.events:
+          ns[event.name] += event.duration_ns
+          launches[event.name] += 1
+  return [{"kernel": name, "ms_per_call": t / calls / 1e6,
+           "launches_per_call": launches[name] / calls} for name, t in ns.most_common(top)]
 
 
 def peak_gib(jitted, *args) -> float:

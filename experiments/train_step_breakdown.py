@@ -11,7 +11,7 @@ A step that is slower for one kind than another at equal active parameters shows
 which part; experiments/RESULTS.md quotes the figures.
 
   PYTHONPATH=. python3 experiments/train_step_breakdown.py --config configs/gpu.py \
-      --kinds omnimoe,dense [--config.train.batch_size=8 ...]
+      --kinds omnimoe,dense [--profile 40] [--config.train.batch_size=8 ...]
 """
 from __future__ import annotations
 
@@ -26,12 +26,14 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.benchlib import say, timeit
+from experiments.benchlib import kernel_times, say, timeit
 from omnimoe import params, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu.py", "Experiment config file.")
 _KINDS = flags.DEFINE_list("kinds", ["omnimoe", "dense"], "FFN kinds at equal active "
                            "parameters (the config's own kind and others)")
+_PROFILE = flags.DEFINE_integer("profile", 0, "also list this many most expensive kernels "
+                                "of each kind's step (device time, from a profiler trace)")
 WIDTH_MULTIPLE = 64  # matched widths rounded as the config files round them
 
 
@@ -56,6 +58,8 @@ def breakdown(config) -> dict:
     return metrics["loss"]
 
   out["step"] = timeit(step, [()])
+  if _PROFILE.value:
+    out["kernels"] = kernel_times(step, top=_PROFILE.value)
   out["backward"] = out["step"] - out["forward"] - out["optimizer"]
   out["tokens_per_s"] = t.batch_size * t.seq_len / out["step"] * 1e3
   return out
@@ -71,6 +75,10 @@ def main(_) -> None:
   for kind, r in rows.items():
     say(f"| {kind} | {r['step']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
         f"{r['optimizer']:.2f} | {r['tokens_per_s']:,.0f} |")
+  for kind, r in rows.items():
+    for kernel in r.get("kernels", []):
+      say(f"{kind:8s} {kernel['ms_per_call']:8.3f} ms {kernel['launches_per_call']:5.0f}x "
+          f"{kernel['kernel'][:110]}")
   if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "train-step-breakdown.json"), "w") as f:
       json.dump(dict(argv=sys.argv, rows=rows), f, indent=1)

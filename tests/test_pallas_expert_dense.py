@@ -28,13 +28,17 @@ def blocks_of(rows, n_experts):
     (37, 96, 100, 25, 8, jnp.float32),     # blocks of 8 rows, the last one padded
     (37, 96, 9, 1, 16, jnp.float32),       # k = 1, N = 9
     (21, 64, 300, 40, 8, jnp.bfloat16),
+    (21, 64, 300, 40, 0, jnp.bfloat16),    # one block: dU, dV written in bf16 by the GEMMs
 ])
 def test_values_and_gradients(tokens, d, n_experts, k, rows, dtype):
   rng = np.random.default_rng(tokens + d + k + rows)
   args, idx, dy = expert_inputs(rng, tokens, d, n_experts, k, dtype)
   idx[0, :] = idx[1, 0]  # a token taking one expert k times, shared with another token
   config = blocks_of(rows, n_experts) if rows else DENSE
-  check_against_brute_force(args, idx, dy, True, config, TOL[dtype])
+  # Token 0's k equal pairs add up in the grid's dtype: k bf16 roundings in one sum, up to
+  # ~1.1e-2 over seeds (median 3e-3), so bf16 gets twice the per-dtype bound here.
+  tol = TOL[dtype] * (2 if dtype == jnp.bfloat16 else 1)
+  check_against_brute_force(args, idx, dy, True, config, tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

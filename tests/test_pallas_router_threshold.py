@@ -100,20 +100,6 @@ def test_other_launch_shapes(interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("tokens,n_x,n_y,k,quantum,block_t,window", [
-    (3, 320, 320, 4096, None, 1, 64), (5, 10, 10, 100, 0.125, 2, 4),  # k = N, ties
-    (4, 17, 17, 72, None, 1, 2), (3, 9, 20, 45, 0.5, 4, 8), (2, 32, 16, 512, None, 1, 16)])
-def test_window_emit(tokens, n_x, n_y, k, quantum, block_t, window, interpret):
-  """emit_rows='window': the same outputs; small windows and 16-slot steps make a step span
-  several windows, and rows with nothing kept sit inside a window."""
-  rng = np.random.default_rng(tokens * 100 + k)
-  lx, ly = bf.log_probs(rng, tokens, n_x, quantum), bf.log_probs(rng, tokens, n_y, quantum)
-  config = router_threshold.ThresholdConfig(emit_rows="window", emit_window=window,
-                                            emit_block_t=block_t, emit_slots=16)
-  check_exact(lx, ly, k, interpret, sorted_too=False, config=config)
-
-
-@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("n_x,n_y,k", [(10, 17, 41), (17, 10, 91), (32, 32, 500)])
 def test_sums_that_round_together(n_x, n_y, k, interpret):
   rng = np.random.default_rng(n_x * n_y + k)
@@ -195,24 +181,16 @@ def test_bad_config_and_k():
   with pytest.raises(ValueError, match="ThresholdConfig.emit_num_warps must be a power"):
     router_threshold.cartesian_topk(
         lx, lx, 3, config=router_threshold.ThresholdConfig(emit_num_warps=6))
-  with pytest.raises(ValueError, match="ThresholdConfig.emit_window must be a power"):
-    router_threshold.cartesian_topk(
-        lx, lx, 3, config=router_threshold.ThresholdConfig(emit_rows="window", emit_window=24))
-  with pytest.raises(ValueError, match="emit_rows must be 'search' or 'window', got 'scan'"):
-    router_threshold.cartesian_topk(
-        lx, lx, 3, config=router_threshold.ThresholdConfig(emit_rows="scan"))
   with pytest.raises(ValueError, match="1 <= k <= n_x \\* n_y = 16"):
     router_threshold.cartesian_topk(lx, lx, 17)
 
 
-@pytest.mark.parametrize("emit_rows", ["search", "window"])
 @pytest.mark.parametrize("block_t,n_x,n_y,k", [
     (2, 320, 320, 4096), (1, 10, 17, 129), (4, 6, 9, 54)])
-def test_kernels_lower_to_triton(block_t, n_x, n_y, k, emit_rows):
+def test_kernels_lower_to_triton(block_t, n_x, n_y, k):
   """Both kernels lower to Triton IR for CUDA, which runs on CPU too: catches what interpret
   mode accepts and the Triton lowering lacks (e.g. slicing a register array)."""
-  config = router_threshold.ThresholdConfig(block_t=block_t, emit_block_t=block_t,
-                                            emit_rows=emit_rows)
+  config = router_threshold.ThresholdConfig(block_t=block_t, emit_block_t=block_t)
   shapes = [jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)]
   triton = "__gpu$xla.gpu.triton"
   for kernels, fn in [(2, lambda a, b: router_threshold.cartesian_topk(
@@ -226,11 +204,9 @@ def test_kernels_lower_to_triton(block_t, n_x, n_y, k, emit_rows):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("emit_rows", ["search", "window"])
 @pytest.mark.parametrize("k,quantum", [(512, None), (4096, None), (4096, 0.0625)])
-def test_headline_grid_on_gpu(k, quantum, emit_rows):
-  """N = 320^2, k = 512 / 4096, 67 tokens."""
+def test_headline_grid_on_gpu(k, quantum):
+  """N = 320^2, k = 512 / 4096, 67 tokens (two-token programs with a ragged end)."""
   rng = np.random.default_rng(k)
   lx, ly = bf.log_probs(rng, 67, 320, quantum), bf.log_probs(rng, 67, 320, quantum)
-  check_exact(lx, ly, k, interpret=False,
-              config=router_threshold.ThresholdConfig(emit_rows=emit_rows))
+  check_exact(lx, ly, k, interpret=False)

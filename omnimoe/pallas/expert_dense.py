@@ -28,14 +28,15 @@ drop, as in the reference):
 Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed pairs,
 A and dS are scattered from them (into zero-filled grids), so the elementwise work is
 O(T k), not O(T N). The grids are written in the inputs' dtype (bf16 stays bf16, float32
-accumulation inside the GEMMs; the pair values are computed in float32). The backward
+accumulation inside the GEMMs; the pair values are computed in float32; duplicate pairs,
+which the router never makes, add up in the grid's dtype). The backward
 needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k float32, 67 MB at the
 headline) instead of the grid, so fwd+bwd runs six grid GEMMs (2 forward, 4 backward),
 not seven.
 
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
 in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
-across blocks): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
+across blocks; with one block they leave the GEMMs in the tables' dtype): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
 four for 16,384.
 """
 from __future__ import annotations
@@ -115,29 +116,41 @@ def _fwd(x, up, down, weights, indices, activation, rows):
   return y, (x, up, down, weights, indices, s_pairs)
 
 
+def _backward_block(b, up, down, activation, cdt):
+  """One token block's grids and per-token gradients: (dS, A), (dx, dweights)."""
+  xb, wb, ib, sb, dyb = b
+  num_experts = up.shape[0]
+  valid, safe, drop = _pair_ids(ib, num_experts)
+  da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
+  h, dh = common.activation_with_grad(activation, sb)
+  da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
+  w = wb.astype(F32)
+  a = _scatter_pairs(h * w, drop, num_experts, cdt)
+  ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt)
+  return (ds, a), (common.dot(ds, up.astype(cdt)), da_pairs * h)
+
+
 def _bwd(activation, rows, residuals, dy):
   x, up, down, weights, indices, s_pairs = residuals
-  num_experts = up.shape[0]
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
-
-  def block(grads, b):
-    xb, wb, ib, sb, dyb = b
-    valid, safe, drop = _pair_ids(ib, num_experts)
-    da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-    h, dh = common.activation_with_grad(activation, sb)
-    da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
-    w = wb.astype(F32)
-    a = _scatter_pairs(h * w, drop, num_experts, cdt)
-    ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt)
-    dup, ddown = grads
-    dup = dup + common.dot(ds.T, xb.astype(cdt))
-    ddown = ddown + common.dot(a.T, dyb.astype(cdt))
-    return (dup, ddown), (common.dot(ds, up.astype(cdt)), da_pairs * h)
-
-  zeros = jnp.zeros(up.shape, F32)
   blocks = [reference.token_blocks(a, rows, fill) for a, fill in
             ((x, 0), (weights, 0), (indices, -1), (s_pairs, 0), (dy, 0))]
-  (dup, ddown), (dx, dw) = lax.scan(block, (zeros, zeros), blocks)
+  if blocks[0].shape[0] == 1:
+    # One block: dU, dV leave the GEMMs in the tables' dtype (float32 accumulation inside),
+    # skipping a float32 (N, d) accumulator and its cast (~2.5 GB of traffic at the headline).
+    (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, activation, cdt)
+    dup = _grid_dot(ds.T, blocks[0][0].astype(cdt), up.dtype)
+    ddown = _grid_dot(a.T, blocks[4][0].astype(cdt), down.dtype)
+    dx, dw = (p[None] for p in per_token)
+  else:
+    def block(grads, b):
+      (ds, a), per_token = _backward_block(b, up, down, activation, cdt)
+      dup, ddown = grads
+      return (dup + common.dot(ds.T, b[0].astype(cdt)),
+              ddown + common.dot(a.T, b[4].astype(cdt))), per_token
+
+    zeros = jnp.zeros(up.shape, F32)
+    (dup, ddown), (dx, dw) = lax.scan(block, (zeros, zeros), blocks)
   dx, dw = (reference.unblock_tokens(a, x.shape[0]) for a in (dx, dw))
   return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
           dw.astype(weights.dtype), None)

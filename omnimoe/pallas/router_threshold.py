@@ -40,11 +40,6 @@ rows (rows stay in id order, which is what the tie rule and the emit order need)
      binary search over `ends` (log2(n_x) gathers) and reads its column at sorted position
      o - start(row); the cut row's kept ties are scattered to their slots instead (their
      sorted positions are not a prefix), by a cumsum over that row.
-     `emit_rows='window'` finds the rows differently: one step's slots span a few
-     consecutive rows r0..r1 (two searches per token, not one per slot), and each slot
-     counts the ends among them that it passes, `emit_window` rows at a time, in
-     registers: ~4 gathers a slot instead of ~13. Same outputs (tested); its GPU time is
-     not yet measured, so 'search' stays the default.
 Kernel order (sorted=False), deterministic: rows i ascending; within a row, descending
 ly (so non-increasing score), equal ly by ascending column id. sorted=True finishes with
 an XLA sort of the (T, k) result by (score descending, id ascending).
@@ -89,24 +84,22 @@ _KEY_BITS = 32  # bisection steps that close any bracket of int32 keys
 class ThresholdConfig:
   """Launch parameters; 0 = chosen by size (`_threshold_launch`). The emit defaults were
   measured best on one H200 at T = 4096, n = 320 (RESULTS.md): whole unsorted top-k
-  0.409 ms at k = 4096 against 0.439 ms for two tokens x 1024 slots a program."""
+  0.344 ms at k = 4096, the other launches tried 0.339-0.372 ms (within the spread)."""
   block_t: int = 0          # tokens per program, threshold kernel
   num_warps: int = 0        # threshold kernel
   emit_block_t: int = 1     # tokens per program, emit kernel
   emit_slots: int = 256     # output slots per token per emit step (power of two)
   emit_num_warps: int = 4
-  emit_rows: str = "search"  # how a slot finds its row: 'search' | 'window' (below)
-  emit_window: int = 64     # rows compared per step with emit_rows='window' (power of two)
   num_stages: int = 1
 
 
 def _threshold_launch(config: ThresholdConfig, n_x: int) -> tuple[int, int]:
-  """(block_t, num_warps) of the threshold kernel. Measured on one H200 (T = 4096, n = 320,
-  k in {512, 4096}, RESULTS.md): one token and one warp per program, 0.13 ms against
-  0.19 ms for two tokens on four warps. Wider grids (n_x > 512 padded rows) keep the
-  earlier (2, 4), not yet compared there."""
+  """(block_t, num_warps) of the threshold kernel: one token a program, on one warp where
+  a token's rows pad to <= 512, else two. Measured on one H200 (T = 4096, RESULTS.md):
+  n = 320, 0.19 ms with the column sort against 0.23-0.25 ms for 2-4 warps or 2 tokens;
+  n = 1024, 0.52-0.56 ms against 0.55-0.59 ms for two tokens on four warps."""
   small = common.pow2(n_x) <= 512
-  return config.block_t or (1 if small else 2), config.num_warps or (1 if small else 4)
+  return config.block_t or 1, config.num_warps or (1 if small else 2)
 
 
 def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -188,7 +181,7 @@ def _threshold_kernel(lx_ref, ly_ref, lys_ref, theta_ref, cut_ref, ends_ref, *, 
 
 
 def _emit_kernel(lx_ref, lys_ref, col_ref, theta_ref, cut_ref, ends_ref, scores_ref, idx_ref,
-                 *, k: int, block_t: int, slots: int, window: int):
+                 *, k: int, block_t: int, slots: int):
   tokens, n_x = lx_ref.shape
   n_y = lys_ref.shape[1]
   t, live, tc = common.token_block(block_t, tokens)
@@ -223,40 +216,16 @@ def _emit_kernel(lx_ref, lys_ref, col_ref, theta_ref, cut_ref, ends_ref, scores_
   slot = ties_from + jnp.cumsum(keep_count, axis=1) - 1
   store(slot, jnp.broadcast_to(r, keep.shape), pos, keep)
 
-  def row_of(slot, mask):
-    """Row of each output slot: #{i : ends[i] <= slot}, a binary search over ends."""
-    def before(p, probe):
-      ends = plt.load(ends_ref.at[tc, jnp.minimum(p, n_x - 1)], mask=probe, other=0)
-      return ends <= slot
-
-    return _search(jnp.zeros(mask.shape, jnp.int32), jnp.where(mask, n_x, 0), before)
-
-  def row_by_window(o, first, last):
-    """The same rows for the slots first..last of one step: only the rows r0 <= i < r1
-    that the step's slots span can change the count, so each slot compares against their
-    ends, `window` rows at a time, instead of searching on its own."""
-    r0 = row_of(jnp.full_like(r, first), live)
-    r1 = row_of(jnp.full_like(r, last), live)
-    rows = common.iota(window)[None, :]
-
-    def add(w, count):
-      i = r0 + w * window + rows
-      span = live & (i < r1)
-      ends = plt.load(ends_ref.at[tc, jnp.minimum(i, n_x - 1)], mask=span, other=0)
-      hit = (ends[:, None, :] <= o[:, :, None]) & span[:, None, :]
-      return count + jnp.sum(hit.astype(jnp.int32), axis=2)
-
-    steps = (jnp.max(r1 - r0) + window - 1) // window
-    return r0 + lax.fori_loop(0, steps, add, jnp.zeros((r.shape[0], slots), jnp.int32))
-
-  # Every other slot finds its row among the rows' running totals.
+  # Every other slot finds its row by binary search over the rows' running totals.
   def fill(step, carry):
     o = common.iota(slots, step * slots)[None, :]
     want = live & (o < k) & ((o < ties_from) | (o >= ties_to))
-    if window:
-      row = row_by_window(o, step * slots, jnp.minimum(step * slots + slots, k) - 1)
-    else:
-      row = row_of(o, want)
+
+    def before_o(p, probe):
+      ends = plt.load(ends_ref.at[tc, jnp.minimum(p, n_x - 1)], mask=probe, other=0)
+      return ends <= o
+
+    row = _search(jnp.zeros(want.shape, jnp.int32), jnp.where(want, n_x, 0), before_o)
     store(o, row, o - start(row, want), want)
     return carry
 
@@ -286,8 +255,7 @@ def _threshold(lx, ly, lys, k: int, config: ThresholdConfig, interpret: bool):
 def _emit(lx, lys, cols, theta, cut, ends, k: int, config: ThresholdConfig, interpret: bool):
   tokens = lx.shape[0]
   kernel = functools.partial(_emit_kernel, k=k, block_t=config.emit_block_t,
-                             slots=min(config.emit_slots, common.pow2(k)),
-                             window=config.emit_window if config.emit_rows == "window" else 0)
+                             slots=min(config.emit_slots, common.pow2(k)))
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
@@ -323,11 +291,7 @@ def _check(lx: jax.Array, ly: jax.Array, k: int, config: ThresholdConfig) -> Non
   if not 1 <= k <= lx.shape[1] * ly.shape[1]:
     raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
                      f"got {k}")
-  if config.emit_rows not in ("search", "window"):
-    raise ValueError(f"ThresholdConfig.emit_rows must be 'search' or 'window', got "
-                     f"{config.emit_rows!r}")
-  for name in ("block_t", "emit_block_t", "emit_slots", "emit_num_warps", "num_warps",
-               "emit_window"):
+  for name in ("block_t", "emit_block_t", "emit_slots", "emit_num_warps", "num_warps"):
     value = getattr(config, name)
     if value != common.pow2(value, 1) and not (name in ("block_t", "num_warps") and value == 0):
       raise ValueError(f"ThresholdConfig.{name} must be a power of two, got {value}")
