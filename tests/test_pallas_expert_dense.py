@@ -42,6 +42,16 @@ def test_values_and_gradients(tokens, d, n_experts, k, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rebuilt_grid_matches(dtype):
+  """keep_grid=False (the backward rebuilds A from the pairs) gives the kept grid's results."""
+  rng = np.random.default_rng(5)
+  args, idx, dy = expert_inputs(rng, 19, 96, 70, 9, dtype)
+  rebuilt = expert_ops.ExpertConfig(path="dense",
+                                    dense=expert_dense.DenseConfig(keep_grid=False))
+  check_against_brute_force(args, idx, dy, True, rebuilt, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_expert_in_random_order(dtype):
   """k = N: every token takes every expert once."""
   rng = np.random.default_rng(3)

@@ -22,7 +22,7 @@ this file (`expert_ops.choose_path`); the expert-line kernels stay selectable
 Maths (pairs (t, e_tj) with weights w_tj; duplicate pairs add up, ids outside [0, N)
 drop, as in the reference):
   forward    S = x U^T;  A = scatter_tj(w act(S[t, e_tj]));  y = A V
-  backward   dA = dy V^T;  dS = scatter_tj(dA[t, e_tj] w act'(S[t, e_tj]));  A again;
+  backward   dA = dy V^T;  dS = scatter_tj(dA[t, e_tj] w act'(S[t, e_tj]));  A (kept);
              dx = dS U;  dU = dS^T x;  dV = A^T dy;
              dweights_tj = dA[t, e_tj] act(S[t, e_tj])
 Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed pairs,
@@ -37,7 +37,9 @@ not seven.
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
 in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
 across blocks; with one block they leave the GEMMs in the tables' dtype): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
-four for 16,384.
+four for 16,384. With one block the forward's A is kept for the backward (`keep_grid`;
+T N elements, 0.84 GB at the headline) instead of being zero-filled and scattered again;
+`keep_grid=False` trades that memory back for the rebuild.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
   max_block_elements: int = 2 ** 29  # rows x N of one token block's (rows, N) grids
+  keep_grid: bool = True  # one token block: keep the forward's grid A for the backward
 
 
 def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
@@ -94,30 +97,34 @@ def _forward_block(x, up, down, weights, indices, activation):
   act = reference.ACTIVATIONS[activation]
   a_pairs = jnp.where(valid, act(s_pairs) * weights.astype(F32), 0)
   a = _scatter_pairs(a_pairs, drop, up.shape[0], cdt)
-  return common.dot(a, down.astype(cdt)).astype(x.dtype), s_pairs
+  return common.dot(a, down.astype(cdt)).astype(x.dtype), s_pairs, a
 
 
-def _forward(x, up, down, weights, indices, activation, rows):
-  """y, and the pair scores s (T, k) float32 that the backward keeps."""
+def _forward(x, up, down, weights, indices, activation, rows, keep):
+  """y, the pair scores s (T, k) float32 that the backward keeps, and with `keep` (all
+  tokens in one block) the grid A, else None."""
+  if keep:
+    return _forward_block(x, up, down, weights, indices, activation)
   blocks = [reference.token_blocks(a, rows, fill) for a, fill in
             ((x, 0), (weights, 0), (indices, -1))]
-  y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation),
+  y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation)[:2],
                        blocks)
-  return tuple(reference.unblock_tokens(a, x.shape[0]) for a in (y, s_pairs))
+  return (*(reference.unblock_tokens(a, x.shape[0]) for a in (y, s_pairs)), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _dense_op(x, up, down, weights, indices, activation, rows):
-  return _forward(x, up, down, weights, indices, activation, rows)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _dense_op(x, up, down, weights, indices, activation, rows, keep):
+  return _forward(x, up, down, weights, indices, activation, rows, keep)[0]
 
 
-def _fwd(x, up, down, weights, indices, activation, rows):
-  y, s_pairs = _forward(x, up, down, weights, indices, activation, rows)
-  return y, (x, up, down, weights, indices, s_pairs)
+def _fwd(x, up, down, weights, indices, activation, rows, keep):
+  y, s_pairs, a = _forward(x, up, down, weights, indices, activation, rows, keep)
+  return y, (x, up, down, weights, indices, s_pairs, a)
 
 
-def _backward_block(b, up, down, activation, cdt):
-  """One token block's grids and per-token gradients: (dS, A), (dx, dweights)."""
+def _backward_block(b, up, down, activation, cdt, a=None):
+  """One token block's grids and per-token gradients: (dS, A), (dx, dweights); A is
+  rebuilt from the pairs unless given."""
   xb, wb, ib, sb, dyb = b
   num_experts = up.shape[0]
   valid, safe, drop = _pair_ids(ib, num_experts)
@@ -125,20 +132,22 @@ def _backward_block(b, up, down, activation, cdt):
   h, dh = common.activation_with_grad(activation, sb)
   da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
   w = wb.astype(F32)
-  a = _scatter_pairs(h * w, drop, num_experts, cdt)
+  if a is None:
+    a = _scatter_pairs(h * w, drop, num_experts, cdt)
   ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt)
   return (ds, a), (common.dot(ds, up.astype(cdt)), da_pairs * h)
 
 
-def _bwd(activation, rows, residuals, dy):
-  x, up, down, weights, indices, s_pairs = residuals
+def _bwd(activation, rows, keep, residuals, dy):
+  x, up, down, weights, indices, s_pairs, kept_a = residuals
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   blocks = [reference.token_blocks(a, rows, fill) for a, fill in
             ((x, 0), (weights, 0), (indices, -1), (s_pairs, 0), (dy, 0))]
   if blocks[0].shape[0] == 1:
     # One block: dU, dV leave the GEMMs in the tables' dtype (float32 accumulation inside),
     # skipping a float32 (N, d) accumulator and its cast (~2.5 GB of traffic at the headline).
-    (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, activation, cdt)
+    (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, activation, cdt,
+                                         kept_a)
     dup = _grid_dot(ds.T, blocks[0][0].astype(cdt), up.dtype)
     ddown = _grid_dot(a.T, blocks[4][0].astype(cdt), down.dtype)
     dx, dw = (p[None] for p in per_token)
@@ -174,4 +183,5 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   if x.shape[0] == 0:
     return jnp.zeros(x.shape, x.dtype)
   rows = block_rows(x.shape[0], up.shape[0], config)
-  return _dense_op(x, up, down, weights, indices, activation, rows)
+  keep = config.keep_grid and rows == x.shape[0]
+  return _dense_op(x, up, down, weights, indices, activation, rows, keep)
