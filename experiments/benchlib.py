@@ -56,7 +56,9 @@ def timeit_unrolled(fn, arg_sets):
 
 def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
   """Device time per kernel name over `calls` calls of `fn()` (a profiler trace), most
-  expensive first: [{"kernel", "ms_per_call", "launches_per_call"}], the `top` of them.
+  expensive first: [{"kernel", "hlo_op", "ms_per_call", "launches_per_call"}], the `top`
+  of them; `hlo_op` names the HLO instruction that launched it (look it up in the
+  compiled program's text for its shapes).
 
   Reads the trace's device planes (GPU streams; empty on the CPU backend, which has none).
   """
@@ -66,7 +68,7 @@ def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
     for _ in range(calls):
       out = fn()
     jax.block_until_ready(out)
-  ns, launches = collections.Counter(), collections.Counter()
+  ns, launches, ops = collections.Counter(), collections.Counter(), {}
   for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
     for plane in jax.profiler.ProfileData.from_file(path).planes:
       if not plane.name.startswith("/device:"):
@@ -77,7 +79,8 @@ def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
         for event in line.events:
           ns[event.name] += event.duration_ns
           launches[event.name] += 1
-  return [{"kernel": name, "ms_per_call": t / calls / 1e6,
+          ops.setdefault(event.name, dict(event.stats).get("hlo_op"))
+  return [{"kernel": name, "hlo_op": ops[name], "ms_per_call": t / calls / 1e6,
            "launches_per_call": launches[name] / calls} for name, t in ns.most_common(top)]
 
 

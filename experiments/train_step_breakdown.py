@@ -8,7 +8,10 @@ synthetic tokens (no data pipeline), and times with the shared bench harness:
   optimizer  the config's optimizer update + `apply_updates` alone, on the step's state;
   backward   what is left: step - forward - optimizer.
 A step that is slower for one kind than another at equal active parameters shows here in
-which part; experiments/RESULTS.md quotes the figures.
+which part; `--profile N` lists each step's N most expensive kernels (device time from a
+profiler trace) with the HLO instruction that launched each, and writes the compiled
+steps' HLO text beside the JSON to look them up in. experiments/RESULTS.md quotes the
+figures.
 
   PYTHONPATH=. python3 experiments/train_step_breakdown.py --config configs/gpu.py \
       --kinds omnimoe,dense [--profile 40] [--config.train.batch_size=8 ...]
@@ -60,6 +63,7 @@ def breakdown(config) -> dict:
   out["step"] = timeit(step, [()])
   if _PROFILE.value:
     out["kernels"] = kernel_times(step, top=_PROFILE.value)
+    out["hlo"] = program.train_step.lower(holder[0], tokens).compile().as_text()
   out["backward"] = out["step"] - out["forward"] - out["optimizer"]
   out["tokens_per_s"] = t.batch_size * t.seq_len / out["step"] * 1e3
   return out
@@ -78,8 +82,12 @@ def main(_) -> None:
   for kind, r in rows.items():
     for kernel in r.get("kernels", []):
       say(f"{kind:8s} {kernel['ms_per_call']:8.3f} ms {kernel['launches_per_call']:5.0f}x "
-          f"{kernel['kernel'][:110]}")
+          f"{kernel['kernel'][:80]} ({kernel['hlo_op']})")
   if os.environ.get("OUT"):
+    for kind, r in rows.items():  # the compiled steps, to look the kernels' hlo_op up in
+      if "hlo" in r:
+        with open(os.path.join(os.environ["OUT"], f"train-step-{kind}.hlo.txt"), "w") as f:
+          f.write(r.pop("hlo"))
     with open(os.path.join(os.environ["OUT"], "train-step-breakdown.json"), "w") as f:
       json.dump(dict(argv=sys.argv, rows=rows), f, indent=1)
 

@@ -75,13 +75,19 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 
 
 def on_mesh(fn, mesh: jax.sharding.Mesh):
-  """`fn` called (and so traced) with `mesh` as the current mesh, scoped to the call (a
-  caller that already set it, e.g. to trace `fn` inside `jax.make_jaxpr`, keeps it)."""
-  def call(*args, **kwargs):
-    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
-      return fn(*args, **kwargs)
-    with jax.set_mesh(mesh):
-      return fn(*args, **kwargs)
+  """`fn` (a jitted function) called (and so traced) with `mesh` as the current mesh,
+  scoped to the call (a caller that already set it, e.g. to trace `fn` inside
+  `jax.make_jaxpr`, keeps it); `.lower(...)` likewise, to inspect the compiled program."""
+  def scoped(method):
+    def call(*args, **kwargs):
+      if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        return method(*args, **kwargs)
+      with jax.set_mesh(mesh):
+        return method(*args, **kwargs)
+    return call
+
+  call = scoped(fn)
+  call.lower = scoped(fn.lower)
   return call
 
 

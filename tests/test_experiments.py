@@ -19,3 +19,5 @@ def test_train_step_breakdown_times_each_kind(tmp_path):
     assert abs(r["step"] - r["forward"] - r["optimizer"] - r["backward"]) < 1e-6
     assert isinstance(r["kernels"], list)  # device kernels: none on the CPU backend
   assert "| omnimoe |" in proc.stdout and "| dense |" in proc.stdout
+  for kind in rows:  # the compiled step, to look the profiled kernels up in
+    assert "ENTRY" in (tmp_path / f"train-step-{kind}.hlo.txt").read_text()
