@@ -148,26 +148,28 @@ def device_gib() -> float:
 
 
 def run_case(model, what, impl, tokens, k, p, keys, want_bwd):
-  """(fwd_ms, fwd_bwd_ms, peak_gib) of one case; times are None where it would not fit."""
+  """(fwd_ms, fwd_bwd_ms, peak_gib, fwd_bwd_peak_gib) of one case (peaks of the forward
+  and of the fwd+bwd programs); times are None where it would not fit."""
   fn = dict(omnimoe=omnimoe_ffn, router=omnimoe_router, peer=peer_ffn)[
       "router" if what == "router" else model]
   f = jax.jit(lambda p, x: fn(p, x, k=k, impl=impl))
   xs = [(p, benchlib.tokens_in(next(keys), tokens, D)) for _ in range(2)]
   peak = peak_gib(f, *xs[0])
   if peak > 0.95 * device_gib():
-    return None, None, peak
+    return None, None, peak, None
   fwd = timeit(f, xs)
   if impl == "pallas" and what == "ffn" and tokens <= 4096:  # same numbers as plain XLA?
     other = "xla-dense" if model == "omnimoe" else "xla-gather"
     want = jax.jit(lambda p, x: fn(p, x, k=k, impl=other))(*xs[0])
     say(f"  check: pallas vs {other} relative error {benchlib.rel_err(f(*xs[0]), want):.1e}")
-  fb = None
+  fb = fb_peak = None
   if want_bwd:
     g = fwd_bwd(lambda p, x: fn(p, x, k=k, impl=impl), 2)
     cot = jax.random.normal(next(keys), (tokens, D), jnp.float32)
-    if peak_gib(g, cot, *xs[0]) <= 0.95 * device_gib():
+    fb_peak = peak_gib(g, cot, *xs[0])
+    if fb_peak <= 0.95 * device_gib():
       fb = timeit(g, [(cot,) + a for a in xs])
-  return fwd, fb, peak
+  return fwd, fb, peak, fb_peak
 
 
 # Where the paths cross. Expert op (T = 4096): (N, k values) timed on the token kernels
@@ -310,20 +312,21 @@ def main_run(args):
   keys = key_iter(args.seed)
   params = {}
   rows = []
-  say(f"\n== N={N} d={D} F={F} bf16 (ms; peak GiB)")
+  say(f"\n== N={N} d={D} F={F} bf16 (ms; peak GiB of the fwd / fwd+bwd programs)")
   for model, what, impl, tokens, k, bwd in cases(args.only, args.tokens, args.k, args.peer_k):
     if model not in params:
       params[model] = init(next(keys), model == "peer")
     active_k = k * PEER_HEADS if model == "peer" else k
     label = f"{model} {what} {impl} T={tokens} k={active_k}"
     res = guarded(label, lambda: run_case(model, what, impl, tokens, k, params[model], keys,
-                                          bwd)) or (None, None, None)
-    fwd, fb, peak = res
+                                          bwd)) or (None, None, None, None)
+    fwd, fb, peak, fb_peak = res
     rows.append(dict(model=model, impl=impl, what=what, device=device, tokens=tokens,
                      hidden=D, experts=N, k=active_k, fwd_ms=fwd, fwd_bwd_ms=fb,
-                     peak_gib=peak))
+                     peak_gib=peak, fwd_bwd_peak_gib=fb_peak))
     say(f"{label:46s} fwd {fmt(fwd, '8.3f')}  fwd+bwd {fmt(fb, '8.3f')}  "
-        f"peak {fmt(peak, '6.2f')}{'  (does not fit: not run)' if peak and fwd is None else ''}")
+        f"peak {fmt(peak, '6.2f')} / {fmt(fb_peak, '6.2f')}"
+        f"{'  (does not fit: not run)' if peak and fwd is None else ''}")
     with open(path, "w") as f:
       json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
