@@ -1,8 +1,10 @@
 """Where a training step's time goes: whole step, forward, optimizer, per FFN kind.
 
 Builds the jitted program of `omnimoe.train.build` for a config and for other FFN kinds at
-equal active parameters (`params.ffn_variant`, what the config files' arg does), on
-synthetic tokens (no data pipeline), and times with the shared bench harness:
+equal active parameters (`params.ffn_variant`, what the config files' arg does), on one
+batch reused every call (`--inputs data`: the config's first training batch, what the
+launcher's first step sees; `random`: uniform random tokens), and times with the shared
+bench harness:
   step       `train_step` (forward, backward, AdamW, parameter update), donated state;
   forward    `eval_step` (the model's forward and the loss, no gradients);
   optimizer  the config's optimizer update + `apply_updates` alone, on the step's state;
@@ -24,19 +26,22 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.benchlib import kernel_times, say, timeit
-from omnimoe import params, sharding, train
+from omnimoe import data, params, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu.py", "Experiment config file.")
 _KINDS = flags.DEFINE_list("kinds", ["omnimoe", "dense"], "FFN kinds at equal active "
                            "parameters (the config's own kind and others)")
 _PROFILE = flags.DEFINE_integer("profile", 0, "also list this many most expensive kernels "
                                 "of each kind's step (device time, from a profiler trace)")
+_INPUTS = flags.DEFINE_enum("inputs", "data", ["data", "random"], "the timed batch: the "
+                            "first training batch of the config's data, or uniform random "
+                            "tokens")
 WIDTH_MULTIPLE = 64  # matched widths rounded as the config files round them
 
 
@@ -45,9 +50,13 @@ def breakdown(config) -> dict:
   train.validate(config)
   t = config.train
   program = train.build(config, sharding.make_mesh(config.mesh))
-  tokens = program.global_batch(jax.random.randint(
-      jax.random.key(1), (t.batch_size, t.seq_len + 1), 0, config.model.vocab_size,
-      jnp.int32))
+  if _INPUTS.value == "data":
+    train_source, _ = data.splits(config.data, t.seq_len, t.batch_size)
+    batch = next(iter(data.loader(train_source, t.batch_size, seed=t.seed, shuffle=True)))
+  else:
+    batch = np.random.default_rng(1).integers(
+        0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), np.int32)
+  tokens = program.global_batch(batch)
   state = program.init(jax.random.key(t.seed))
   tx, _ = train.make_optimizer(t)
   update = jax.jit(lambda s: optax.apply_updates(

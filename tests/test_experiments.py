@@ -10,7 +10,8 @@ def test_train_step_breakdown_times_each_kind(tmp_path):
   env = dict(SUBPROCESS_ENV, PYTHONPATH=REPO, OUT=str(tmp_path))
   proc = subprocess.run(
       [sys.executable, "experiments/train_step_breakdown.py", "--config", "configs/tiny.py",
-       "--kinds", "omnimoe,dense", "--config.train.batch_size=2", "--profile", "5"],
+       "--kinds", "omnimoe,dense", "--config.train.batch_size=2", "--profile", "5",
+       "--inputs", "data"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True)
   rows = json.loads((tmp_path / "train-step-breakdown.json").read_text())["rows"]
   assert set(rows) == {"omnimoe", "dense"}
