@@ -35,12 +35,13 @@ headline) instead of the grid, so fwd+bwd runs six grid GEMMs (2 forward, 4 back
 not seven.
 
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
-in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in float32
-across blocks; with one block they leave the GEMMs in the tables' dtype): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
-four for 16,384. With one block the forward's A is kept for the backward (`keep_grid`;
-T N elements, 0.84 GB at the headline) instead of being zero-filled and scattered again;
-`keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the headline,
-whole FFN): fwd+bwd 10.50 -> 9.25 ms with A kept (RESULTS.md, run 5).
+in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in
+float32 across blocks; with one block they leave the GEMMs in the tables' dtype): 2^29
+elements (1 GiB in bf16), one block for the headline's 4096 tokens, four for 16,384.
+With one block the forward's A is kept for the backward (`keep_grid`; T N elements,
+0.84 GB at the headline) instead of being zero-filled and scattered again;
+`keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the
+headline, whole FFN): fwd+bwd 10.50 -> 9.25 ms with A kept (RESULTS.md, run 5).
 """
 from __future__ import annotations
 
