@@ -54,21 +54,10 @@ def timeit_unrolled(fn, arg_sets):
   return timeit(many, [(list(arg_sets),)]) / len(arg_sets)
 
 
-def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
-  """Device time per kernel name over `calls` calls of `fn()` (a profiler trace), most
-  expensive first: [{"kernel", "hlo_op", "ms_per_call", "launches_per_call"}], the `top`
-  of them; `hlo_op` names the HLO instruction that launched it (look it up in the
-  compiled program's text for its shapes).
-
-  Reads the trace's device planes (GPU streams; empty on the CPU backend, which has none).
-  """
-  jax.block_until_ready(fn())
-  trace_dir = tempfile.mkdtemp(prefix="omnimoe-trace-")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(calls):
-      out = fn()
-    jax.block_until_ready(out)
-  ns, launches, ops = collections.Counter(), collections.Counter(), {}
+def device_events(trace_dir: str) -> list[tuple[str, int, int, str | None]]:
+  """(kernel name, start ns, end ns, launching HLO op) of every kernel in the profiler
+  traces under `trace_dir`: the device planes' stream lines (none on the CPU backend)."""
+  events = []
   for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
     for plane in jax.profiler.ProfileData.from_file(path).planes:
       if not plane.name.startswith("/device:"):
@@ -76,12 +65,44 @@ def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
       for line in plane.lines:
         if line.name.startswith("XLA"):  # module / op summaries repeat the stream events
           continue
-        for event in line.events:
-          ns[event.name] += event.duration_ns
-          launches[event.name] += 1
-          ops.setdefault(event.name, dict(event.stats).get("hlo_op"))
+        events += [(e.name, e.start_ns, e.end_ns, dict(e.stats).get("hlo_op"))
+                   for e in line.events]
+  return events
+
+
+def kernel_table(events, *, calls: int = 1, top: int = 30) -> list[dict]:
+  """Device time per kernel name, most expensive first, per call of what was traced:
+  [{"kernel", "hlo_op", "ms_per_call", "launches_per_call"}], the `top` of them; `hlo_op`
+  names the HLO instruction that launched it (look it up in the compiled program's text)."""
+  ns, launches, ops = collections.Counter(), collections.Counter(), {}
+  for name, start, end, op in events:
+    ns[name] += end - start
+    launches[name] += 1
+    ops.setdefault(name, op)
   return [{"kernel": name, "hlo_op": ops[name], "ms_per_call": t / calls / 1e6,
            "launches_per_call": launches[name] / calls} for name, t in ns.most_common(top)]
+
+
+def busy_ms(events) -> float:
+  """ms during which at least one kernel ran (the union of the kernels' intervals)."""
+  total, reach = 0, None
+  for _, start, end, _ in sorted(events, key=lambda e: e[1]):
+    if reach is None or start > reach:
+      total, reach = total + end - start, end
+    elif end > reach:
+      total, reach = total + end - reach, end
+  return total / 1e6
+
+
+def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
+  """`kernel_table` of `calls` calls of `fn()`, traced here."""
+  jax.block_until_ready(fn())
+  trace_dir = tempfile.mkdtemp(prefix="omnimoe-trace-")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(calls):
+      out = fn()
+    jax.block_until_ready(out)
+  return kernel_table(device_events(trace_dir), calls=calls, top=top)
 
 
 def peak_gib(jitted, *args) -> float:

@@ -95,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every = 10
   config.train.eval_every = 50
   config.train.eval_steps = 4
+  config.train.profile_start = 0  # first step of a profiler trace to workdir/profile (0: none)
+  config.train.profile_steps = 5  # steps the trace covers
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "builtin"

@@ -67,7 +67,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   t, m = config.train, config.model
   for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
                    ("seed", 0), ("log_every", 1), ("eval_every", 0), ("eval_steps", 1),
-                   ("debug_nan_step", -1)):
+                   ("debug_nan_step", -1), ("profile_start", 0), ("profile_steps", 1)):
     config_lib.check_int(t[name], f"train.{name}", lo)
   for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", True),
                          ("z_loss", False), ("expert_lr_scale", True)):
@@ -302,6 +302,31 @@ def evaluate(program: Program, state, val_source, config) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
+class _ProfileWindow:
+  """A profiler trace of steps [start, start + steps) of the loop as it runs (data loading,
+  logging and all), written to `directory`; `experiments/trace_summary.py` reads it."""
+
+  def __init__(self, start: int, steps: int, directory: str):
+    self.start, self.end, self.directory, self.active = start, start + steps - 1, directory, False
+
+  def before(self, step: int) -> None:
+    if self.start and step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.end:
+      self.close(state)
+
+  def close(self, state=None) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profiler trace of steps %d-%d written to %s", self.start, self.end,
+                   self.directory)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to `train.steps` (resuming from the workdir); returns the last train metrics."""
   shape = validate(config)
@@ -343,9 +368,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stop = _StopRequest()
   interval = _Interval()
   last = {}
+  profile = _ProfileWindow(t.profile_start, t.profile_steps, os.path.join(workdir, "profile"))
   try:
     for step in range(start + 1, t.steps + 1):
+      profile.before(step)
       state, step_metrics = program.train_step(state, program.global_batch(next(train_iter)))
+      profile.after(step, state)
       interval.add(step_metrics)
       if step == start + 1:
         jax.block_until_ready(state)
@@ -385,6 +413,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         signal.Signals(stopping).name, step)
         break
   finally:
+    profile.close()
     stop.restore()
     ckpt.close()
     writer.close()

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+from experiments import benchlib
 from tests.conftest import REPO, SUBPROCESS_ENV
 
 
@@ -22,3 +23,13 @@ def test_train_step_breakdown_times_each_kind(tmp_path):
   assert "| omnimoe |" in proc.stdout and "| dense |" in proc.stdout
   for kind in rows:  # the compiled step, to look the profiled kernels up in
     assert "ENTRY" in (tmp_path / f"train-step-{kind}.hlo.txt").read_text()
+
+
+def test_trace_busy_time_and_kernel_table():
+  """Overlapping kernels count once in the busy time; the table sums per name, per call."""
+  events = [("gemm", 0, 4_000_000, "dot.1"), ("copy", 3_000_000, 5_000_000, "copy.2"),
+            ("gemm", 9_000_000, 10_000_000, "dot.1"), ("copy", 9_500_000, 9_600_000, "c.3")]
+  assert benchlib.busy_ms(events) == 6.0  # [0, 5] and [9, 10] ms
+  table = benchlib.kernel_table(events, calls=2)
+  assert [(k["kernel"], k["ms_per_call"], k["launches_per_call"], k["hlo_op"])
+          for k in table] == [("gemm", 2.5, 1.0, "dot.1"), ("copy", 1.05, 1.0, "copy.2")]

@@ -109,7 +109,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert f"SIGTERM at step {steps[0]}: checkpoint saved, stopping" in err
 
 
+def test_profile_window_writes_a_trace(tmp_path):
+  proc = run_launch(str(tmp_path), "--config.train.steps=8", "--config.train.profile_start=3",
+                    "--config.train.profile_steps=2")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert f"profiler trace of steps 3-4 written to {tmp_path}/profile" in proc.stderr
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+
+
 @pytest.mark.parametrize("override,message", [
+    ("--config.train.profile_steps=0", "train.profile_steps=0: must be >= 1"),
     ("--config.train.seq_len=1000", "train.seq_len=1000: must be <= model.max_len=64"),
     ("--config.data.path=/no/such/dir", "data.path='/no/such/dir': no such file or folder"),
 ])
