@@ -106,10 +106,12 @@ def dense_masked(x, up, down, weights, indices, activation):
   return jnp.dot(a, down, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def experts(x, p, weights, indices, impl, activation):
+def experts(x, p, weights, indices, impl, activation, unique):
+  """The routed branch; `unique`: no token lists an expert twice (OmniMoE's top-k; PEER's
+  heads may pick the same expert)."""
   if impl == "pallas":
     return ops.atomic_experts(x, p["up"], p["down"], weights, indices,
-                              activation=activation, impl="pallas")
+                              activation=activation, impl="pallas", unique_indices=unique)
   if impl == "xla-dense":
     return dense_masked(x, p["up"], p["down"], weights, indices, activation)
   return reference.atomic_experts(x, p["up"], p["down"], weights, indices, activation)
@@ -123,7 +125,7 @@ def omnimoe_ffn(p, x, *, k, impl):
   scores = (jnp.take_along_axis(lx, idx // n, axis=1)
             + jnp.take_along_axis(ly, idx % n, axis=1))
   mlp = (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
-  return mlp + experts(x, p, jnp.exp(scores), idx, impl, "silu")
+  return mlp + experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
 
 
 def omnimoe_router(p, x, *, k, impl):
@@ -139,7 +141,7 @@ def peer_ffn(p, x, *, k, impl):
                                axis=-1) for i in range(2))
   scores, idx = top_k(lx, ly, k, "pallas" if impl == "pallas" else "xla")
   weights = jax.nn.softmax(scores, axis=-1)
-  return experts(x, p, weights.reshape(t, -1), idx.reshape(t, -1), impl, "gelu")
+  return experts(x, p, weights.reshape(t, -1), idx.reshape(t, -1), impl, "gelu", unique=False)
 
 
 def device_gib() -> float:

@@ -57,5 +57,6 @@ class AtomicExpertBank(nn.Module):
       return expert_parallel.sharded_atomic_experts(
           x, up, down, weights, indices, mesh=layout.mesh, table_axes=layout.table_axes,
           batch_axes=layout.batch_axes, activation=self.activation, impl=self.impl)
+    # The router's top-k never repeats an expert within a token.
     return ops.atomic_experts(x, up, down, weights, indices, activation=self.activation,
-                              gate=gate, impl=self.impl)
+                              gate=gate, impl=self.impl, unique_indices=True)

@@ -42,8 +42,9 @@ def _check_float(name: str, a) -> None:
     raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
 
 
-def _check_indices(indices, num_experts: int) -> None:
-  """Indices must be int32; their range is checked when they are concrete."""
+def _check_indices(indices, num_experts: int, unique: bool = False) -> None:
+  """Indices must be int32; their range (and with `unique`, that no row repeats an id) is
+  checked when they are concrete."""
   if indices.dtype != jnp.int32:
     raise TypeError(f"indices must be int32, got {indices.dtype}")
   if isinstance(indices, jax.core.Tracer):
@@ -52,6 +53,11 @@ def _check_indices(indices, num_experts: int) -> None:
   if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
     raise ValueError(f"indices must lie in [0, {num_experts}); got values in "
                      f"[{idx.min()}, {idx.max()}]")
+  if unique and idx.size:
+    repeats = np.any(np.diff(np.sort(idx, axis=-1), axis=-1) == 0, axis=-1)
+    if repeats.any():
+      raise ValueError(f"unique_indices=True, but token {int(np.argmax(repeats))} lists an "
+                       f"expert more than once")
 
 
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
@@ -95,7 +101,8 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
 
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
                    indices: jax.Array, *, activation: str = "silu",
-                   gate: jax.Array | None = None, impl: str | None = None) -> jax.Array:
+                   gate: jax.Array | None = None, impl: str | None = None,
+                   unique_indices: bool = False) -> jax.Array:
   """Atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`.
 
   Args:
@@ -106,6 +113,10 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     gate: (N, d) third table, for activation "swiglu" only.
     impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). The Pallas kernels cover
       the scalar activations; "swiglu" runs on XLA (impl None) until its kernels exist.
+    unique_indices: True promises that no token lists an expert twice (the router's top-k
+      never does), so paths that scatter pairs into (T, N) grids may store instead of
+      adding (`omnimoe.pallas.expert_dense`). Checked when indices are concrete; broken
+      under jit, duplicate pairs count once instead of adding up.
   Returns:
     (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
     (and gate).
@@ -135,12 +146,13 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     _check_float("gate", gate)
     if gate.shape != up.shape:
       raise ValueError(f"gate must have the shape of up {up.shape}, got {gate.shape}")
-  _check_indices(indices, up.shape[0])
+  _check_indices(indices, up.shape[0], unique_indices)
   impl = "xla" if gate is not None and impl is None else _resolve_impl(impl)
   if impl == "pallas":
     if gate is not None:
       raise NotImplementedError("the Pallas expert kernels cover the scalar activations; "
                                 "use impl='xla' (or None) for activation 'swiglu'")
     from omnimoe.pallas import expert_ops
-    return expert_ops.atomic_experts(x, up, down, weights, indices, activation=activation)
+    return expert_ops.atomic_experts(x, up, down, weights, indices, activation=activation,
+                                     unique_indices=unique_indices)
   return reference.atomic_experts(x, up, down, weights, indices, activation, gate)

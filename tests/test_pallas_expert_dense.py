@@ -125,6 +125,27 @@ def test_choose_path_and_bad_configs():
     expert_ops.atomic_experts(*args, jnp.asarray(idx), config=blocks_of(0, 16))
 
 
+@pytest.mark.parametrize("dtype,rows", [(jnp.float32, 0), (jnp.bfloat16, 0), (jnp.float32, 8)])
+def test_unique_pairs_are_stored(dtype, rows):
+  """unique_indices=True (grids written by stores): the same results on distinct ids per
+  token, invalid ids (negative, past N) still dropped."""
+  rng = np.random.default_rng(21 + rows)
+  tokens, n_experts, k = 23, 90, 30
+  args, _, dy = expert_inputs(rng, tokens, 64, n_experts, k, dtype)
+  idx = np.stack([rng.permutation(n_experts)[:k] for _ in range(tokens)]).astype(np.int32)
+  idx[2, 3], idx[2, 5], idx[7, 0] = -1, n_experts + 7, n_experts
+  config = blocks_of(rows, n_experts) if rows else DENSE
+  check_against_brute_force(args, idx, dy, True, config, TOL[dtype], unique=True)
+
+
+def test_unique_indices_promise_is_checked():
+  rng = np.random.default_rng(3)
+  args, idx, _ = expert_inputs(rng, 6, 32, 64, 8)
+  idx[4, 6] = idx[4, 1]
+  with pytest.raises(ValueError, match="unique_indices=True, but token 4 lists an expert"):
+    ops.atomic_experts(*args, jnp.asarray(idx), impl="pallas", unique_indices=True)
+
+
 def test_public_op_reaches_the_dense_path():
   """ops.atomic_experts(impl="pallas") with k a sizeable fraction of N runs the dense
   path (same numbers as the reference)."""

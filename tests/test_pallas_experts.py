@@ -29,9 +29,10 @@ def expert_inputs(rng, tokens, d, n_experts, k, dtype=jnp.float32):
   return [jnp.asarray(a, dtype) for a in (x, up, down, w)], idx, jnp.asarray(dy, dtype)
 
 
-def check_against_brute_force(args, idx, dy, interpret, config, tol):
+def check_against_brute_force(args, idx, dy, interpret, config, tol, unique=False):
   """Value and all four gradients of the silu op against float64 per-pair loops."""
-  f = functools.partial(expert_ops.atomic_experts, config=config, interpret=interpret)
+  f = functools.partial(expert_ops.atomic_experts, config=config, interpret=interpret,
+                        unique_indices=unique)
   y, vjp = jax.vjp(lambda *a: f(*a, jnp.asarray(idx)), *args)
   grads = vjp(dy)
   assert y.dtype == args[0].dtype and y.shape == args[0].shape

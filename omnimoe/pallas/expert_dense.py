@@ -29,7 +29,9 @@ Only the GEMMs touch the whole (T, N) grid: S and dA are read at the T k routed 
 A and dS are scattered from them (into zero-filled grids), so the elementwise work is
 O(T k), not O(T N). The grids are written in the inputs' dtype (bf16 stays bf16, float32
 accumulation inside the GEMMs; the pair values are computed in float32; duplicate pairs,
-which the router never makes, add up in the grid's dtype). The backward
+which the router never makes, add up in the grid's dtype). Callers that pass the router's
+ids promise `unique_indices`, and A and dS are then scattered with stores instead of
+atomic adds (not yet timed). The backward
 needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k float32, 67 MB at the
 headline) instead of the grid, so fwd+bwd runs six grid GEMMs (2 forward, 4 backward),
 not seven.
@@ -70,18 +72,32 @@ def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
   return tokens if rows >= tokens else max(8, rows // 8 * 8)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The static choices of one call: activation, tokens per block, whether the forward's
+  grid A is kept (one block), and whether pairs are unique per token (stores, not adds)."""
+  activation: str
+  rows: int
+  keep: bool
+  unique: bool
+
+
 def _pair_ids(indices, num_experts: int):
-  """valid (rows, k), ids clamped into range for gathers, ids sent past N for scatters."""
+  """valid (rows, k), ids clamped into range for gathers, and ids for scatters where an
+  invalid pair's id is sent past N (N + its slot, so that they stay distinct and drop)."""
   valid = (indices >= 0) & (indices < num_experts)
-  return valid, jnp.where(valid, indices, 0), jnp.where(valid, indices, num_experts)
+  past = num_experts + lax.broadcasted_iota(jnp.int32, indices.shape, 1)
+  return valid, jnp.where(valid, indices, 0), jnp.where(valid, indices, past)
 
 
-def _scatter_pairs(values, ids, num_experts: int, dtype):
-  """(rows, N) in dtype, zero but for each pair's value at (t, e); duplicates add and ids
-  at N drop."""
+def _scatter_pairs(values, ids, num_experts: int, dtype, unique: bool):
+  """(rows, N) in dtype, zero but for each pair's value at (t, e); ids past N drop.
+  Duplicates add up, unless `unique` promises there are none: then plain stores."""
   t = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  return jnp.zeros((ids.shape[0], num_experts), dtype).at[t, ids].add(
-      values.astype(dtype), mode="drop")
+  grid = jnp.zeros((ids.shape[0], num_experts), dtype).at[t, ids]
+  if unique:
+    return grid.set(values.astype(dtype), mode="drop", unique_indices=True)
+  return grid.add(values.astype(dtype), mode="drop")
 
 
 def _grid_dot(a, b, dtype):
@@ -91,71 +107,71 @@ def _grid_dot(a, b, dtype):
   return jnp.dot(a, b, preferred_element_type=dtype, precision=highest)
 
 
-def _forward_block(x, up, down, weights, indices, activation):
+def _forward_block(x, up, down, weights, indices, plan: _Plan):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   valid, safe, drop = _pair_ids(indices, up.shape[0])
   s = _grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
   s_pairs = jnp.take_along_axis(s, safe, axis=1).astype(F32)
-  act = reference.ACTIVATIONS[activation]
+  act = reference.ACTIVATIONS[plan.activation]
   a_pairs = jnp.where(valid, act(s_pairs) * weights.astype(F32), 0)
-  a = _scatter_pairs(a_pairs, drop, up.shape[0], cdt)
+  a = _scatter_pairs(a_pairs, drop, up.shape[0], cdt, plan.unique)
   return common.dot(a, down.astype(cdt)).astype(x.dtype), s_pairs, a
 
 
-def _forward(x, up, down, weights, indices, activation, rows, keep):
-  """y, the pair scores s (T, k) float32 that the backward keeps, and with `keep` (all
-  tokens in one block) the grid A, else None."""
-  if keep:
-    return _forward_block(x, up, down, weights, indices, activation)
-  blocks = [reference.token_blocks(a, rows, fill) for a, fill in
+def _forward(x, up, down, weights, indices, plan: _Plan):
+  """y, the pair scores s (T, k) float32 that the backward keeps, and with `plan.keep`
+  (all tokens in one block) the grid A, else None."""
+  if plan.keep:
+    return _forward_block(x, up, down, weights, indices, plan)
+  blocks = [reference.token_blocks(a, plan.rows, fill) for a, fill in
             ((x, 0), (weights, 0), (indices, -1))]
-  y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], activation)[:2],
+  y, s_pairs = lax.map(lambda b: _forward_block(b[0], up, down, b[1], b[2], plan)[:2],
                        blocks)
   return (*(reference.unblock_tokens(a, x.shape[0]) for a in (y, s_pairs)), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _dense_op(x, up, down, weights, indices, activation, rows, keep):
-  return _forward(x, up, down, weights, indices, activation, rows, keep)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _dense_op(x, up, down, weights, indices, plan):
+  return _forward(x, up, down, weights, indices, plan)[0]
 
 
-def _fwd(x, up, down, weights, indices, activation, rows, keep):
-  y, s_pairs, a = _forward(x, up, down, weights, indices, activation, rows, keep)
+def _fwd(x, up, down, weights, indices, plan):
+  y, s_pairs, a = _forward(x, up, down, weights, indices, plan)
   return y, (x, up, down, weights, indices, s_pairs, a)
 
 
-def _backward_block(b, up, down, activation, cdt, a=None):
+def _backward_block(b, up, down, plan: _Plan, cdt, a=None):
   """One token block's grids and per-token gradients: (dS, A), (dx, dweights); A is
   rebuilt from the pairs unless given."""
   xb, wb, ib, sb, dyb = b
   num_experts = up.shape[0]
   valid, safe, drop = _pair_ids(ib, num_experts)
   da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-  h, dh = common.activation_with_grad(activation, sb)
+  h, dh = common.activation_with_grad(plan.activation, sb)
   da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
   w = wb.astype(F32)
   if a is None:
-    a = _scatter_pairs(h * w, drop, num_experts, cdt)
-  ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt)
+    a = _scatter_pairs(h * w, drop, num_experts, cdt, plan.unique)
+  ds = _scatter_pairs(da_pairs * w * dh, drop, num_experts, cdt, plan.unique)
   return (ds, a), (common.dot(ds, up.astype(cdt)), da_pairs * h)
 
 
-def _bwd(activation, rows, keep, residuals, dy):
+def _bwd(plan, residuals, dy):
   x, up, down, weights, indices, s_pairs, kept_a = residuals
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
-  blocks = [reference.token_blocks(a, rows, fill) for a, fill in
+  blocks = [reference.token_blocks(a, plan.rows, fill) for a, fill in
             ((x, 0), (weights, 0), (indices, -1), (s_pairs, 0), (dy, 0))]
   if blocks[0].shape[0] == 1:
     # One block: dU, dV leave the GEMMs in the tables' dtype (float32 accumulation inside),
     # skipping a float32 (N, d) accumulator and its cast (~2.5 GB of traffic at the headline).
-    (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, activation, cdt,
+    (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, plan, cdt,
                                          kept_a)
     dup = _grid_dot(ds.T, blocks[0][0].astype(cdt), up.dtype)
     ddown = _grid_dot(a.T, blocks[4][0].astype(cdt), down.dtype)
     dx, dw = (p[None] for p in per_token)
   else:
     def block(grads, b):
-      (ds, a), per_token = _backward_block(b, up, down, activation, cdt)
+      (ds, a), per_token = _backward_block(b, up, down, plan, cdt)
       dup, ddown = grads
       return (dup + common.dot(ds.T, b[0].astype(cdt)),
               ddown + common.dot(a.T, b[4].astype(cdt))), per_token
@@ -172,11 +188,14 @@ _dense_op.defvjp(_fwd, _bwd)
 
 def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
                          indices: jax.Array, *, activation: str = "silu",
-                         config: DenseConfig = DenseConfig()) -> jax.Array:
+                         config: DenseConfig = DenseConfig(),
+                         unique_indices: bool = False) -> jax.Array:
   """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
-  [0, N) contribute nothing, duplicate pairs add up. Differentiable in x, up, down and
+  [0, N) contribute nothing, duplicate pairs add up (count once if `unique_indices`
+  promised there were none: the grids are then written by stores, not atomic adds).
+  Differentiable in x, up, down and
   weights; gradients in the dtypes of their inputs, accumulated in float32. Costs
   4 T N d flops forward whatever k: for the dense regime only (`expert_ops.choose_path`).
   """
@@ -185,5 +204,5 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   if x.shape[0] == 0:
     return jnp.zeros(x.shape, x.dtype)
   rows = block_rows(x.shape[0], up.shape[0], config)
-  keep = config.keep_grid and rows == x.shape[0]
-  return _dense_op(x, up, down, weights, indices, activation, rows, keep)
+  plan = _Plan(activation, rows, config.keep_grid and rows == x.shape[0], unique_indices)
+  return _dense_op(x, up, down, weights, indices, plan)

@@ -136,13 +136,15 @@ _atomic_experts.defvjp(_fwd, _bwd)
 def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
                    indices: jax.Array, *, activation: str = "silu",
                    config: ExpertConfig = ExpertConfig(),
-                   interpret: bool | None = None) -> jax.Array:
+                   interpret: bool | None = None, unique_indices: bool = False) -> jax.Array:
   """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
   [0, N) contribute nothing. Differentiable in x, up, down and weights. `config.path`
   picks the token-centric kernels here, the dense-regime GEMMs of `expert_dense` or the
   expert-line kernels of `expert_lines` ("auto": `choose_path` on T, k and N).
+  `unique_indices` (no token lists an expert twice) lets the dense path store its grids'
+  pairs instead of adding them; the other paths need no such promise.
   """
   path = config.path
   if path == "auto":
@@ -151,7 +153,8 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     raise ValueError(f"config.path must be 'auto' or one of {PATHS}, got {path!r}")
   if path == "dense":
     return expert_dense.atomic_experts_dense(x, up, down, weights, indices,
-                                             activation=activation, config=config.dense)
+                                             activation=activation, config=config.dense,
+                                             unique_indices=unique_indices)
   if path == "lines":
     return expert_lines.atomic_experts_lines(x, up, down, weights, indices,
                                              activation=activation, config=config.lines,
