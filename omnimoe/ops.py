@@ -115,8 +115,9 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
       the scalar activations; "swiglu" runs on XLA (impl None) until its kernels exist.
     unique_indices: True promises that no token lists an expert twice (the router's top-k
       never does), so paths that scatter pairs into (T, N) grids may store instead of
-      adding (`omnimoe.pallas.expert_dense`). Checked when indices are concrete; broken
-      under jit, duplicate pairs count once instead of adding up.
+      adding (`omnimoe.pallas.expert_dense`). Checked when indices are concrete; if it
+      is broken under jit, the repeated pairs' contribution is undefined (as with
+      `jnp.ndarray.at[...].set(..., unique_indices=True)`).
   Returns:
     (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
     (and gate).

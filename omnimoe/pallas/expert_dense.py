@@ -193,7 +193,7 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
-  [0, N) contribute nothing, duplicate pairs add up (count once if `unique_indices`
+  [0, N) contribute nothing, duplicate pairs add up (undefined if `unique_indices`
   promised there were none: the grids are then written by stores, not atomic adds).
   Differentiable in x, up, down and
   weights; gradients in the dtypes of their inputs, accumulated in float32. Costs
