@@ -72,8 +72,10 @@ def device_events(trace_dir: str) -> list[tuple[str, int, int, str | None]]:
 
 def kernel_table(events, *, calls: int = 1, top: int = 30) -> list[dict]:
   """Device time per kernel name, most expensive first, per call of what was traced:
-  [{"kernel", "hlo_op", "ms_per_call", "launches_per_call"}], the `top` of them; `hlo_op`
-  names the HLO instruction that launched it (look it up in the compiled program's text)."""
+  [{"kernel", "hlo_op", "ms_per_call", "launches_per_call"}], the `top` of them. `hlo_op`
+  is the launching HLO instruction as the trace names it; under XLA's command buffers
+  (CUDA graphs) that is the buffer, and the kernel name is the fusion's (`fusion_12` for
+  `%fusion.12` in the compiled program's text)."""
   ns, launches, ops = collections.Counter(), collections.Counter(), {}
   for name, start, end, op in events:
     ns[name] += end - start

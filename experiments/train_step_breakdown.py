@@ -11,8 +11,8 @@ bench harness:
   backward   what is left: step - forward - optimizer.
 A step that is slower for one kind than another at equal active parameters shows here in
 which part; `--profile N` lists each step's N most expensive kernels (device time from a
-profiler trace) with the HLO instruction that launched each, and writes the compiled
-steps' HLO text beside the JSON to look them up in. experiments/RESULTS.md quotes the
+profiler trace) and writes the compiled steps' HLO text beside the JSON, to look the
+kernels' fusions up in (see `benchlib.kernel_table`). experiments/RESULTS.md quotes the
 figures.
 
   PYTHONPATH=. python3 experiments/train_step_breakdown.py --config configs/gpu.py \

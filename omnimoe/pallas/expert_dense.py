@@ -31,10 +31,9 @@ O(T k), not O(T N). The grids are written in the inputs' dtype (bf16 stays bf16,
 accumulation inside the GEMMs; the pair values are computed in float32; duplicate pairs,
 which the router never makes, add up in the grid's dtype). Callers that pass the router's
 ids promise `unique_indices`, and A and dS are then scattered with stores instead of
-atomic adds (not yet timed). The backward
-needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k float32, 67 MB at the
-headline) instead of the grid, so fwd+bwd runs six grid GEMMs (2 forward, 4 backward),
-not seven.
+atomic adds (not yet timed). The backward needs S only at the pairs: the forward keeps
+s_tj = S[t, e_tj] (T k float32, 67 MB at the headline) instead of the grid, so fwd+bwd
+runs six grid GEMMs (2 forward, 4 backward), not seven.
 
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
 in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in
@@ -195,9 +194,9 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
   [0, N) contribute nothing, duplicate pairs add up (undefined if `unique_indices`
   promised there were none: the grids are then written by stores, not atomic adds).
-  Differentiable in x, up, down and
-  weights; gradients in the dtypes of their inputs, accumulated in float32. Costs
-  4 T N d flops forward whatever k: for the dense regime only (`expert_ops.choose_path`).
+  Differentiable in x, up, down and weights; gradients in the dtypes of their inputs,
+  accumulated in float32. Costs 4 T N d flops forward whatever k: for the dense regime
+  only (`expert_ops.choose_path`).
   """
   if config.max_block_elements < 1:
     raise ValueError(f"max_block_elements must be >= 1, got {config.max_block_elements}")
