@@ -17,6 +17,8 @@ FFN_KINDS = ("dense", "coarse_moe", "peer", "omnimoe")
 DTYPES = ("float32", "bfloat16")
 ROUTING_WEIGHTS = ("exp", "softmax")
 ROUTER_NORMS = ("batchnorm", "none")
+EMBED_GRADS = ("auto", "one_hot", "scatter")
+ATTENTIONS = ("auto", "xla", "cudnn")
 IMPLS = ("auto", "xla", "pallas")
 
 
@@ -41,6 +43,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype
   m.param_dtype = "float32"
   m.ffn = "omnimoe"  # one of FFN_KINDS
+  m.attention = "auto"  # 'cudnn' (flash) | 'xla'; auto: cudnn on GPU for bf16 compute
+  m.embed_grad = "auto"  # 'one_hot' (a GEMM) | 'scatter'; auto: one_hot for small vocabs
 
   m.dense = ml_collections.ConfigDict()
   m.dense.ffn_dim = 256
@@ -197,6 +201,9 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     _fail("rope_base", cfg.rope_base, "must be a number > 1")
   _choice(cfg, "dtype", DTYPES)
   _choice(cfg, "param_dtype", DTYPES)
+  _choice(cfg, "embed_grad", EMBED_GRADS)
+  if _choice(cfg, "attention", ATTENTIONS) == "cudnn" and cfg.dtype != "bfloat16":
+    _fail("attention", "cudnn", f"needs model.dtype = 'bfloat16', got {cfg.dtype!r}")
   ffn = _choice(cfg, "ffn", FFN_KINDS)
 
   if ffn == "dense":

@@ -35,6 +35,7 @@ cache carry no names.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,6 +62,74 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+ONE_HOT_MAX_VOCAB = 4096  # embed_grad='auto' builds the table gradient as a GEMM up to here
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+  """table[tokens] in dtype, whose table gradient is a GEMM, onehot(tokens)^T dy."""
+  return jnp.take(table.astype(dtype), tokens, axis=0)
+
+
+def _lookup_fwd(table, tokens, dtype):
+  return _lookup(table, tokens, dtype), (table, tokens)  # the table only for shape, dtype
+
+
+def _lookup_bwd(dtype, residual, dy):
+  del dtype
+  table, tokens = residual
+  one_hot = jax.nn.one_hot(tokens.reshape(-1), table.shape[0], dtype=dy.dtype)
+  dtable = jnp.einsum("nv,nd->vd", one_hot, dy.reshape(-1, dy.shape[-1]),
+                      preferred_element_type=jnp.float32)
+  return dtable.astype(table.dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+class TokenEmbedding(nn.Module):
+  """tokens (...) int32 -> (..., d) rows of the (V, d) table 'embedding', in `dtype`.
+
+  The backward of a lookup adds B L rows of dy into V table rows. XLA does that with a
+  scatter-add, whose adds collide where tokens repeat: with bytes (V = 256) a 16k-token
+  batch of text lands thousands of adds on the rows of ' ' and 'e'. `grad='one_hot'` builds
+  the table gradient as one GEMM, onehot(tokens)^T dy (2 V B L d flops, float32
+  accumulation, no atomics, deterministic); 'scatter' is XLA's autodiff; 'auto' picks
+  one_hot for V <= ONE_HOT_MAX_VOCAB, where the GEMM costs at most a third of the output
+  projection's. Measured: experiments/RESULTS.md ("Training throughput").
+  """
+  vocab_size: int
+  features: int
+  grad: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    table = self.param("embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (self.vocab_size, self.features), self.param_dtype)
+    grad = self.grad
+    if grad == "auto":
+      grad = "one_hot" if self.vocab_size <= ONE_HOT_MAX_VOCAB else "scatter"
+    if grad == "one_hot":
+      return _lookup(table, tokens, jnp.dtype(self.dtype))
+    return jnp.take(table.astype(self.dtype), tokens, axis=0)
+
+
+def attention_impl(setting: str, dtype, head_dim: int) -> str:
+  """'xla' or 'cudnn' for `jax.nn.dot_product_attention` in training and evaluation.
+
+  'cudnn' is the fused flash kernel (no (B, H, L, L) scores in memory); `auto` takes it on a
+  GPU backend for bf16 compute and head widths it supports (multiples of 8 up to 128),
+  else XLA's unfused softmax(q k^T) v.
+  """
+  if setting != "auto":
+    return setting
+  fits = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
 class Attention(nn.Module):
   """Causal multi-head self-attention with RoPE and an optional KV cache.
 
@@ -73,6 +142,7 @@ class Attention(nn.Module):
   n_heads: int
   max_len: int
   rope_base: float
+  impl: str = "auto"  # see `attention_impl`; the cached (decode) path always runs XLA's
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -108,7 +178,9 @@ class Attention(nn.Module):
     else:
       positions = jnp.arange(length)
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True,
+          implementation=attention_impl(self.impl, self.dtype, head_dim))
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out",
                            kernel_init=nn.with_logical_partitioning(
@@ -124,8 +196,8 @@ class Block(nn.Module):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = _rms_norm(dtype, param_dtype, "attn_norm")(x)
-    x = x + Attention(cfg.n_heads, cfg.max_len, cfg.rope_base, dtype, param_dtype,
-                      name="attn")(h, decode=decode)
+    x = x + Attention(cfg.n_heads, cfg.max_len, cfg.rope_base, cfg.attention, dtype,
+                      param_dtype, name="attn")(h, decode=decode)
     h = _rms_norm(dtype, param_dtype, "ffn_norm")(x)
     y, aux = layers.ffn_from_config(cfg, dtype, param_dtype, name="ffn")(h, train=train)
     return x + y.astype(x.dtype), aux
@@ -156,10 +228,8 @@ class Transformer(nn.Module):
       raise ValueError(f"sequence length {tokens.shape[-1]} exceeds model.max_len="
                        f"{cfg.max_len}")
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                 embedding_init=nn.with_logical_partitioning(
-                     nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-                 name="embed")(tokens)
+    x = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.embed_grad, dtype, param_dtype,
+                       name="embed")(tokens)
     auxes = []
     for i in range(cfg.n_layers):
       x, aux = Block(cfg, name=f"block_{i}")(x, train=train, decode=decode)

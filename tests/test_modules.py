@@ -10,7 +10,7 @@ import pytest
 from omnimoe import config as config_lib
 from omnimoe import layers, params, reference
 from omnimoe import router as router_lib
-from omnimoe.model import build_model
+from omnimoe.model import TokenEmbedding, attention_impl, build_model
 
 KINDS = ("omnimoe", "dense", "coarse_moe", "peer")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -290,6 +290,41 @@ def test_bfloat16_compute_gives_float32_logits():
   assert jax.tree.leaves(nn.unbox(variables["params"]))[0].dtype == jnp.float32
   logits, _ = jax.jit(lambda v: model.apply(v, tok, train=False))(variables)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_hot_embedding_gradient_equals_the_scatter(dtype):
+  """Same rows, same table gradient; tokens repeat heavily (3 ids hold most of the batch)."""
+  ids = jax.random.choice(jax.random.key(3), 37, (5, 29), p=jnp.arange(37.0) ** 4)
+  dy = normal(4, (5, 29, 24)).astype(dtype)
+  out = {}
+  for grad in ("one_hot", "scatter"):
+    module = TokenEmbedding(37, 24, grad, dtype=dtype)
+    variables = jax.jit(module.init)(jax.random.key(0), ids)
+    loss = lambda v, m=module: jnp.sum(m.apply(v, ids).astype(jnp.float32) * dy)
+    rows = jax.jit(module.apply)(variables, ids)
+    out[grad] = rows, jax.jit(jax.grad(loss))(variables)["params"]["embedding"].value
+  assert out["one_hot"][0].dtype == dtype
+  np.testing.assert_array_equal(out["one_hot"][0], out["scatter"][0])
+  # float32 sums in either order; the bf16 scatter rounds every partial sum to bf16.
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
+  np.testing.assert_allclose(out["one_hot"][1], out["scatter"][1], **tol)
+  assert np.abs(out["one_hot"][1]).max() > 10  # the hot rows did get the many adds
+
+
+def test_attention_impl_auto_is_xla_off_gpu_and_cudnn_needs_bf16():
+  assert attention_impl("auto", jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu"
+                                                      else "xla")
+  assert attention_impl("auto", jnp.float32, 64) == "xla"
+  assert attention_impl("auto", jnp.bfloat16, 12) == "xla"
+  assert attention_impl("xla", jnp.bfloat16, 64) == "xla"
+  cfg = tiny_model_config()
+  cfg.attention = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn': needs model.dtype"):
+    build_model(cfg)
+  cfg.attention, cfg.embed_grad = "auto", "gather"
+  with pytest.raises(config_lib.ConfigError, match="model.embed_grad='gather'"):
+    build_model(cfg)
 
 
 def test_too_long_input_and_bad_config_are_refused():
