@@ -327,6 +327,29 @@ def test_attention_impl_auto_is_xla_off_gpu_and_cudnn_needs_bf16():
     build_model(cfg)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_cudnn_attention_matches_xla_on_gpu():
+  """cuDNN's fused attention (what 'auto' takes on GPU) against XLA's, in a bf16 LM:
+  logits and every parameter gradient, on a sequence longer than one 64-row tile."""
+  cfg = tiny_model_config("dense")
+  cfg.dtype, cfg.d_model, cfg.n_heads, cfg.max_len = "bfloat16", 64, 4, 96
+  tok = tokens(5, (3, 83))
+  cot = normal(6, (3, 83, cfg.vocab_size))
+  out = {}
+  for impl in ("xla", "cudnn"):
+    cfg.attention = impl
+    model = build_model(cfg)
+    variables = init(model, tok)
+    loss = lambda v, m=model: jnp.sum(m.apply(v, tok, train=False)[0] * cot)
+    out[impl] = (run(model, variables, tok)[0], jax.jit(jax.grad(loss))(variables)["params"])
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert rel(out["cudnn"][0], out["xla"][0]) < 2e-2
+  for got, want in zip(jax.tree.leaves(nn.unbox(out["cudnn"][1])),
+                       jax.tree.leaves(nn.unbox(out["xla"][1]))):
+    assert rel(got, want) < 5e-2
+
+
 def test_too_long_input_and_bad_config_are_refused():
   cfg = tiny_model_config()
   with pytest.raises(ValueError, match="max_len"):
