@@ -117,16 +117,23 @@ class TokenEmbedding(nn.Module):
     return jnp.take(table.astype(self.dtype), tokens, axis=0)
 
 
-def attention_impl(setting: str, dtype, head_dim: int) -> str:
+def attention_impl(setting: str, dtype, head_dim: int, length: int) -> str:
   """'xla' or 'cudnn' for `jax.nn.dot_product_attention` in training and evaluation.
 
   'cudnn' is the fused flash kernel (no (B, H, L, L) scores in memory); `auto` takes it on a
-  GPU backend for bf16 compute and head widths it supports (multiples of 8 up to 128),
-  else XLA's unfused softmax(q k^T) v.
+  GPU backend for the shapes it supports (bf16, head widths a multiple of 8 up to 128,
+  even sequence lengths: cuDNN's causal training kernel refuses odd ones, seen on an
+  H200 with JAX 0.11.2), else XLA's unfused softmax(q k^T) v. An explicit 'cudnn' with an
+  odd length is refused here, naming the field.
   """
+  fits = (jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 128
+          and length % 2 == 0)
+  if setting == "cudnn" and not fits:
+    raise ValueError(f"model.attention='cudnn' needs bf16, head_dim a multiple of 8 up to "
+                     f"128 and an even sequence length; got {jnp.dtype(dtype).name}, "
+                     f"head_dim {head_dim}, length {length}")
   if setting != "auto":
     return setting
-  fits = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 128
   return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
@@ -180,7 +187,7 @@ class Attention(nn.Module):
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True,
-          implementation=attention_impl(self.impl, self.dtype, head_dim))
+          implementation=attention_impl(self.impl, self.dtype, head_dim, length))
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out",
                            kernel_init=nn.with_logical_partitioning(

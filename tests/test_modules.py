@@ -313,11 +313,14 @@ def test_one_hot_embedding_gradient_equals_the_scatter(dtype):
 
 
 def test_attention_impl_auto_is_xla_off_gpu_and_cudnn_needs_bf16():
-  assert attention_impl("auto", jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu"
-                                                      else "xla")
-  assert attention_impl("auto", jnp.float32, 64) == "xla"
-  assert attention_impl("auto", jnp.bfloat16, 12) == "xla"
-  assert attention_impl("xla", jnp.bfloat16, 64) == "xla"
+  on_gpu = jax.default_backend() == "gpu"
+  assert attention_impl("auto", jnp.bfloat16, 64, 128) == ("cudnn" if on_gpu else "xla")
+  assert attention_impl("auto", jnp.float32, 64, 128) == "xla"
+  assert attention_impl("auto", jnp.bfloat16, 12, 128) == "xla"
+  assert attention_impl("auto", jnp.bfloat16, 64, 127) == "xla"  # cuDNN refuses odd L
+  assert attention_impl("xla", jnp.bfloat16, 64, 127) == "xla"
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs .* length 127"):
+    attention_impl("cudnn", jnp.bfloat16, 64, 127)
   cfg = tiny_model_config()
   cfg.attention = "cudnn"
   with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn': needs model.dtype"):
@@ -331,11 +334,12 @@ def test_attention_impl_auto_is_xla_off_gpu_and_cudnn_needs_bf16():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_cudnn_attention_matches_xla_on_gpu():
   """cuDNN's fused attention (what 'auto' takes on GPU) against XLA's, in a bf16 LM:
-  logits and every parameter gradient, on a sequence longer than one 64-row tile."""
+  logits and every parameter gradient, on a sequence longer than one 64-row tile (and
+  even: cuDNN's causal training kernel refuses odd lengths, where 'auto' takes XLA)."""
   cfg = tiny_model_config("dense")
   cfg.dtype, cfg.d_model, cfg.n_heads, cfg.max_len = "bfloat16", 64, 4, 96
-  tok = tokens(5, (3, 83))
-  cot = normal(6, (3, 83, cfg.vocab_size))
+  tok = tokens(5, (3, 82))
+  cot = normal(6, (3, 82, cfg.vocab_size))
   out = {}
   for impl in ("xla", "cudnn"):
     cfg.attention = impl
