@@ -95,8 +95,10 @@ class TokenEmbedding(nn.Module):
   batch of text lands thousands of adds on the rows of ' ' and 'e'. `grad='one_hot'` builds
   the table gradient as one GEMM, onehot(tokens)^T dy (2 V B L d flops, float32
   accumulation, no atomics, deterministic); 'scatter' is XLA's autodiff; 'auto' picks
-  one_hot for V <= ONE_HOT_MAX_VOCAB, where the GEMM costs at most a third of the output
-  projection's. Measured: experiments/RESULTS.md ("Training throughput").
+  one_hot for V <= ONE_HOT_MAX_VOCAB. Whatever V, the GEMM adds a third of the output
+  projection's flops (2 of its 6 V B L d) and a (B L, V) one-hot operand: small change
+  for small vocabularies, where repeats pile up; large vocabularies repeat less and keep
+  the scatter. Measured: experiments/RESULTS.md ("Training throughput").
   """
   vocab_size: int
   features: int
