@@ -125,18 +125,18 @@ def attention_impl(setting: str, dtype, head_dim: int, length: int) -> str:
   'cudnn' is the fused flash kernel (no (B, H, L, L) scores in memory); `auto` takes it on a
   GPU backend for the shapes it supports (bf16, head widths a multiple of 8 up to 128,
   even sequence lengths: cuDNN's causal training kernel refuses odd ones, seen on an
-  H200 with JAX 0.11.2), else XLA's unfused softmax(q k^T) v. An explicit 'cudnn' with an
-  odd length is refused here, naming the field.
+  H200 with JAX 0.11.2), else XLA's unfused softmax(q k^T) v. An explicit 'cudnn' that
+  cannot run (no GPU, or shapes it refuses) is refused here, naming the field.
   """
-  fits = (jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 128
-          and length % 2 == 0)
+  fits = (jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16
+          and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0)
   if setting == "cudnn" and not fits:
-    raise ValueError(f"model.attention='cudnn' needs bf16, head_dim a multiple of 8 up to "
-                     f"128 and an even sequence length; got {jnp.dtype(dtype).name}, "
-                     f"head_dim {head_dim}, length {length}")
+    raise ValueError(f"model.attention='cudnn' needs a GPU, bf16, head_dim a multiple of 8 "
+                     f"up to 128 and an even sequence length; got {jax.default_backend()}, "
+                     f"{jnp.dtype(dtype).name}, head_dim {head_dim}, length {length}")
   if setting != "auto":
     return setting
-  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+  return "cudnn" if fits else "xla"
 
 
 class Attention(nn.Module):

@@ -321,6 +321,9 @@ def test_attention_impl_auto_is_xla_off_gpu_and_cudnn_needs_bf16():
   assert attention_impl("xla", jnp.bfloat16, 64, 127) == "xla"
   with pytest.raises(ValueError, match="model.attention='cudnn' needs .* length 127"):
     attention_impl("cudnn", jnp.bfloat16, 64, 127)
+  if not on_gpu:
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU"):
+      attention_impl("cudnn", jnp.bfloat16, 64, 128)
   cfg = tiny_model_config()
   cfg.attention = "cudnn"
   with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn': needs model.dtype"):
