@@ -35,7 +35,6 @@ cache carry no names.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -65,10 +64,13 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 ONE_HOT_MAX_VOCAB = 4096  # embed_grad='auto' builds the table gradient as a GEMM up to here
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-  """table[tokens] in dtype, whose table gradient is a GEMM, onehot(tokens)^T dy."""
+def _take_rows(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+  """table[tokens] in dtype (autodiff: a scatter-add into the table)."""
   return jnp.take(table.astype(dtype), tokens, axis=0)
+
+
+# The same rows, whose table gradient is a GEMM, onehot(tokens)^T dy.
+_lookup = jax.custom_vjp(_take_rows, nondiff_argnums=(2,))
 
 
 def _lookup_fwd(table, tokens, dtype):
@@ -114,9 +116,8 @@ class TokenEmbedding(nn.Module):
     grad = self.grad
     if grad == "auto":
       grad = "one_hot" if self.vocab_size <= ONE_HOT_MAX_VOCAB else "scatter"
-    if grad == "one_hot":
-      return _lookup(table, tokens, jnp.dtype(self.dtype))
-    return jnp.take(table.astype(self.dtype), tokens, axis=0)
+    rows = _lookup if grad == "one_hot" else _take_rows
+    return rows(table, tokens, jnp.dtype(self.dtype))
 
 
 def attention_impl(setting: str, dtype, head_dim: int, length: int) -> str:
