@@ -277,26 +277,31 @@ def part_table(seed, ceil, device, path):
   keys = key_iter(seed)
   rows = []
   say("\n== table (ms; bf16, T=4096, d=1024, F=4096)")
+  say("x = xla / pallas; floor = bytes at the copy rate + flops at the matmul rate; "
+      "%fl = floor / pallas")
   say(f"{'what':7s} {'N':>8s} {'k':>3s} | {'pallas fwd':>10s} {'xla fwd':>8s} {'x':>5s} "
-      f"{'floor':>6s} | {'pallas f+b':>10s} {'xla f+b':>8s} {'x':>5s} {'floor':>6s}")
+      f"{'floor':>6s} {'%fl':>4s} | {'pallas f+b':>10s} {'xla f+b':>8s} {'x':>5s} "
+      f"{'floor':>6s} {'%fl':>4s}")
+  fmt = lambda v: f"{v:.3f}" if v is not None else "-"
+  ratio = lambda a, b: f"{b / a:.1f}" if a and b else "-"
+  percent = lambda floor, ms: f"{100 * floor / ms:.0f}" if floor and ms else "-"
   for what in ("router", "expert", "layer"):
     for n, k in CASES:
+      fl = floors(ceil, n, k, what) if ceil else (None, None)
       res = {}
       for impl in ("pallas", "xla"):
         res[impl] = guarded(f"{what} {impl} N={n} k={k}",
                             lambda: time_case(what, impl, n, k, keys)) or (None, None)
         rows.append(dict(what=what, impl=impl, device=device, tokens=T, hidden=D,
                          ffn=F if what == "layer" else None, experts=n, k=k,
-                         fwd_ms=res[impl][0], fwd_bwd_ms=res[impl][1]))
+                         fwd_ms=res[impl][0], fwd_bwd_ms=res[impl][1],
+                         fwd_floor_ms=fl[0], fwd_bwd_floor_ms=fl[1]))
         with open(path, "w") as f:
           json.dump(rows, f, indent=1)
-      fl = floors(ceil, n, k, what) if ceil else (None, None)
-      fmt = lambda v: f"{v:.3f}" if v is not None else "-"
-      ratio = lambda a, b: f"{b / a:.1f}" if a and b else "-"
       (pf, pb), (xf, xb) = res["pallas"], res["xla"]
       say(f"{what:7s} {n:8d} {k:3d} | {fmt(pf):>10s} {fmt(xf):>8s} {ratio(pf, xf):>5s} "
-          f"{fmt(fl[0]):>6s} | {fmt(pb):>10s} {fmt(xb):>8s} {ratio(pb, xb):>5s} "
-          f"{fmt(fl[1]):>6s}")
+          f"{fmt(fl[0]):>6s} {percent(fl[0], pf):>4s} | {fmt(pb):>10s} {fmt(xb):>8s} "
+          f"{ratio(pb, xb):>5s} {fmt(fl[1]):>6s} {percent(fl[1], pb):>4s}")
   return rows
 
 
