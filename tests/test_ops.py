@@ -88,6 +88,24 @@ def test_xla_path_under_jit_and_grad_matches_brute_force():
     assert bf.rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("tokens,k", [(0, 3), (5, 0)])
+def test_atomic_experts_without_pairs(tokens, k):
+  """No tokens (or k = 0): zeros out and zero gradients on every path, no kernel launched
+  on an empty grid."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((tokens, 16)), jnp.float32)
+  up, down = (jnp.asarray(rng.standard_normal((10, 16)), jnp.float32) for _ in range(2))
+  weights = jnp.ones((tokens, k), jnp.float32)
+  idx = jnp.zeros((tokens, k), jnp.int32)
+  for impl in ("xla", "pallas"):
+    loss = lambda *a, impl=impl: ops.atomic_experts(*a, idx, impl=impl).sum()
+    y = ops.atomic_experts(x, up, down, weights, idx, impl=impl)
+    assert y.shape == x.shape and not np.any(np.asarray(y))
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(x, up, down, weights)
+    for g, a in zip(grads, (x, up, down, weights)):
+      assert g.shape == a.shape and not np.any(np.asarray(g))
+
+
 def test_cartesian_topk_under_jit():
   rng = np.random.default_rng(3)
   lx = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((7, 5)), jnp.float32))

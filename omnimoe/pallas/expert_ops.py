@@ -146,6 +146,8 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   `unique_indices` (no token lists an expert twice) lets the dense path store its grids'
   pairs instead of adding them; the other paths need no such promise.
   """
+  if x.shape[0] == 0 or indices.shape[1] == 0:  # no pairs: the kernels have no grid
+    return jnp.zeros(x.shape, x.dtype)
   path = config.path
   if path == "auto":
     path = choose_path(x.shape[0], indices.shape[1], up.shape[0])
