@@ -353,19 +353,28 @@ def part_stages(seed):
 
 # ----------------------------------------------------------------------------- sweep
 
+# (block_t, num_warps, merge) of the router sweep
+ROUTER_SWEEP_CONFIGS = [(1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"), (2, 2, "grid"),
+                        (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"), (1, 1, "staircase"),
+                        (2, 1, "staircase"), (2, 2, "staircase"), (4, 2, "staircase")]
+
+
 def part_sweep(seed, kinds, cases):
   keys = key_iter(seed)
   out = {}
-  say("\n== sweep: router (block_t, num_warps) -> ms (unrolled)")
+  say("\n== sweep: router (block_t, num_warps, merge) -> ms (unrolled)")
   for n_axis, k in ROUTER_SWEEP if "router" in kinds else []:
     lxs = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
            for _ in range(4)]
-    for bt, nw in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4)]:
-      cfg = router_topk.RouterConfig(block_t=bt, num_warps=nw)
-      ms = guarded(f"router {cfg}", lambda: timeit_unrolled(
-          lambda a, b: router_topk.cartesian_topk(a, b, k, config=cfg), lxs))
-      out[f"router n={n_axis} k={k} bt={bt} nw={nw}"] = ms
-      say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw}: {ms}")
+    want = router_topk.cartesian_topk(*lxs[0], k)
+    for bt, nw, merge in ROUTER_SWEEP_CONFIGS:
+      cfg = router_topk.RouterConfig(block_t=bt, num_warps=nw, merge=merge)
+      fn = lambda a, b, cfg=cfg: router_topk.cartesian_topk(a, b, k, config=cfg)
+      same = all(bool(jnp.array_equal(g, w)) for g, w in zip(fn(*lxs[0]), want))
+      ms = guarded(f"router {cfg}", lambda: timeit_unrolled(fn, lxs))
+      out[f"router n={n_axis} k={k} bt={bt} nw={nw} merge={merge}"] = ms
+      say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw} {merge:9s}: {ms}"
+          f"{'' if same else '  DIFFERS from the default'}")
   token_cfgs = [(4, 64, 4, 2), (2, 128, 4, 2), (1, 256, 4, 2), (2, 256, 8, 2), (1, 512, 8, 2),
                 (4, 128, 8, 2), (8, 64, 8, 2), (4, 32, 4, 3), (1, 128, 4, 3), (16, 32, 8, 2)]
   for n, k in cases:

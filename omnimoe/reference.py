@@ -42,7 +42,13 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   column among the top-k columns of ly: any other row i' is beaten by the k candidate
   rows paired with the same column (higher score, or equal score and a lower flat
   index under our tie rule). So we rank k x k candidates instead of n_x * n_y scores:
-  O(n + k^2) per token. With the candidate rows and columns put in ascending id order,
+  O(n + k^2) per token. One caveat: "higher score" assumes lx[i] > lx[i'] gives a
+  higher float sum, but float addition can round fl(lx[i] + ly[j]) and
+  fl(lx[i'] + ly[j]) to the same value (ly tiny against the ulp of lx), and then a
+  lower-id row (or column) outside the candidates wins the tie at the k-th place (two
+  sums within half an ulp of the k-th sum; the test data has lx near -1e8, where the
+  float32 spacing is 8). That is the one difference from the full-grid top-k, which
+  `router_threshold` (k > 32) computes exactly; `tests/test_pallas_router.py` pins it. With the candidate rows and columns put in ascending id order,
   the row-major candidate grid is in ascending flat-id order, so `lax.top_k` (which puts
   equal values in ascending position) applies the tie rule by itself.
 

@@ -30,16 +30,89 @@ def check_exact(lx, ly, k, interpret, config=router_topk.RouterConfig()):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("merge", router_topk.MERGES)
 @pytest.mark.parametrize("tokens,n_x,n_y,k,quantum", [
     (37, 3, 3, 1, None), (37, 3, 3, 9, 0.125),       # k = 1, k = N
     (13, 10, 10, 7, 0.125), (5, 32, 32, 32, None),   # ties; k = n
     (19, 17, 17, 40, None), (11, 6, 9, 10, 0.25),    # k > n; rectangular grid
-    (9, 64, 64, 16, 0.125),
+    (9, 64, 64, 16, 0.125), (7, 256, 256, 32, None),  # N = 65536, k = 32
 ])
-def test_matches_full_topk(tokens, n_x, n_y, k, quantum, interpret):
+def test_matches_full_topk(tokens, n_x, n_y, k, quantum, merge, interpret):
   rng = np.random.default_rng(tokens * 1000 + n_x * 10 + k)
   lx, ly = bf.log_probs(rng, tokens, n_x, quantum), bf.log_probs(rng, tokens, n_y, quantum)
-  check_exact(lx, ly, k, interpret)
+  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(max_kernel_k=max(k, 32),
+                                                             merge=merge))
+
+
+@pytest.mark.parametrize("k,n_x,n_y", [(1, 3, 3), (7, 4, 9), (32, 32, 32), (40, 17, 17),
+                                       (150, 2, 100)])
+def test_staircase_dominates_every_other_cell(k, n_x, n_y):
+  """Every cell of the k_x x k_y grid outside the staircase is dominated by >= k staircase
+  cells (what makes the staircase merge exact up to ties), and the border holds, per row,
+  the first cell past the staircase."""
+  kx, ky = min(k, n_x), min(k, n_y)
+  rows, cols, border_rows, border_cols = router_topk.staircase(kx, ky, k)
+  cells = {(int(i), int(j)) for i, j in zip(rows, cols) if i >= 0}
+  assert len(cells) >= k and all(0 <= i < kx and 0 <= j < ky for i, j in cells)
+  for i in range(kx):
+    for j in range(ky):
+      if (i, j) not in cells:
+        assert sum(a <= i and b <= j for a, b in cells) >= k
+  border = {(int(i), int(j)) for i, j in zip(border_rows, border_cols) if i >= 0}
+  assert border == {(i, min(j for j in range(ky) if (i, j) not in cells)) for i in range(kx)
+                    if any((i, j) not in cells for j in range(ky))}
+
+
+def staircase_positions(lx, ly, idx):
+  """(T, k) of (i + 1)(j + 1) for each chosen expert: i, j its row's and column's places in
+  the axes' best-first orders (ties: lower id first)."""
+  place = lambda v: np.argsort(np.lexsort((np.arange(v.shape[1])[None].repeat(len(v), 0),
+                                           -v.astype(np.float64)), axis=1), axis=1)
+  n_y = ly.shape[1]
+  px, py = place(lx), place(ly)
+  return np.stack([(px[t, idx[t] // n_y] + 1) * (py[t, idx[t] % n_y] + 1)
+                   for t in range(len(idx))])
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("seed,shape", [(0, (10, 8, 17)), (3, (10, 3, 7)), (7, (11, 8, 22))])
+def test_staircase_merge_falls_back_on_ties(seed, shape, interpret):
+  """Sums that round together (lx near -1e8, float32 spacing 8): some token's top k holds
+  a cell outside the staircase that enters by the tie rule, which only the whole-grid
+  merge finds; the staircase merge must notice (its border check) and fall back. (Seeds
+  found by search: without the fallback each of them fails.)"""
+  rng = np.random.default_rng(seed)
+  n_x, n_y = int(rng.integers(3, 12)), int(rng.integers(3, 12))
+  k = int(rng.integers(3, min(32, n_x * n_y)))
+  assert (n_x, n_y, k) == shape
+  lx = (-1e8 - 8.0 * rng.integers(0, 4, (4, n_x))).astype(np.float32)
+  ly = (-0.37 * np.stack([rng.permutation(4 * n_y)[:n_y] for _ in range(4)])).astype(np.float32)
+  _, want_i = bf.full_topk(lx, ly, k)
+  assert np.any(staircase_positions(lx, ly, want_i) > k)  # the data does what it is for
+  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(merge="staircase"))
+
+
+@pytest.mark.parametrize("merge", router_topk.MERGES)
+def test_rounding_ties_outside_the_candidates_follow_the_reference(merge):
+  """The product-key search's one caveat (reference.cartesian_topk): a sum from outside
+  the k x k candidates that rounds onto the k-th sum and wins its tie by a lower id is
+  missed. The kernel keeps the reference's answer there (not the full grid's)."""
+  rng = np.random.default_rng(5)
+  lx = (-1e8 - 8.0 * rng.integers(0, 3, (4, 7))).astype(np.float32)
+  ly = (-0.37 * np.stack([rng.permutation(28)[:7] for _ in range(4)])).astype(np.float32)
+  got = router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3, interpret=True,
+                                   config=router_topk.RouterConfig(merge=merge))
+  want = reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert not np.array_equal(np.asarray(got[1]), bf.full_topk(lx, ly, 3)[1])
+
+
+def test_unknown_merge_is_refused():
+  lx = jnp.zeros((2, 4), jnp.float32)
+  with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
+    router_topk.cartesian_topk(lx, lx, 3, config=router_topk.RouterConfig(merge="heap"),
+                               interpret=True)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -13,7 +13,12 @@ Design. One program owns `block_t` tokens and does all of their work in register
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
      the entries holding it (that is the tie rule), knocked out.
 That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
-the two rows and writing 2k numbers, and no sort (Triton has none). XLA's `lax.top_k`
+the two rows and writing 2k numbers, and no sort (Triton has none).
+`RouterConfig(merge="staircase")` runs step 2 on the ~k ln k candidates at best-first
+positions (i + 1)(j + 1) <= k only (`staircase`: 119 instead of 1024 lanes at k = 32),
+with a border check that falls back to the whole grid where a float tie could let a cell
+outside them in. Same outputs as "grid" (tests); not yet timed on a GPU, so "grid" stays
+the default (`bench_kernels.py --parts sweep --sweep router` times both). XLA's `lax.top_k`
 with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096, n=1024, k=32, DESIGN.md
 section 3); the published Triton kernel takes the top-k of all N sums (59.5 ms at
 N=2^20). Rows are padded to a power of two (Triton's array sizes) and masked.
@@ -26,6 +31,9 @@ k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded em
 O(n log n + k) per token, for k in the thousands); n above `MAX_KERNEL_N` falls back to
 the reference. Scores are differentiable: a custom JVP (`score_jvp`, shared by both
 kernels) gathers the tangents of lx and ly at the chosen experts (the kernels only select).
+
+Exactness: as the reference's (see there), including its one caveat: float rounding
+that ties a sum from outside the k x k candidate grid with the k-th sum.
 
 Equivalent JAX code (per token, ignoring padding):
   ri = argsort(-lx)[:k]; ci = argsort(-ly)[:k]           # stable: lower index first
@@ -58,12 +66,16 @@ _INT_MAX = np.int32(np.iinfo(np.int32).max)
 _SIGN_FLIP = np.int32(0x7FFFFFFF)
 
 
+MERGES = ("grid", "staircase")
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
   block_t: int = 2      # tokens per program
   num_warps: int = 0    # 0: one warp per 2048 elements of the larger in-register array
   num_stages: int = 1
   max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
+  merge: str = "grid"   # step 2's candidates: "grid" (all k_x k_y) or "staircase"
 
 
 def _ordered_key(v: jax.Array) -> jax.Array:
@@ -103,21 +115,10 @@ def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
   return vals, picks
 
 
-def _router_kernel(lx_ref, ly_ref, scores_ref, idx_ref, *, k: int, block_t: int):
-  tokens, n_x = lx_ref.shape
-  n_y = ly_ref.shape[1]
-  kx, ky = min(k, n_x), min(k, n_y)
-  wx, wy, wk = common.pow2(kx), common.pow2(ky), common.pow2(k)
-  t, live, rows = common.token_block(block_t, tokens)
-  rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
-  cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
-
-  ok = (common.iota(wx) < kx)[:, None] & (common.iota(wy) < ky)[None, :]
-  keys = jnp.where(ok[None], _ordered_key(rv[:, :, None] + cv[:, None, :]), _INT_MIN)
-  flat = ri[:, :, None] * n_y + ci[:, None, :]
-  keys = keys.reshape(block_t, wx * wy)
-  flat = flat.reshape(block_t, wx * wy)
-  slots = common.iota(wk)[None, :]
+def _merge(keys, flat, k: int):
+  """The k best (key, flat id) of each row, best first: k rounds of max key, then the
+  lowest flat id holding it (the tie rule), knocked out."""
+  slots = common.iota(common.pow2(k))[None, :]
 
   def round_(m, carry):
     keys, best_key, best_idx = carry
@@ -126,8 +127,94 @@ def _router_kernel(lx_ref, ly_ref, scores_ref, idx_ref, *, k: int, block_t: int)
     return (jnp.where(flat == pick, _INT_MIN, keys), jnp.where(slots == m, top, best_key),
             jnp.where(slots == m, pick, best_idx))
 
-  zeros = jnp.zeros((block_t, wk), jnp.int32)
+  zeros = jnp.zeros((keys.shape[0], slots.shape[1]), jnp.int32)
   _, best_key, best_idx = lax.fori_loop(0, k, round_, (keys, zeros, zeros))
+  return best_key, best_idx
+
+
+def _grid_candidates(rv, ri, cv, ci, kx: int, ky: int, n_y: int):
+  """All k_x x k_y sums of the two axes' picks: (keys, flat ids), (block_t, w_x w_y)."""
+  block_t, wx = rv.shape
+  wy = cv.shape[1]
+  ok = (common.iota(wx) < kx)[:, None] & (common.iota(wy) < ky)[None, :]
+  keys = jnp.where(ok[None], _ordered_key(rv[:, :, None] + cv[:, None, :]), _INT_MIN)
+  flat = ri[:, :, None] * n_y + ci[:, None, :]
+  return keys.reshape(block_t, wx * wy), flat.reshape(block_t, wx * wy)
+
+
+def _take_lanes(vals, pos, fill):
+  """vals[:, pos] of a register array (block_t, w) at lane positions pos (L,), fill
+  where pos < 0. Triton has no register gather: each source lane is read out by a masked
+  max over w and spread to the lanes that want it, w steps of O(w + L) work (a one-hot
+  (block_t, L, w) array would hold L w values per token in registers)."""
+  lanes = common.iota(vals.shape[1])[None, :]
+
+  def spread(p, out):
+    lane = jnp.max(jnp.where(lanes == p, vals, fill), axis=1, keepdims=True)
+    return jnp.where(pos[None, :] == p, lane, out)
+
+  out = jnp.full((vals.shape[0], pos.shape[0]), fill, vals.dtype)
+  return lax.fori_loop(0, vals.shape[1], spread, out)
+
+
+def _cell_candidates(rv, ri, cv, ci, rows, cols, n_y: int):
+  """The sums at the (row, col) positions of the two sorted pick lists (-1: no cell)."""
+  valid = (rows >= 0)[None, :]
+  v = _take_lanes(rv, rows, -jnp.inf) + _take_lanes(cv, cols, -jnp.inf)
+  keys = jnp.where(valid, _ordered_key(v), _INT_MIN)
+  return keys, _take_lanes(ri, rows, 0) * n_y + _take_lanes(ci, cols, 0)
+
+
+@functools.cache
+def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
+  """Positions (i, j) in the two best-first pick lists that can hold the top k:
+  (i + 1)(j + 1) <= k, about k ln k of the k_x k_y cells; and per row the first cell
+  past them, (i, k // (i + 1)), which bounds its row's rest. As (rows, cols, border_rows,
+  border_cols), padded with -1 to powers of two.
+
+  Why it is exact (with one check). A cell c = (i, j) outside the staircase is dominated
+  (both positions <=) by at least k staircase cells, since sum over a <= i + 1 of
+  min(j + 1, k // a) >= k when (i + 1)(j + 1) > k; each has a sum >= c's (the lists are
+  sorted and float addition is monotone). So c's key is <= theta, the k-th best key of
+  the staircase, and c can only enter the top k by a tie at theta broken by a lower flat
+  id. Every such c makes its row's border cell equal theta too, so: no border key equal
+  to theta => the staircase's top k is the grid's; else the kernel merges the whole grid.
+  """
+  cells = [(i, j) for i in range(kx) for j in range(min(ky, k // (i + 1)))]
+  border = [(i, k // (i + 1)) for i in range(kx) if k // (i + 1) < ky]
+
+  def padded(pairs):
+    out = -np.ones((common.pow2(len(pairs), 1), 2), np.int32)
+    out[:len(pairs)] = np.asarray(pairs, np.int32).reshape(-1, 2)
+    return out[:, 0].copy(), out[:, 1].copy()
+
+  return padded(cells) + padded(border)
+
+
+def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
+  *stair_refs, scores_ref, idx_ref = refs
+  tokens, n_x = lx_ref.shape
+  n_y = ly_ref.shape[1]
+  kx, ky = min(k, n_x), min(k, n_y)
+  wx, wy = common.pow2(kx), common.pow2(ky)
+  t, live, rows = common.token_block(block_t, tokens)
+  rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
+  cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
+  picks = (rv, ri, cv, ci)
+  whole_grid = lambda: _merge(*_grid_candidates(*picks, kx, ky, n_y), k)
+  if merge == "grid":
+    best_key, best_idx = whole_grid()
+  else:
+    cells, border = ([plt.load(r.at[common.iota(r.shape[0])]) for r in pair]
+                     for pair in (stair_refs[:2], stair_refs[2:]))
+    best_key, best_idx = _merge(*_cell_candidates(*picks, *cells, n_y), k)
+    theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
+                    axis=1, keepdims=True)
+    border_key = _cell_candidates(*picks, *border, n_y)[0]
+    tie = jnp.max(((border_key == theta) & (border[0] >= 0)[None, :]
+                   & live[:, None]).astype(jnp.int32)) > 0
+    best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
+  slots = common.iota(best_key.shape[1])[None, :]
   out = (t[:, None], slots)
   mask = live[:, None] & (slots < k)
   plt.store(scores_ref.at[out], _key_to_float(best_key), mask=mask)
@@ -162,14 +249,18 @@ def score_jvp(select, nondiff_argnums: tuple[int, ...]):
 @functools.partial(score_jvp, nondiff_argnums=(2, 3, 4))
 def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   tokens = lx.shape[0]
-  kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t)
+  if config.merge not in MERGES:
+    raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {config.merge!r}")
+  stair = () if config.merge == "grid" else tuple(
+      jnp.asarray(a) for a in staircase(min(k, lx.shape[1]), min(k, ly.shape[1]), k))
+  kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                  jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
       grid=(common.cdiv(tokens, config.block_t),),
       num_warps=_num_warps(config, max(lx.shape[1], ly.shape[1]), k),
-      num_stages=config.num_stages, interpret=interpret, name="cartesian_topk")(lx, ly)
+      num_stages=config.num_stages, interpret=interpret, name="cartesian_topk")(lx, ly, *stair)
 
 
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
