@@ -109,10 +109,11 @@ def test_rounding_ties_outside_the_candidates_follow_the_reference(merge):
 
 
 def test_unknown_merge_is_refused():
-  lx = jnp.zeros((2, 4), jnp.float32)
-  with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
-    router_topk.cartesian_topk(lx, lx, 3, config=router_topk.RouterConfig(merge="heap"),
-                               interpret=True)
+  lx = jnp.zeros((2, 64), jnp.float32)
+  for k in (3, router_topk.MAX_KERNEL_K + 1):  # also where the fused kernel would not run
+    with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
+      router_topk.cartesian_topk(lx, lx, k, config=router_topk.RouterConfig(merge="heap"),
+                                 interpret=True)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -249,8 +249,6 @@ def score_jvp(select, nondiff_argnums: tuple[int, ...]):
 @functools.partial(score_jvp, nondiff_argnums=(2, 3, 4))
 def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   tokens = lx.shape[0]
-  if config.merge not in MERGES:
-    raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {config.merge!r}")
   stair = () if config.merge == "grid" else tuple(
       jnp.asarray(a) for a in staircase(min(k, lx.shape[1]), min(k, ly.shape[1]), k))
   kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge)
@@ -273,6 +271,8 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
   (sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
   beyond that.
   """
+  if config.merge not in MERGES:
+    raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {config.merge!r}")
   if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
   if k > config.max_kernel_k:
