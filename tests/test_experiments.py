@@ -33,3 +33,23 @@ def test_trace_busy_time_and_kernel_table():
   table = benchlib.kernel_table(events, calls=2)
   assert [(k["kernel"], k["ms_per_call"], k["launches_per_call"], k["hlo_op"])
           for k in table] == [("gemm", 2.5, 1.0, "dot.1"), ("copy", 1.05, 1.0, "copy.2")]
+
+
+def test_topk_exactness_counts_a_rounding_tie():
+  """experiments/topk_exactness.py's full-grid top-k sees the product-key search's one
+  caveat (a rounding tie from outside the candidates) and agrees with it elsewhere."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import topk_exactness
+  from omnimoe import reference
+  rng = np.random.default_rng(5)  # the rounding-tie input of tests/test_pallas_router.py
+  lx = (-1e8 - 8.0 * rng.integers(0, 3, (4, 7))).astype(np.float32)
+  ly = (-0.37 * np.stack([rng.permutation(28)[:7] for _ in range(4)])).astype(np.float32)
+  for lx, ly, same in [(lx, ly, False),
+                       (np.log(rng.dirichlet(np.ones(9), 5)), np.log(rng.dirichlet(np.ones(8), 5)),
+                        True)]:
+    lx, ly = lx.astype(np.float32), ly.astype(np.float32)
+    ids = np.asarray(reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)[1])
+    sums = (lx[:, :, None] + ly[:, None, :]).reshape(len(lx), -1)
+    assert np.array_equal(topk_exactness.full_grid_topk(sums, 3), ids) == same
