@@ -50,9 +50,11 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   float32 spacing is 8). That is the one difference from the full-grid top-k, which
   `router_threshold` (k > 32) computes exactly; `tests/test_pallas_router.py` pins it.
   On ordinary gates it was not seen: `experiments/topk_exactness.py` counts 0 of 40,960
-  tokens at n = 256 and 0 of 10,240 at n = 1024 (k = 32, random log-softmax gates). With the candidate rows and columns put in ascending id order,
-  the row-major candidate grid is in ascending flat-id order, so `lax.top_k` (which puts
-  equal values in ascending position) applies the tie rule by itself.
+  tokens at n = 256 and 0 of 10,240 at n = 1024 (k = 32, random log-softmax gates).
+
+  With the candidate rows and columns put in ascending id order, the row-major candidate
+  grid is in ascending flat-id order, so `lax.top_k` (which puts equal values in
+  ascending position) applies the tie rule by itself.
 
   Args:
     lx: (T, n_x) row scores (log-probabilities). ly: (T, n_y) column scores.

@@ -157,12 +157,11 @@ def _take_lanes(vals, pos, fill):
   return lax.fori_loop(0, vals.shape[1], spread, out)
 
 
-def _cell_candidates(rv, ri, cv, ci, rows, cols, n_y: int):
-  """The sums at the (row, col) positions of the two sorted pick lists (-1: no cell)."""
-  valid = (rows >= 0)[None, :]
+def _cell_keys(rv, cv, rows, cols):
+  """Keys of the sums at the (row, col) positions of the two sorted pick lists; INT_MIN
+  (below every float's key) where row is -1 (no cell)."""
   v = _take_lanes(rv, rows, -jnp.inf) + _take_lanes(cv, cols, -jnp.inf)
-  keys = jnp.where(valid, _ordered_key(v), _INT_MIN)
-  return keys, _take_lanes(ri, rows, 0) * n_y + _take_lanes(ci, cols, 0)
+  return jnp.where((rows >= 0)[None, :], _ordered_key(v), _INT_MIN)
 
 
 @functools.cache
@@ -200,19 +199,19 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   t, live, rows = common.token_block(block_t, tokens)
   rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
   cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
-  picks = (rv, ri, cv, ci)
-  whole_grid = lambda: _merge(*_grid_candidates(*picks, kx, ky, n_y), k)
+  whole_grid = lambda: _merge(*_grid_candidates(rv, ri, cv, ci, kx, ky, n_y), k)
   if merge == "grid":
     best_key, best_idx = whole_grid()
   else:
     cells, border = ([plt.load(r.at[common.iota(r.shape[0])]) for r in pair]
                      for pair in (stair_refs[:2], stair_refs[2:]))
-    best_key, best_idx = _merge(*_cell_candidates(*picks, *cells, n_y), k)
+    flat = _take_lanes(ri, cells[0], 0) * n_y + _take_lanes(ci, cells[1], 0)
+    best_key, best_idx = _merge(_cell_keys(rv, cv, *cells), flat, k)
     theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
                     axis=1, keepdims=True)
-    border_key = _cell_candidates(*picks, *border, n_y)[0]
-    tie = jnp.max(((border_key == theta) & (border[0] >= 0)[None, :]
-                   & live[:, None]).astype(jnp.int32)) > 0
+    # theta is a real cell's key, so padded border lanes (INT_MIN) never match it.
+    border_key = _cell_keys(rv, cv, *border)
+    tie = jnp.max(((border_key == theta) & live[:, None]).astype(jnp.int32)) > 0
     best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
   slots = common.iota(best_key.shape[1])[None, :]
   out = (t[:, None], slots)
