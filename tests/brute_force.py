@@ -47,6 +47,16 @@ def full_topk(lx, ly, k):
   return np.array(out_s), np.array(out_i)
 
 
+def rounding_ties(rng, tokens, n_x, n_y, levels=3):
+  """lx near -1e8 (float32 spacing 8; `levels` values) and distinct small ly in random
+  column order: many different sums round to the same float32, so a row's tied run of the
+  sorted ly is not in ascending column order, and a sum from a lower-ranked row or column
+  can tie one from a higher-ranked one."""
+  lx = -1e8 - 8.0 * rng.integers(0, levels, (tokens, n_x))
+  ly = -0.37 * np.stack([rng.permutation(4 * n_y)[:n_y] for _ in range(tokens)])
+  return lx.astype(np.float32), ly.astype(np.float32)
+
+
 def atomic_experts(x, up, down, w, idx):
   """y_t = sum_k silu(<x_t, up[e]>) w_tk down[e], one pair at a time; invalid ids skipped."""
   x, up, down, w = (np.asarray(a, np.float64) for a in (x, up, down, w))

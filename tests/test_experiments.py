@@ -36,20 +36,23 @@ def test_trace_busy_time_and_kernel_table():
 
 
 def test_topk_exactness_counts_a_rounding_tie():
-  """experiments/topk_exactness.py's full-grid top-k sees the product-key search's one
-  caveat (a rounding tie from outside the candidates) and agrees with it elsewhere."""
+  """experiments/topk_exactness.py's fast full-grid top-k (a partition first, where the
+  tests' brute force sorts every row) returns the brute force's ids, so it sees the
+  product-key search's one caveat (a rounding tie from outside the candidates) and agrees
+  with the search elsewhere."""
   import jax.numpy as jnp
   import numpy as np
 
   from experiments import topk_exactness
   from omnimoe import reference
+  from tests import brute_force as bf
   rng = np.random.default_rng(5)  # the rounding-tie input of tests/test_pallas_router.py
-  lx = (-1e8 - 8.0 * rng.integers(0, 3, (4, 7))).astype(np.float32)
-  ly = (-0.37 * np.stack([rng.permutation(28)[:7] for _ in range(4)])).astype(np.float32)
-  for lx, ly, same in [(lx, ly, False),
-                       (np.log(rng.dirichlet(np.ones(9), 5)), np.log(rng.dirichlet(np.ones(8), 5)),
-                        True)]:
+  tie_input = bf.rounding_ties(rng, 4, 7, 7)
+  plain_input = (np.log(rng.dirichlet(np.ones(9), 5)), np.log(rng.dirichlet(np.ones(8), 5)))
+  for (lx, ly), same in [(tie_input, False), (plain_input, True)]:
     lx, ly = lx.astype(np.float32), ly.astype(np.float32)
-    ids = np.asarray(reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)[1])
     sums = (lx[:, :, None] + ly[:, None, :]).reshape(len(lx), -1)
-    assert np.array_equal(topk_exactness.full_grid_topk(sums, 3), ids) == same
+    got = topk_exactness.full_grid_topk(sums, 3)
+    np.testing.assert_array_equal(got, bf.full_topk(lx, ly, 3)[1])
+    ids = np.asarray(reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)[1])
+    assert np.array_equal(got, ids) == same

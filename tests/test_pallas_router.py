@@ -85,8 +85,7 @@ def test_staircase_merge_falls_back_on_ties(seed, shape, interpret):
   n_x, n_y = int(rng.integers(3, 12)), int(rng.integers(3, 12))
   k = int(rng.integers(3, min(32, n_x * n_y)))
   assert (n_x, n_y, k) == shape
-  lx = (-1e8 - 8.0 * rng.integers(0, 4, (4, n_x))).astype(np.float32)
-  ly = (-0.37 * np.stack([rng.permutation(4 * n_y)[:n_y] for _ in range(4)])).astype(np.float32)
+  lx, ly = bf.rounding_ties(rng, 4, n_x, n_y, levels=4)
   _, want_i = bf.full_topk(lx, ly, k)
   assert np.any(staircase_positions(lx, ly, want_i) > k)  # the data does what it is for
   check_exact(lx, ly, k, interpret, router_topk.RouterConfig(merge="staircase"))
@@ -97,9 +96,7 @@ def test_rounding_ties_outside_the_candidates_follow_the_reference(merge):
   """The product-key search's one caveat (reference.cartesian_topk): a sum from outside
   the k x k candidates that rounds onto the k-th sum and wins its tie by a lower id is
   missed. The kernel keeps the reference's answer there (not the full grid's)."""
-  rng = np.random.default_rng(5)
-  lx = (-1e8 - 8.0 * rng.integers(0, 3, (4, 7))).astype(np.float32)
-  ly = (-0.37 * np.stack([rng.permutation(28)[:7] for _ in range(4)])).astype(np.float32)
+  lx, ly = bf.rounding_ties(np.random.default_rng(5), 4, 7, 7)
   got = router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3, interpret=True,
                                    config=router_topk.RouterConfig(merge=merge))
   want = reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)

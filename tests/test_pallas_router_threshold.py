@@ -67,15 +67,6 @@ def check_exact(lx, ly, k, interpret, sorted_too=True, config=router_threshold.T
   np.testing.assert_array_equal(members(lx, ly, theta, cut), want)
 
 
-def rounding_ties(rng, tokens, n_x, n_y):
-  """lx near -1e8 (float32 spacing 8) and distinct small ly in random column order: many
-  different ly round to the same sum, so a row's tied run of the sorted ly is not in
-  ascending column order."""
-  lx = -1e8 - 8.0 * rng.integers(0, 3, (tokens, n_x))
-  ly = -0.37 * np.stack([rng.permutation(4 * n_y)[:n_y] for _ in range(tokens)])
-  return lx.astype(np.float32), ly.astype(np.float32)
-
-
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("tokens,n_x,n_y,k,quantum", [
     (7, 10, 10, 1, None), (5, 10, 10, 100, 0.125),        # k = 1, k = N with ties
@@ -103,7 +94,7 @@ def test_other_launch_shapes(interpret):
 @pytest.mark.parametrize("n_x,n_y,k", [(10, 17, 41), (17, 10, 91), (32, 32, 500)])
 def test_sums_that_round_together(n_x, n_y, k, interpret):
   rng = np.random.default_rng(n_x * n_y + k)
-  lx, ly = rounding_ties(rng, 4, n_x, n_y)
+  lx, ly = bf.rounding_ties(rng, 4, n_x, n_y)
   # The data does what it is for: in some token's cut row, the first tied columns in
   # sorted-ly order are not the kept ones (the tied columns with the smallest ids).
   scores, idx = bf.full_topk(lx, ly, k)
