@@ -192,7 +192,8 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
                          unique_indices: bool = False) -> jax.Array:
   """`y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`, (T, d) in x.dtype.
 
-  Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
+  Same contract as `omnimoe.ops.atomic_experts` (which validates inputs; empty inputs,
+  no tokens or k = 0, are answered by `expert_ops.atomic_experts` before this); ids outside
   [0, N) contribute nothing, duplicate pairs add up (undefined if `unique_indices`
   promised there were none: the grids are then written by stores, not atomic adds).
   Differentiable in x, up, down and weights; gradients in the dtypes of their inputs,
@@ -201,8 +202,6 @@ def atomic_experts_dense(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   """
   if config.max_block_elements < 1:
     raise ValueError(f"max_block_elements must be >= 1, got {config.max_block_elements}")
-  if x.shape[0] == 0:
-    return jnp.zeros(x.shape, x.dtype)
   rows = block_rows(x.shape[0], up.shape[0], config)
   plan = _Plan(activation, rows, config.keep_grid and rows == x.shape[0], unique_indices)
   return _dense_op(x, up, down, weights, indices, plan)
