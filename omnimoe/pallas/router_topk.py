@@ -12,30 +12,33 @@ Design. One program owns `block_t` tokens and does all of their work in register
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
      the entries holding it (that is the tie rule), knocked out.
+  3. the exactness check of the reference: if the largest sum a cell outside the
+     candidates can have (next row with best column, or best row with next column) ties
+     the k-th key, the token's ties at that key are settled over its whole grid
+     (`_settle_ties`, O(N), in a branch that runs only then).
 That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
 the two rows and writing 2k numbers, and no sort (Triton has none).
-`RouterConfig(merge="staircase")` runs step 2 on the ~k ln k candidates at best-first
-positions (i + 1)(j + 1) <= k only (`staircase`: 119 instead of 1024 lanes at k = 32),
-with a border check that falls back to the whole grid where a float tie could let a cell
-outside them in. Same outputs as "grid" (tests); not yet timed on a GPU, so "grid" stays
-the default (`bench_kernels.py --parts sweep --sweep router` times both). XLA's `lax.top_k`
-with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096, n=1024, k=32, DESIGN.md
-section 3); the published Triton kernel takes the top-k of all N sums (59.5 ms at
-N=2^20). Rows are padded to a power of two (Triton's array sizes) and masked.
-Measured on one H100 (T=4096): 0.163 ms at N=2^20, k=32 (reference in XLA 0.650 ms;
-newer upstream Triton 0.34 ms), 0.096 ms at N=65536, 0.059 ms at N=4096, k=16. Two
-tokens per program on one warp was the fastest of 7 launch shapes: the arg-max
-reductions then never leave the warp. Details: experiments/kernels_notes.md.
+`merge="staircase"` runs step 2 on the ~k ln k candidates at best-first positions
+(i + 1)(j + 1) <= k only (`staircase`: 119 instead of 1024 lanes at k = 32), with a
+border check that falls back to the whole grid where a float tie could let a cell
+outside them in; the default "auto" takes it from k = 32 on (`STAIRCASE_MIN_K`, measured).
+XLA's `lax.top_k` with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096,
+n=1024, k=32, DESIGN.md section 3); the published Triton kernel takes the top-k of all N
+sums (59.5 ms at N=2^20). Rows are padded to a power of two (Triton's array sizes) and
+masked. Measured on one H200 (T=4096, k=32, with the check; kernels_notes.md v8): 0.150
+ms at N=2^20, 0.077 ms at N=65536; the grid merge at k=16, N=4096: 0.020 ms. Two tokens
+per program on one warp was the fastest of 7 launch shapes for the grid merge (the
+arg-max reductions then never leave the warp); the staircase runs faster with one.
 
 k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded emit,
 O(n log n + k) per token, for k in the thousands); n above `MAX_KERNEL_N` falls back to
 the reference. Scores are differentiable: a custom JVP (`score_jvp`, shared by both
 kernels) gathers the tangents of lx and ly at the chosen experts (the kernels only select).
 
-Exactness: as the reference's (see there), including its one caveat: float rounding
-that ties a sum from outside the k x k candidate grid with the k-th sum.
+Exactness: as the reference's (see there): the full-grid top-k under the tie rule,
+float rounding ties included.
 
-Equivalent JAX code (per token, ignoring padding):
+Equivalent JAX code (per token, ignoring padding and step 3):
   ri = argsort(-lx)[:k]; ci = argsort(-ly)[:k]           # stable: lower index first
   cand = (lx[ri][:, None] + ly[ci][None, :]).ravel()
   flat = (ri[:, None] * n_y + ci[None, :]).ravel()
@@ -66,16 +69,28 @@ _INT_MAX = np.int32(np.iinfo(np.int32).max)
 _SIGN_FLIP = np.int32(0x7FFFFFFF)
 
 
-MERGES = ("grid", "staircase")
+MERGES = ("auto", "grid", "staircase")
+# "auto" merges the staircase from this k on, with one token per program (H200, T = 4096,
+# k = 32: n = 256 0.088 -> 0.077 ms, n = 1024 0.163 -> 0.150; at k = 16 the staircase
+# lost, n = 256 0.031 -> 0.038; experiments/kernels_notes.md, v8).
+STAIRCASE_MIN_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-  block_t: int = 2      # tokens per program
+  block_t: int = 0      # tokens per program; 0: 1 for the staircase merge, 2 for the grid
   num_warps: int = 0    # 0: one warp per 2048 elements of the larger in-register array
   num_stages: int = 1
   max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
-  merge: str = "grid"   # step 2's candidates: "grid" (all k_x k_y) or "staircase"
+  merge: str = "auto"   # step 2's candidates: "grid" (all k_x k_y), "staircase" or "auto"
+
+  def resolved(self, k: int) -> RouterConfig:
+    """The config with "auto" and block_t = 0 replaced by what they pick at this k."""
+    merge = self.merge
+    if merge == "auto":
+      merge = "staircase" if k >= STAIRCASE_MIN_K else "grid"
+    block_t = self.block_t or (1 if merge == "staircase" else 2)
+    return dataclasses.replace(self, merge=merge, block_t=block_t)
 
 
 def _ordered_key(v: jax.Array) -> jax.Array:
@@ -96,7 +111,8 @@ def _key_to_float(key: jax.Array) -> jax.Array:
 
 
 def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
-  """Positions of the `count` best entries of each row of ref[rows, :n], best first."""
+  """Positions of the `count` best entries of each row of ref[rows, :n], best first, their
+  values, and the key of the next best entry (INT_MIN where count = n)."""
   cols = common.iota(common.pow2(n))[None, :]
   vals = plt.load(ref.at[rows[:, None], cols], mask=row_mask[:, None] & (cols < n),
                   other=0.0).astype(jnp.float32)
@@ -109,10 +125,10 @@ def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
     return jnp.where(cols == pick, _INT_MIN, keys), jnp.where(slots == m, pick, picks)
 
   init = (keys, jnp.zeros((rows.shape[0], width), jnp.int32))
-  _, picks = lax.fori_loop(0, count, round_, init)
+  rest, picks = lax.fori_loop(0, count, round_, init)
   got = row_mask[:, None] & (slots < count)
   vals = plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32)
-  return vals, picks
+  return vals, picks, jnp.max(rest, axis=1, keepdims=True)
 
 
 def _merge(keys, flat, k: int):
@@ -190,6 +206,51 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
   return padded(cells) + padded(border)
 
 
+def _outside_bound(rv, cv, next_x, next_y):
+  """Key of the largest float sum a cell outside the k_x x k_y candidates can have (float
+  addition is monotone): the next row with the best column, or the best row with the next
+  column; INT_MIN where neither axis has a next entry."""
+  def key(a, b, nxt):
+    return jnp.where(nxt == _INT_MIN, _INT_MIN, _ordered_key(a + b))
+
+  def best(v):  # v[:, :1] (Triton cannot slice a register array)
+    return jnp.max(jnp.where(common.iota(v.shape[1]) == 0, v, -jnp.inf), axis=1, keepdims=True)
+  return jnp.maximum(key(_key_to_float(next_x), best(cv), next_x),
+                     key(best(rv), _key_to_float(next_y), next_y))
+
+
+def _settle_ties(lx_ref, ly_ref, rows, tied, theta, best_key, best_idx, k: int):
+  """For the `tied` tokens (a cell outside the candidates may equal theta, the k-th key):
+  keep the keys above theta, fill the other slots with the lowest flat ids of all grid
+  cells whose key is theta, walking the grid row by row. O(N) a token; it runs only when
+  a rounding tie reaches theta (the reference's `_exact_ties`)."""
+  n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
+  cols = common.iota(common.pow2(n_y))[None, :]
+  slots = common.iota(best_key.shape[1])[None, :]
+  ly = plt.load(ly_ref.at[rows[:, None], cols], mask=tied & (cols < n_y),
+                other=0.0).astype(jnp.float32)
+  above = (best_key > theta) & (slots < k)
+  filled = jnp.where(tied, jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True), k)
+
+  def row_(i, carry):
+    lxi = plt.load(lx_ref.at[rows, i], mask=jnp.max(tied.astype(jnp.int32), axis=1) > 0,
+                   other=0.0).astype(jnp.float32)
+    eq = (_ordered_key(lxi[:, None] + ly) == theta) & (cols < n_y)
+
+    def emit(c):
+      best_key, best_idx, filled, eq = c
+      j = jnp.min(jnp.where(eq, cols, _INT_MAX), axis=1, keepdims=True)
+      hit = (slots == filled) & (j < _INT_MAX)
+      return (jnp.where(hit, theta, best_key), jnp.where(hit, i * n_y + j, best_idx),
+              filled + (filled < k).astype(jnp.int32) * (j < _INT_MAX), eq & (cols != j))
+
+    pending = lambda c: jnp.max((c[3] & (c[2] < k)).astype(jnp.int32)) > 0
+    return lax.while_loop(pending, emit, carry[:3] + (eq,))[:3]
+
+  best_key, best_idx, _ = lax.fori_loop(0, n_x, row_, (best_key, best_idx, filled))
+  return best_key, best_idx
+
+
 def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   *stair_refs, scores_ref, idx_ref = refs
   tokens, n_x = lx_ref.shape
@@ -197,9 +258,12 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   kx, ky = min(k, n_x), min(k, n_y)
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
-  rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
-  cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
+  rv, ri, next_x = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
+  cv, ci, next_y = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
   whole_grid = lambda: _merge(*_grid_candidates(rv, ri, cv, ci, kx, ky, n_y), k)
+  kth_key = lambda best_key: jnp.max(
+      jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN), axis=1,
+      keepdims=True)
   if merge == "grid":
     best_key, best_idx = whole_grid()
   else:
@@ -207,12 +271,16 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
                      for pair in (stair_refs[:2], stair_refs[2:]))
     flat = _take_lanes(ri, cells[0], 0) * n_y + _take_lanes(ci, cells[1], 0)
     best_key, best_idx = _merge(_cell_keys(rv, cv, *cells), flat, k)
-    theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
-                    axis=1, keepdims=True)
     # theta is a real cell's key, so padded border lanes (INT_MIN) never match it.
     border_key = _cell_keys(rv, cv, *border)
-    tie = jnp.max(((border_key == theta) & live[:, None]).astype(jnp.int32)) > 0
+    tie = jnp.max(((border_key == kth_key(best_key)) & live[:, None]).astype(jnp.int32)) > 0
     best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
+  theta = kth_key(best_key)
+  tied = (_outside_bound(rv, cv, next_x, next_y) == theta) & live[:, None]
+  best_key, best_idx = lax.cond(
+      jnp.max(tied.astype(jnp.int32)) > 0,
+      lambda: _settle_ties(lx_ref, ly_ref, rows, tied, theta, best_key, best_idx, k),
+      lambda: (best_key, best_idx))
   slots = common.iota(best_key.shape[1])[None, :]
   out = (t[:, None], slots)
   mask = live[:, None] & (slots < k)
@@ -272,9 +340,11 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
   """
   if config.merge not in MERGES:
     raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {config.merge!r}")
+  if config.block_t < 0:
+    raise ValueError(f"RouterConfig.block_t must be >= 0 (0: auto), got {config.block_t}")
   if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
   if k > config.max_kernel_k:
     from omnimoe.pallas import router_threshold  # it imports this module's helpers
     return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, interpret=interpret)
-  return _cartesian_topk(lx, ly, k, config, common.resolve_interpret(interpret))
+  return _cartesian_topk(lx, ly, k, config.resolved(k), common.resolve_interpret(interpret))
