@@ -40,8 +40,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -303,8 +301,7 @@ def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
 def main_run(args):
   device = jax.devices()[0].device_kind
   tag = device.lower().replace(" ", "-")
-  say(f"device {device}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S')}; "
-      f"argv {' '.join(sys.argv)}")
+  say(benchlib.run_header())
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"headline-{tag}.json")
   if args.crossover:

@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -551,8 +550,7 @@ def main():
   parts = args.parts.split(",")
   device = jax.devices()[0].device_kind
   tag = device.lower().replace(" ", "-")
-  say(f"device {device}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S')}; "
-      f"argv {' '.join(sys.argv)}")
+  say(benchlib.run_header())
   detail = dict(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
   os.makedirs(args.out, exist_ok=True)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import glob
+import os
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -27,6 +29,14 @@ def say(*args):
   line = " ".join(str(a) for a in args)
   print(line, flush=True)
   LOG.append(line)
+
+
+def run_header() -> str:
+  """One line naming what produced a log: device, JAX, time, command line and XLA_FLAGS
+  (flags such as the command-buffer scheduling mode change every figure)."""
+  return (f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}; argv {' '.join(sys.argv)}; "
+          f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
 
 
 def timeit(fn, arg_sets, *, trials=7, target_s=0.02):

@@ -31,7 +31,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.benchlib import kernel_times, say, timeit
+from experiments.benchlib import kernel_times, run_header, say, timeit
 from omnimoe import data, params, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu.py", "Experiment config file.")
@@ -79,7 +79,7 @@ def breakdown(config) -> dict:
 
 
 def main(_) -> None:
-  say(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; argv {' '.join(sys.argv)}")
+  say(run_header())
   rows = {kind: breakdown(params.ffn_variant(copy.deepcopy(_CONFIG.value), kind,
                                              WIDTH_MULTIPLE))
           for kind in _KINDS.value}
