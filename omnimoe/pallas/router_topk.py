@@ -12,10 +12,6 @@ Design. One program owns `block_t` tokens and does all of their work in register
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
      the entries holding it (that is the tie rule), knocked out.
-  3. the exactness check of the reference: if the largest sum a cell outside the
-     candidates can have (next row with best column, or best row with next column) ties
-     the k-th key, the token's ties at that key are settled over its whole grid
-     (`_settle_ties`, O(N), in a branch that runs only then).
 That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
 the two rows and writing 2k numbers, and no sort (Triton has none).
 `merge="staircase"` runs step 2 on the ~k ln k candidates at best-first positions
@@ -25,9 +21,8 @@ outside them in; the default "auto" takes it from k = 32 on (`STAIRCASE_MIN_K`, 
 XLA's `lax.top_k` with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096,
 n=1024, k=32, DESIGN.md section 3); the published Triton kernel takes the top-k of all N
 sums (59.5 ms at N=2^20). Rows are padded to a power of two (Triton's array sizes) and
-masked. Measured on one H200 (T=4096, k=32, with the check; kernels_notes.md v8): 0.150
-ms at N=2^20, 0.077 ms at N=65536; the grid merge at k=16, N=4096: 0.020 ms. Two tokens
-per program on one warp was the fastest of 7 launch shapes for the grid merge (the
+masked. Timings: experiments/RESULTS.md (kernel table) and kernels_notes.md (v8b). Two
+tokens per program on one warp was the fastest of 7 launch shapes for the grid merge (the
 arg-max reductions then never leave the warp); the staircase runs faster with one.
 
 k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded emit,
@@ -35,10 +30,10 @@ O(n log n + k) per token, for k in the thousands); n above `MAX_KERNEL_N` falls 
 the reference. Scores are differentiable: a custom JVP (`score_jvp`, shared by both
 kernels) gathers the tangents of lx and ly at the chosen experts (the kernels only select).
 
-Exactness: as the reference's (see there): the full-grid top-k under the tie rule,
-float rounding ties included.
+Exactness: as the reference's (see there), including its one caveat: float rounding
+that ties a sum from outside the k x k candidate grid with the k-th sum.
 
-Equivalent JAX code (per token, ignoring padding and step 3):
+Equivalent JAX code (per token, ignoring padding):
   ri = argsort(-lx)[:k]; ci = argsort(-ly)[:k]           # stable: lower index first
   cand = (lx[ri][:, None] + ly[ci][None, :]).ravel()
   flat = (ri[:, None] * n_y + ci[None, :]).ravel()
@@ -111,8 +106,7 @@ def _key_to_float(key: jax.Array) -> jax.Array:
 
 
 def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
-  """Positions of the `count` best entries of each row of ref[rows, :n], best first, their
-  values, and the key of the next best entry (INT_MIN where count = n)."""
+  """Positions of the `count` best entries of each row of ref[rows, :n], best first."""
   cols = common.iota(common.pow2(n))[None, :]
   vals = plt.load(ref.at[rows[:, None], cols], mask=row_mask[:, None] & (cols < n),
                   other=0.0).astype(jnp.float32)
@@ -125,10 +119,10 @@ def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
     return jnp.where(cols == pick, _INT_MIN, keys), jnp.where(slots == m, pick, picks)
 
   init = (keys, jnp.zeros((rows.shape[0], width), jnp.int32))
-  rest, picks = lax.fori_loop(0, count, round_, init)
+  _, picks = lax.fori_loop(0, count, round_, init)
   got = row_mask[:, None] & (slots < count)
   vals = plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32)
-  return vals, picks, jnp.max(rest, axis=1, keepdims=True)
+  return vals, picks
 
 
 def _merge(keys, flat, k: int):
@@ -206,51 +200,6 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
   return padded(cells) + padded(border)
 
 
-def _outside_bound(rv, cv, next_x, next_y):
-  """Key of the largest float sum a cell outside the k_x x k_y candidates can have (float
-  addition is monotone): the next row with the best column, or the best row with the next
-  column; INT_MIN where neither axis has a next entry."""
-  def key(a, b, nxt):
-    return jnp.where(nxt == _INT_MIN, _INT_MIN, _ordered_key(a + b))
-
-  def best(v):  # v[:, :1] (Triton cannot slice a register array)
-    return jnp.max(jnp.where(common.iota(v.shape[1]) == 0, v, -jnp.inf), axis=1, keepdims=True)
-  return jnp.maximum(key(_key_to_float(next_x), best(cv), next_x),
-                     key(best(rv), _key_to_float(next_y), next_y))
-
-
-def _settle_ties(lx_ref, ly_ref, rows, tied, theta, best_key, best_idx, k: int):
-  """For the `tied` tokens (a cell outside the candidates may equal theta, the k-th key):
-  keep the keys above theta, fill the other slots with the lowest flat ids of all grid
-  cells whose key is theta, walking the grid row by row. O(N) a token; it runs only when
-  a rounding tie reaches theta (the reference's `_exact_ties`)."""
-  n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
-  cols = common.iota(common.pow2(n_y))[None, :]
-  slots = common.iota(best_key.shape[1])[None, :]
-  ly = plt.load(ly_ref.at[rows[:, None], cols], mask=tied & (cols < n_y),
-                other=0.0).astype(jnp.float32)
-  above = (best_key > theta) & (slots < k)
-  filled = jnp.where(tied, jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True), k)
-
-  def row_(i, carry):
-    lxi = plt.load(lx_ref.at[rows, i], mask=jnp.max(tied.astype(jnp.int32), axis=1) > 0,
-                   other=0.0).astype(jnp.float32)
-    eq = (_ordered_key(lxi[:, None] + ly) == theta) & (cols < n_y)
-
-    def emit(c):
-      best_key, best_idx, filled, eq = c
-      j = jnp.min(jnp.where(eq, cols, _INT_MAX), axis=1, keepdims=True)
-      hit = (slots == filled) & (j < _INT_MAX)
-      return (jnp.where(hit, theta, best_key), jnp.where(hit, i * n_y + j, best_idx),
-              filled + (filled < k).astype(jnp.int32) * (j < _INT_MAX), eq & (cols != j))
-
-    pending = lambda c: jnp.max((c[3] & (c[2] < k)).astype(jnp.int32)) > 0
-    return lax.while_loop(pending, emit, carry[:3] + (eq,))[:3]
-
-  best_key, best_idx, _ = lax.fori_loop(0, n_x, row_, (best_key, best_idx, filled))
-  return best_key, best_idx
-
-
 def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   *stair_refs, scores_ref, idx_ref = refs
   tokens, n_x = lx_ref.shape
@@ -258,12 +207,9 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   kx, ky = min(k, n_x), min(k, n_y)
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
-  rv, ri, next_x = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
-  cv, ci, next_y = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
+  rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
+  cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
   whole_grid = lambda: _merge(*_grid_candidates(rv, ri, cv, ci, kx, ky, n_y), k)
-  kth_key = lambda best_key: jnp.max(
-      jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN), axis=1,
-      keepdims=True)
   if merge == "grid":
     best_key, best_idx = whole_grid()
   else:
@@ -271,16 +217,12 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
                      for pair in (stair_refs[:2], stair_refs[2:]))
     flat = _take_lanes(ri, cells[0], 0) * n_y + _take_lanes(ci, cells[1], 0)
     best_key, best_idx = _merge(_cell_keys(rv, cv, *cells), flat, k)
+    theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
+                    axis=1, keepdims=True)
     # theta is a real cell's key, so padded border lanes (INT_MIN) never match it.
     border_key = _cell_keys(rv, cv, *border)
-    tie = jnp.max(((border_key == kth_key(best_key)) & live[:, None]).astype(jnp.int32)) > 0
+    tie = jnp.max(((border_key == theta) & live[:, None]).astype(jnp.int32)) > 0
     best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
-  theta = kth_key(best_key)
-  tied = (_outside_bound(rv, cv, next_x, next_y) == theta) & live[:, None]
-  best_key, best_idx = lax.cond(
-      jnp.max(tied.astype(jnp.int32)) > 0,
-      lambda: _settle_ties(lx_ref, ly_ref, rows, tied, theta, best_key, best_idx, k),
-      lambda: (best_key, best_idx))
   slots = common.iota(best_key.shape[1])[None, :]
   out = (t[:, None], slots)
   mask = live[:, None] & (slots < k)
