@@ -152,26 +152,40 @@ def _grid_candidates(rv, ri, cv, ci, kx: int, ky: int, n_y: int):
   return keys.reshape(block_t, wx * wy), flat.reshape(block_t, wx * wy)
 
 
-def _take_lanes(vals, pos, fill):
-  """vals[:, pos] of a register array (block_t, w) at lane positions pos (L,), fill
-  where pos < 0. Triton has no register gather: each source lane is read out by a masked
-  max over w and spread to the lanes that want it, w steps of O(w + L) work (a one-hot
-  (block_t, L, w) array would hold L w values per token in registers)."""
-  lanes = common.iota(vals.shape[1])[None, :]
+def _take_lanes(reads):
+  """[vals[:, pos] for (vals, pos, fill) in reads]: register arrays (block_t, w) of one
+  width w read at lane positions pos (L,), fill where pos < 0. Triton has no register
+  gather: each source lane is read out by a masked max over w and spread to the lanes
+  that want it, w steps of O(w + L) work (a one-hot (block_t, L, w) array would hold L w
+  values per token in registers). All reads share the w steps: their reductions in a step
+  are independent, so the dependent chain is w reductions, not w per read."""
+  lanes = common.iota(reads[0][0].shape[1])[None, :]
 
-  def spread(p, out):
-    lane = jnp.max(jnp.where(lanes == p, vals, fill), axis=1, keepdims=True)
-    return jnp.where(pos[None, :] == p, lane, out)
+  def spread(p, outs):
+    return tuple(
+        jnp.where(pos[None, :] == p,
+                  jnp.max(jnp.where(lanes == p, vals, fill), axis=1, keepdims=True), out)
+        for (vals, pos, fill), out in zip(reads, outs))
 
-  out = jnp.full((vals.shape[0], pos.shape[0]), fill, vals.dtype)
-  return lax.fori_loop(0, vals.shape[1], spread, out)
+  init = tuple(jnp.full((vals.shape[0], pos.shape[0]), fill, vals.dtype)
+               for vals, pos, fill in reads)
+  return lax.fori_loop(0, lanes.shape[1], spread, init)
 
 
-def _cell_keys(rv, cv, rows, cols):
-  """Keys of the sums at the (row, col) positions of the two sorted pick lists; INT_MIN
-  (below every float's key) where row is -1 (no cell)."""
-  v = _take_lanes(rv, rows, -jnp.inf) + _take_lanes(cv, cols, -jnp.inf)
-  return jnp.where((rows >= 0)[None, :], _ordered_key(v), _INT_MIN)
+def _staircase_candidates(rv, ri, cv, ci, cells, border, n_y: int):
+  """Keys and flat ids of the staircase cells, and the border cells' keys (INT_MIN, below
+  every float's key, where a position is -1: padding). The row side's and the column
+  side's reads each share one loop (one loop in all when both lists have one width)."""
+  row_reads = [(ri, cells[0], 0), (rv, cells[0], -jnp.inf), (rv, border[0], -jnp.inf)]
+  col_reads = [(ci, cells[1], 0), (cv, cells[1], -jnp.inf), (cv, border[1], -jnp.inf)]
+  if rv.shape[1] == cv.shape[1]:
+    got = _take_lanes(row_reads + col_reads)
+  else:
+    got = _take_lanes(row_reads) + _take_lanes(col_reads)
+  row_id, row_v, border_row_v, col_id, col_v, border_col_v = got
+  key = lambda v, pos: jnp.where((pos >= 0)[None, :], _ordered_key(v), _INT_MIN)
+  return (key(row_v + col_v, cells[0]), row_id * n_y + col_id,
+          key(border_row_v + border_col_v, border[0]))
 
 
 @functools.cache
@@ -215,12 +229,11 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   else:
     cells, border = ([plt.load(r.at[common.iota(r.shape[0])]) for r in pair]
                      for pair in (stair_refs[:2], stair_refs[2:]))
-    flat = _take_lanes(ri, cells[0], 0) * n_y + _take_lanes(ci, cells[1], 0)
-    best_key, best_idx = _merge(_cell_keys(rv, cv, *cells), flat, k)
+    keys, flat, border_key = _staircase_candidates(rv, ri, cv, ci, cells, border, n_y)
+    best_key, best_idx = _merge(keys, flat, k)
     theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
                     axis=1, keepdims=True)
     # theta is a real cell's key, so padded border lanes (INT_MIN) never match it.
-    border_key = _cell_keys(rv, cv, *border)
     tie = jnp.max(((border_key == theta) & live[:, None]).astype(jnp.int32)) > 0
     best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
   slots = common.iota(best_key.shape[1])[None, :]
