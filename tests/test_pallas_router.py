@@ -107,17 +107,17 @@ def test_rounding_ties_outside_the_candidates_follow_the_reference(merge):
 
 
 @pytest.mark.parametrize("merge", router_topk.MERGES)
-@pytest.mark.parametrize("n,k", [(256, 32), (17, 40), (64, 16)])
-def test_kernel_lowers_to_triton(merge, n, k):
-  """The kernel (every merge, the staircase's fallback branch included) lowers to Triton
-  IR for CUDA, on CPU too: catches what interpret mode accepts and the Triton lowering
-  lacks (e.g. slicing a register array)."""
+@pytest.mark.parametrize("n_x,n_y,k", [(256, 256, 32), (17, 17, 40), (64, 64, 16), (6, 9, 10)])
+def test_kernel_lowers_to_triton(merge, n_x, n_y, k):
+  """The kernel (every merge, the staircase's fallback branch included; axes sharing one
+  loop or not) lowers to Triton IR for CUDA, on CPU too: catches what interpret mode
+  accepts and the Triton lowering lacks (e.g. slicing a register array)."""
   config = router_topk.RouterConfig(merge=merge, max_kernel_k=max(k, 32))
   triton = "__gpu$xla.gpu.triton"
   fn = lambda a, b: router_topk.cartesian_topk(a, b, k, config=config, interpret=False)
   lowered = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
       export.DisabledSafetyCheck.custom_call(triton)])(
-          *[jax.ShapeDtypeStruct((7, n), jnp.float32)] * 2)
+          *[jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)])
   assert lowered.mlir_module().count(f"@{triton}") == 1
 
 

@@ -7,7 +7,7 @@ by lower index). Exactness of the product-key search is argued there.
 Design. One program owns `block_t` tokens and does all of their work in registers:
   1. per-axis top-k of `lx` and `ly`: `min(k, n)` rounds of an arg-max over the row
      (Triton's arg-max breaks ties to the lower index, our per-axis rule), the winner
-     knocked out after each round. Scores are compared as order-preserving int32 keys
+     knocked out after each round; both axes in one loop where their counts agree. Scores are compared as order-preserving int32 keys
      (IEEE bits with the negative half flipped, -0.0 folded into +0.0), so that a
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
@@ -105,24 +105,34 @@ def _key_to_float(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(key ^ ((key >> 31) & _SIGN_FLIP), jnp.float32)
 
 
-def _axis_topk(ref, rows, row_mask, n: int, count: int, width: int):
-  """Positions of the `count` best entries of each row of ref[rows, :n], best first."""
-  cols = common.iota(common.pow2(n))[None, :]
-  vals = plt.load(ref.at[rows[:, None], cols], mask=row_mask[:, None] & (cols < n),
-                  other=0.0).astype(jnp.float32)
-  keys = jnp.where(cols < n, _ordered_key(vals), _INT_MIN)
-  slots = common.iota(width)[None, :]
+def _axes_topk(axes, rows, row_mask, count: int):
+  """For each axis (ref, n, width): the positions of the `count` best entries of each row
+  of ref[rows, :n], best first, and their values. The axes share one loop of rounds, so
+  their arg-max reductions in a round are independent and overlap."""
+  loaded = []
+  for ref, n, width in axes:
+    cols = common.iota(common.pow2(n))[None, :]
+    vals = plt.load(ref.at[rows[:, None], cols], mask=row_mask[:, None] & (cols < n),
+                    other=0.0).astype(jnp.float32)
+    loaded.append((cols, common.iota(width)[None, :],
+                   jnp.where(cols < n, _ordered_key(vals), _INT_MIN)))
 
   def round_(m, carry):
-    keys, picks = carry
-    pick = lax.argmax(keys, 1, jnp.int32)[:, None]
-    return jnp.where(cols == pick, _INT_MIN, keys), jnp.where(slots == m, pick, picks)
+    out = []
+    for (cols, slots, _), (keys, picks) in zip(loaded, carry):
+      pick = lax.argmax(keys, 1, jnp.int32)[:, None]
+      out.append((jnp.where(cols == pick, _INT_MIN, keys), jnp.where(slots == m, pick, picks)))
+    return tuple(out)
 
-  init = (keys, jnp.zeros((rows.shape[0], width), jnp.int32))
-  _, picks = lax.fori_loop(0, count, round_, init)
-  got = row_mask[:, None] & (slots < count)
-  vals = plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32)
-  return vals, picks
+  init = tuple((keys, jnp.zeros((rows.shape[0], slots.shape[1]), jnp.int32))
+               for _, slots, keys in loaded)
+  results = []
+  for (ref, _, _), (_, slots, _), (_, picks) in zip(axes, loaded,
+                                                    lax.fori_loop(0, count, round_, init)):
+    got = row_mask[:, None] & (slots < count)
+    results.append((plt.load(ref.at[rows[:, None], picks], mask=got,
+                             other=0.0).astype(jnp.float32), picks))
+  return results
 
 
 def _merge(keys, flat, k: int):
@@ -221,8 +231,12 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   kx, ky = min(k, n_x), min(k, n_y)
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
-  rv, ri = _axis_topk(lx_ref, rows, live, n_x, kx, wx)
-  cv, ci = _axis_topk(ly_ref, rows, live, n_y, ky, wy)
+  x_axis, y_axis = (lx_ref, n_x, wx), (ly_ref, n_y, wy)
+  if kx == ky:
+    (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
+  else:
+    [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
+                              _axes_topk([y_axis], rows, live, ky))
   whole_grid = lambda: _merge(*_grid_candidates(rv, ri, cv, ci, kx, ky, n_y), k)
   if merge == "grid":
     best_key, best_idx = whole_grid()
