@@ -7,7 +7,8 @@ by lower index). Exactness of the product-key search is argued there.
 Design. One program owns `block_t` tokens and does all of their work in registers:
   1. per-axis top-k of `lx` and `ly`: `min(k, n)` rounds of an arg-max over the row
      (Triton's arg-max breaks ties to the lower index, our per-axis rule), the winner
-     knocked out after each round; both axes in one loop where their counts agree. Scores are compared as order-preserving int32 keys
+     knocked out after each round; both axes in one loop where their counts agree and
+     both rows fit in registers. Scores are compared as order-preserving int32 keys
      (IEEE bits with the negative half flipped, -0.0 folded into +0.0), so that a
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
@@ -224,7 +225,7 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
   return padded(cells) + padded(border)
 
 
-def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
+def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, share_axes: bool):
   *stair_refs, scores_ref, idx_ref = refs
   tokens, n_x = lx_ref.shape
   n_y = ly_ref.shape[1]
@@ -232,7 +233,7 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str):
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
   x_axis, y_axis = (lx_ref, n_x, wx), (ly_ref, n_y, wy)
-  if kx == ky:
+  if share_axes and kx == ky:
     (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
   else:
     [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
@@ -287,13 +288,18 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   tokens = lx.shape[0]
   stair = () if config.merge == "grid" else tuple(
       jnp.asarray(a) for a in staircase(min(k, lx.shape[1]), min(k, ly.shape[1]), k))
-  kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge)
+  num_warps = _num_warps(config, max(lx.shape[1], ly.shape[1]), k)
+  # Both axes' rows live at once when their rounds share a loop: only where they fit in
+  # 32 registers a thread (n <= 512 at the default launch shapes; a guess, untimed).
+  rows = config.block_t * (common.pow2(lx.shape[1]) + common.pow2(ly.shape[1]))
+  kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge,
+                             share_axes=rows <= 32 * 32 * num_warps)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                  jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
       grid=(common.cdiv(tokens, config.block_t),),
-      num_warps=_num_warps(config, max(lx.shape[1], ly.shape[1]), k),
+      num_warps=num_warps,
       num_stages=config.num_stages, interpret=interpret, name="cartesian_topk")(lx, ly, *stair)
 
 
