@@ -352,10 +352,11 @@ def part_stages(seed):
 
 # ----------------------------------------------------------------------------- sweep
 
-# (block_t, num_warps, merge) of the router sweep
-ROUTER_SWEEP_CONFIGS = [(1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"), (2, 2, "grid"),
-                        (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"), (1, 1, "staircase"),
-                        (2, 1, "staircase"), (2, 2, "staircase"), (4, 2, "staircase")]
+# (block_t, num_warps, merge) of the router sweep; 0 and "auto": what the default picks
+ROUTER_SWEEP_CONFIGS = [(0, 0, "auto"), (1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"),
+                        (2, 2, "grid"), (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"),
+                        (1, 1, "staircase"), (1, 2, "staircase"), (2, 1, "staircase"),
+                        (2, 2, "staircase"), (4, 2, "staircase")]
 
 
 def part_sweep(seed, kinds, cases):
