@@ -233,7 +233,7 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, shar
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
   x_axis, y_axis = (lx_ref, n_x, wx), (ly_ref, n_y, wy)
-  if share_axes and kx == ky:
+  if share_axes:
     (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
   else:
     [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
@@ -289,11 +289,12 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   stair = () if config.merge == "grid" else tuple(
       jnp.asarray(a) for a in staircase(min(k, lx.shape[1]), min(k, ly.shape[1]), k))
   num_warps = _num_warps(config, max(lx.shape[1], ly.shape[1]), k)
-  # Both axes' rows live at once when their rounds share a loop: only where they fit in
-  # 32 registers a thread (n <= 512 at the default launch shapes; a guess, untimed).
+  # The axes' rounds share a loop where their counts agree and both rows, live at once,
+  # fit in 32 registers a thread (n <= 512 at the default launch shapes; a guess, untimed).
   rows = config.block_t * (common.pow2(lx.shape[1]) + common.pow2(ly.shape[1]))
+  share_axes = min(k, lx.shape[1]) == min(k, ly.shape[1]) and rows <= 32 * 32 * num_warps
   kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge,
-                             share_axes=rows <= 32 * 32 * num_warps)
+                             share_axes=share_axes)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
