@@ -15,6 +15,7 @@ from omnimoe import ops, reference
 from omnimoe.pallas import bucketing, expert_ops
 from tests import brute_force as bf
 from tests.test_pallas_router import MODES
+from tests.triton_lowering import triton_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 SMALL = expert_ops.ExpertConfig(
@@ -142,3 +143,20 @@ def test_lines_path_through_the_op(interpret):
   args, idx, dy = expert_inputs(rng, 19, 96, 100, 25)
   lines = expert_ops.ExpertConfig(path="lines")
   check_against_brute_force(args, idx, dy, interpret, lines, TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("path,forward_impl,fwd_kernels,grad_kernels", [
+    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("lines", "xla", 2, 4)])
+def test_kernels_lower_to_triton(path, forward_impl, fwd_kernels, grad_kernels, dtype):
+  """Every Pallas path of the op, forward and gradients, lowers to Triton IR for CUDA
+  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count."""
+  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl)
+  f = lambda *a: expert_ops.atomic_experts(*a, config=config, interpret=False)
+  grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+  tokens, d, n_experts, k = 37, 96, 300, 5
+  shapes = [jax.ShapeDtypeStruct(s, dt) for s, dt in [
+      ((tokens, d), dtype), ((n_experts, d), dtype), ((n_experts, d), dtype),
+      ((tokens, k), dtype), ((tokens, k), jnp.int32)]]
+  assert triton_kernels(f, *shapes) == fwd_kernels
+  assert triton_kernels(grad, *shapes) == grad_kernels

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 
 from omnimoe import ops, reference
 from omnimoe.pallas import router_topk
 from tests import brute_force as bf
+from tests.triton_lowering import triton_kernels
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 MODES = [pytest.param(True, id="interpret"),
@@ -113,12 +113,8 @@ def test_kernel_lowers_to_triton(merge, n_x, n_y, k):
   loop or not) lowers to Triton IR for CUDA, on CPU too: catches what interpret mode
   accepts and the Triton lowering lacks (e.g. slicing a register array)."""
   config = router_topk.RouterConfig(merge=merge, max_kernel_k=max(k, 32))
-  triton = "__gpu$xla.gpu.triton"
   fn = lambda a, b: router_topk.cartesian_topk(a, b, k, config=config, interpret=False)
-  lowered = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-      export.DisabledSafetyCheck.custom_call(triton)])(
-          *[jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)])
-  assert lowered.mlir_module().count(f"@{triton}") == 1
+  assert triton_kernels(fn, *[jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)]) == 1
 
 
 def test_bad_config_is_refused():
