@@ -240,7 +240,7 @@ def crossover(args, device, tag):
 ROUTER_CONFIG_TOKENS = 4096
 ROUTER_CONFIG_CASES = ((320, 512), (320, 4096), (1024, 64), (1024, 512))
 THRESHOLD_GRID = ((1, 0), (1, 1), (1, 2), (1, 4), (2, 1), (2, 4))  # (block_t, num_warps)
-EMIT_GRID = ((8, 32, 4), (4, 32, 1), (8, 32, 2), (16, 32, 4), (16, 16, 2), (8, 64, 4))  # (rows, cols, warps)
+EMIT_GRID = ((1, 256, 4), (1, 256, 2), (1, 1024, 8), (2, 1024, 4))  # (block_t, slots, warps)
 
 
 def router_configs(args, device, tag):
@@ -272,8 +272,8 @@ def router_configs(args, device, tag):
               "topk": functools.partial(rt.cartesian_topk, sorted=False)}
     want = {stage: fn(*sets[0], k) for stage, fn in stages.items()}
     grid = [("threshold", dict(block_t=b, num_warps=w)) for b, w in THRESHOLD_GRID]
-    grid += [("topk", dict(emit_rows=r, emit_cols=c, emit_num_warps=w))
-             for r, c, w in EMIT_GRID]
+    grid += [("topk", dict(emit_block_t=b, emit_slots=sl, emit_num_warps=w))
+             for b, sl, w in EMIT_GRID]
     for stage, fields in grid:
       config = dataclasses.replace(rt.ThresholdConfig(), **fields)
       fn = lambda lx, ly, op=stages[stage], c=config: op(lx, ly, k, config=c)

@@ -83,12 +83,11 @@ def test_matches_full_topk(tokens, n_x, n_y, k, quantum, interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_other_launch_shapes(interpret):
-  """Four tokens per threshold program; emit tiles of 2 rows x 4 and 16 x 2 positions."""
+  """Four tokens per threshold program, one per emit program, 16 slots per emit step."""
   rng = np.random.default_rng(15)
   lx, ly = bf.log_probs(rng, 7, 10, 0.25), bf.log_probs(rng, 7, 12, 0.25)
-  for rows, cols in [(2, 4), (16, 2)]:
-    config = router_threshold.ThresholdConfig(block_t=4, emit_rows=rows, emit_cols=cols)
-    check_exact(lx, ly, 50, interpret, config=config)
+  config = router_threshold.ThresholdConfig(block_t=4, emit_block_t=1, emit_slots=16)
+  check_exact(lx, ly, 50, interpret, config=config)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -182,7 +181,7 @@ def test_bad_config_and_k():
 def test_kernels_lower_to_triton(block_t, n_x, n_y, k):
   """Both kernels lower to Triton IR for CUDA, which runs on CPU too: catches what interpret
   mode accepts and the Triton lowering lacks (e.g. slicing a register array)."""
-  config = router_threshold.ThresholdConfig(block_t=block_t, emit_rows=block_t)
+  config = router_threshold.ThresholdConfig(block_t=block_t, emit_block_t=block_t)
   shapes = [jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)]
   for kernels, fn in [(2, lambda a, b: router_threshold.cartesian_topk(
                           a, b, k, sorted=False, config=config, interpret=False)),

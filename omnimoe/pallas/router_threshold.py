@@ -36,13 +36,10 @@ rows (rows stay in id order, which is what the tie rule and the emit order need)
      also writes each row's running total of kept pairs (`ends`, (T, n_x)).
   B. `_emit_kernel` writes the k pairs without sorting. Row i keeps a prefix of the sorted
      column list (the cut row: its `gt` prefix, then its kept ties); the kept counts'
-     running totals give each row's output offset. One program a token walks tiles of
-     `emit_rows` rows x `emit_cols` sorted positions: for each block of rows, column
-     tiles until the block's longest prefix ends; lane (i, p) reads ly and the column id
-     at sorted position p and stores pair (i, col[p]) to slot start(i) + p if p is within
-     row i's prefix (contiguous slots along a row, no search). The cut row's kept ties
-     are scattered to their slots apart (their sorted positions are not a prefix), by a
-     cumsum over that row.
+     running totals give each row's output offset. Output slot o finds its row by a
+     binary search over `ends` (log2(n_x) gathers) and reads its column at sorted position
+     o - start(row); the cut row's kept ties are scattered to their slots instead (their
+     sorted positions are not a prefix), by a cumsum over that row.
 Kernel order (sorted=False), deterministic: rows i ascending; within a row, descending
 ly (so non-increasing score), equal ly by ascending column id. sorted=True finishes with
 an XLA sort of the (T, k) result by (score descending, id ascending).
@@ -52,8 +49,7 @@ gather inside the kernels. Sums are compared as int32 keys, not as floats: exact
 the denormal mode (XLA:CPU, which runs interpret mode, flushes denormals in compares).
 Scores are differentiable through `router_topk.score_jvp` (tangents gathered at the ids).
 Cost per token at n = 320, k = 4096: ~32 bisection steps x 512 padded rows x a few probes
-(9 while the bracket is wide), then tiles covering each row block's longest prefix (k
-pairs plus the blocks' ragged ends) to emit; the (T, k) XLA sort of
+(9 while the bracket is wide), then k x (9 + 3) gathers to emit; the (T, k) XLA sort of
 sorted=True is extra and is what sorted=False avoids. Measured stage times (one H200):
 experiments/RESULTS.md, "headline" section.
 
@@ -91,8 +87,8 @@ class ThresholdConfig:
   0.344 ms at k = 4096, the other launches tried 0.339-0.372 ms (within the spread)."""
   block_t: int = 0          # tokens per program, threshold kernel
   num_warps: int = 0        # threshold kernel
-  emit_rows: int = 8        # emit kernel (one token a program): rows x sorted positions
-  emit_cols: int = 32       # per tile (powers of two)
+  emit_block_t: int = 1     # tokens per program, emit kernel
+  emit_slots: int = 256     # output slots per token per emit step (power of two)
   emit_num_warps: int = 4
   num_stages: int = 1
 
@@ -185,11 +181,11 @@ def _threshold_kernel(lx_ref, ly_ref, lys_ref, theta_ref, cut_ref, ends_ref, *, 
 
 
 def _emit_kernel(lx_ref, lys_ref, col_ref, theta_ref, cut_ref, ends_ref, scores_ref, idx_ref,
-                 *, k: int, rows: int, cols: int):
+                 *, k: int, block_t: int, slots: int):
   tokens, n_x = lx_ref.shape
   n_y = lys_ref.shape[1]
-  t, live, tc = common.token_block(1, tokens)
-  t, live, tc = t[:, None], live[:, None], tc[:, None]  # per-token values are (1, 1)
+  t, live, tc = common.token_block(block_t, tokens)
+  t, live, tc = t[:, None], live[:, None], tc[:, None]  # per-token values are (block_t, 1)
   theta = _ordered_key(plt.load(theta_ref.at[tc], mask=live, other=0.0))
   cut = plt.load(cut_ref.at[tc], mask=live, other=0)
   r = lax.div(cut, n_y)
@@ -197,10 +193,11 @@ def _emit_kernel(lx_ref, lys_ref, col_ref, theta_ref, cut_ref, ends_ref, scores_
   def start(row, mask):  # first output slot of each row: ends[row - 1], 0 for row 0
     return plt.load(ends_ref.at[tc, jnp.maximum(row - 1, 0)], mask=mask & (row > 0), other=0)
 
-  def store(slot, row, lx, pos, mask):  # the pairs (row, sorted position pos) to their slots
-    real, pos = live & (pos < n_y), jnp.minimum(pos, n_y - 1)
-    ly = plt.load(lys_ref.at[tc, pos], mask=real, other=0.0)
-    col = plt.load(col_ref.at[tc, pos], mask=real, other=0)
+  def store(slot, row, pos, mask):  # the pair (row, sorted position pos) to its slot
+    pos = jnp.minimum(pos, n_y - 1)
+    ly = plt.load(lys_ref.at[tc, pos], mask=mask, other=0.0)
+    col = plt.load(col_ref.at[tc, pos], mask=mask, other=0)
+    lx = plt.load(lx_ref.at[tc, jnp.minimum(row, n_x - 1)], mask=mask, other=0.0)
     out = (t, jnp.where(mask, slot, k))
     plt.store(scores_ref.at[out], _sum(lx, ly), mask=mask)
     plt.store(idx_ref.at[out], row * n_y + col, mask=mask)
@@ -210,33 +207,29 @@ def _emit_kernel(lx_ref, lys_ref, col_ref, theta_ref, cut_ref, ends_ref, scores_
   real = live & (pos < n_y)
   ly = plt.load(lys_ref.at[tc, jnp.minimum(pos, n_y - 1)], mask=real, other=0.0)
   col = plt.load(col_ref.at[tc, jnp.minimum(pos, n_y - 1)], mask=real, other=0)
-  lx_r = plt.load(lx_ref.at[tc, jnp.minimum(r, n_x - 1)], mask=live, other=0.0)
-  key = _ordered_key(lx_r + ly)
+  key = _ordered_key(plt.load(lx_ref.at[tc, jnp.minimum(r, n_x - 1)], mask=live, other=0.0) + ly)
   keep = real & (key == theta) & (col <= cut - r * n_y)
   keep_count = keep.astype(jnp.int32)
-  above_r = jnp.sum((real & (key > theta)).astype(jnp.int32), 1, keepdims=True)
-  slot = start(r, live) + above_r + jnp.cumsum(keep_count, axis=1) - 1
-  store(slot, r, lx_r, pos, keep)
+  ties_from = start(r, live) + jnp.sum((real & (key > theta)).astype(jnp.int32), 1,
+                                       keepdims=True)
+  ties_to = ties_from + jnp.sum(keep_count, 1, keepdims=True)
+  slot = ties_from + jnp.cumsum(keep_count, axis=1) - 1
+  store(slot, jnp.broadcast_to(r, keep.shape), pos, keep)
 
-  # Every other kept pair is a prefix of its row's sorted list (the cut row: the sums above
-  # theta), written as (rows x cols) tiles: a block of rows, then column tiles until the
-  # longest prefix in the block ends.
-  def row_block(b, carry):
-    row = common.iota(rows, b * rows)[:, None]
-    in_range = live & (row < n_x)
-    first = start(row, in_range)
-    kept = plt.load(ends_ref.at[tc, jnp.minimum(row, n_x - 1)], mask=in_range, other=0) - first
-    prefix = jnp.where(row == r, above_r, jnp.where(in_range, kept, 0))
-    lx = plt.load(lx_ref.at[tc, jnp.minimum(row, n_x - 1)], mask=in_range, other=0.0)
+  # Every other slot finds its row by binary search over the rows' running totals.
+  def fill(step, carry):
+    o = common.iota(slots, step * slots)[None, :]
+    want = live & (o < k) & ((o < ties_from) | (o >= ties_to))
 
-    def col_tile(c, carry):
-      pos = common.iota(cols, c * cols)[None, :]
-      store(first + pos, row, lx, pos, pos < prefix)
-      return carry
+    def before_o(p, probe):
+      ends = plt.load(ends_ref.at[tc, jnp.minimum(p, n_x - 1)], mask=probe, other=0)
+      return ends <= o
 
-    return lax.fori_loop(0, lax.div(jnp.max(prefix) + cols - 1, cols), col_tile, carry)
+    row = _search(jnp.zeros(want.shape, jnp.int32), jnp.where(want, n_x, 0), before_o)
+    store(o, row, o - start(row, want), want)
+    return carry
 
-  lax.fori_loop(0, common.cdiv(n_x, rows), row_block, 0)
+  lax.fori_loop(0, common.cdiv(k, slots), fill, 0)
 
 
 def _sort_columns(ly: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -261,12 +254,13 @@ def _threshold(lx, ly, lys, k: int, config: ThresholdConfig, interpret: bool):
 
 def _emit(lx, lys, cols, theta, cut, ends, k: int, config: ThresholdConfig, interpret: bool):
   tokens = lx.shape[0]
-  kernel = functools.partial(_emit_kernel, k=k, rows=config.emit_rows, cols=config.emit_cols)
+  kernel = functools.partial(_emit_kernel, k=k, block_t=config.emit_block_t,
+                             slots=min(config.emit_slots, common.pow2(k)))
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                  jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
-      grid=(tokens,), num_warps=config.emit_num_warps,
+      grid=(common.cdiv(tokens, config.emit_block_t),), num_warps=config.emit_num_warps,
       num_stages=config.num_stages, interpret=interpret,
       name="router_emit")(lx, lys, cols, theta, cut, ends)
 
@@ -297,7 +291,7 @@ def _check(lx: jax.Array, ly: jax.Array, k: int, config: ThresholdConfig) -> Non
   if not 1 <= k <= lx.shape[1] * ly.shape[1]:
     raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
                      f"got {k}")
-  for name in ("block_t", "emit_rows", "emit_cols", "emit_num_warps", "num_warps"):
+  for name in ("block_t", "emit_block_t", "emit_slots", "emit_num_warps", "num_warps"):
     value = getattr(config, name)
     if value != common.pow2(value, 1) and not (name in ("block_t", "num_warps") and value == 0):
       raise ValueError(f"ThresholdConfig.{name} must be a power of two, got {value}")
