@@ -290,7 +290,8 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
       jnp.asarray(a) for a in staircase(min(k, lx.shape[1]), min(k, ly.shape[1]), k))
   num_warps = _num_warps(config, max(lx.shape[1], ly.shape[1]), k)
   # The axes' rounds share a loop where their counts agree and both rows, live at once,
-  # fit in 32 registers a thread (n <= 512 at the default launch shapes; a guess, untimed).
+  # fit in 32 registers a thread (n <= 512 at the default launch shapes): 4-6 % faster at
+  # k = 32 on one H200, equal elsewhere (kernels_notes.md, v8c; n = 1024 not tried shared).
   rows = config.block_t * (common.pow2(lx.shape[1]) + common.pow2(ly.shape[1]))
   share_axes = min(k, lx.shape[1]) == min(k, ly.shape[1]) and rows <= 32 * 32 * num_warps
   kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge,
