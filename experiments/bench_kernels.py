@@ -12,6 +12,8 @@ Parts (any subset, in this order):
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
   stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
   variants  expert-op and layer variants side by side (token blocks, XLA forward)
+  module    the Flax OmniMoELayer as the LM runs it (float32 / bf16 parameters, batch
+            statistics, router stats) next to the table's layer function
   scaling   router and layer against N = 2^12 .. 2^22 at k = 32 (pallas, xla); writes
             scaling-<device>.json; `--plot-scaling FILE` draws it (log axes)
   sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
@@ -19,7 +21,8 @@ Parts (any subset, in this order):
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
 block at the end), rotating over 3 input sets; `unrolled` times jit 4 calls on 4 input
 sets into one program to remove dispatch gaps from short kernels. Inputs are random,
-never zeros. Only omnimoe.ops / reference / pallas are imported (no trainer deps).
+never zeros. Only omnimoe.ops / reference / pallas are imported (no trainer deps), except
+by the module part (flax, ml_collections).
 """
 from __future__ import annotations
 
@@ -529,13 +532,59 @@ def part_variants(seed, save):
   return out
 
 
+# ----------------------------------------------------------------------------- module
+
+MODULE_CASES = [(65536, 32), (2 ** 20, 32)]
+
+
+def part_module(seed):
+  """The Flax `OmniMoELayer` as the LM runs it (train=True: batch statistics, router
+  stats; bf16 compute) with float32 and with bf16 parameters, next to the table's `layer`
+  function (bf16 parameters, log-softmax gates, no stats). fwd = apply; fwd+bwd = grads
+  of <y, cot> wrt the parameters and x. Pallas path."""
+  from omnimoe.layers import OmniMoELayer  # flax + ml_collections: only this part needs them
+  keys = key_iter(seed)
+  out = {}
+  say("\n== module: Flax OmniMoELayer (train=True) vs the layer function (ms)")
+  for n, k in MODULE_CASES:
+    xs = [tokens_in(next(keys)) for _ in range(3)]
+    cot = jax.random.normal(next(keys), (T, D), jnp.float32)
+    p = init_layer(next(keys), n)
+    fn = functools.partial(layer, k=k, impl="pallas")
+    rows = {"layer function": lambda: (
+        timeit(jax.jit(fn), [(p, x) for x in xs]),
+        timeit(fwd_bwd(fn, 2), [(cot, p, x) for x in xs]))}
+    for param_dtype, norm in ((jnp.float32, "batchnorm"), (BF16, "batchnorm"), (BF16, "none")):
+      mod = OmniMoELayer(n, k, F, router_norm=norm, impl="pallas", dtype=BF16,
+                         param_dtype=param_dtype)
+      variables = mod.init(jax.random.key(seed), xs[0], train=True)
+      params, state = variables["params"], {c: v for c, v in variables.items() if c != "params"}
+
+      def apply(params, x, mod=mod, state=state):
+        (y, aux), _ = mod.apply({"params": params, **state}, x, train=True,
+                                mutable=list(state))
+        return y, aux
+
+      def run(mod=mod, params=params, apply=apply):
+        y_only = lambda params, x: apply(params, x)[0]
+        return (timeit(jax.jit(apply), [(params, x) for x in xs]),
+                timeit(fwd_bwd(y_only, 2), [(cot, params, x) for x in xs]))
+      rows[f"module params {jnp.dtype(param_dtype).name} norm {norm}"] = run
+    for name, thunk in rows.items():
+      label = f"N={n} k={k} {name}"
+      out[label] = row = guarded(label, thunk)
+      if row:
+        say(f"  {label:50s} fwd {row[0]:.4f} f+b {row[1]:.4f}")
+  return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--parts", default="check,ceilings,table,stages",
                       help="comma-separated subset of check,ceilings,table,stages,variants,"
-                           "scaling,sweep")
+                           "module,scaling,sweep")
   parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sweep", default="router,tokens,tables",
@@ -582,6 +631,9 @@ def main():
       detail["variants"] = out
       save()
     part_variants(args.seed + 5, save_variants)
+  if "module" in parts:
+    detail["module"] = part_module(args.seed + 7)
+    save()
   if "scaling" in parts:
     part_scaling(args.seed + 6, device, os.path.join(args.out, f"scaling-{tag}.json"))
   if "sweep" in parts:

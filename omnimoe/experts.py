@@ -13,6 +13,23 @@ from omnimoe import expert_parallel, ops
 BANK_NAME = "experts"  # the name every FFN layer gives its AtomicExpertBank
 
 
+def cast_tables(num_pairs: int, num_experts: int) -> bool:
+  """Whether to cast the (N, d) tables to the compute dtype before the op (True), or to
+  hand the op the tables as stored (False), when the parameters are wider (float32 master
+  weights, bf16 compute; the op takes mixed dtypes and accumulates in float32 either way).
+
+  Bytes per table and fwd+bwd over d, P = T k pairs, float32 over bf16. Cast: read 4N,
+  write 2N; two gather passes (forward, token backward) of 2P; a bf16 gradient 2N, which
+  autodiff casts back (read 2N, write 4N, unless XLA fuses that into the optimizer):
+  14N + 4P (6N + 4P fused). As stored: gathers of 4P twice, a float32 gradient 4N: 8P + 4N.
+  As stored wins for P < 2.5 N (P < N / 2 fused); the rule takes P < N. At configs/gpu.py
+  (P = 16384 x 32 = 8 N) it casts; at N = 2^20 with T = 4096, k = 32 (P = N / 8) it saves
+  two casts of 4 GB tables and their gradients (experiments/RESULTS.md, "The Flax layer").
+  Reading as stored is also more precise: dU, dV are never rounded to bf16.
+  """
+  return num_pairs >= num_experts
+
+
 class AtomicExpertBank(nn.Module):
   """`y_t = sum_k act(<x_t, U[e_tk]>) * g_tk * V[e_tk]` over N single-neuron experts.
 
@@ -24,6 +41,8 @@ class AtomicExpertBank(nn.Module):
   output projections of residual branches.
 
   `impl`: 'xla', 'pallas' or None (Pallas on GPU, XLA elsewhere), passed to the op.
+  Tables wider than the compute dtype (float32 master weights, bf16 compute) reach the op
+  cast or as stored, whichever moves fewer bytes: `cast_tables`.
   With activation 'swiglu' (the paper's wording) the bank has a third table `gate`,
   initialised like U: `h = silu(<x, gate[e]>) * <x, U[e]>`.
 
@@ -50,8 +69,10 @@ class AtomicExpertBank(nn.Module):
     down = self.param("down", init, (self.num_experts, d), self.param_dtype)
     gate = None
     if self.activation == "swiglu":
-      gate = self.param("gate", init, (self.num_experts, d), self.param_dtype).astype(self.dtype)
-    x, up, down = (a.astype(self.dtype) for a in (x, up, down))
+      gate = self.param("gate", init, (self.num_experts, d), self.param_dtype)
+    x = x.astype(self.dtype)
+    if cast_tables(x.shape[0] * indices.shape[1], self.num_experts):
+      up, down, gate = (None if t is None else t.astype(self.dtype) for t in (up, down, gate))
     layout = expert_parallel.layout_from_rules()
     if gate is None and layout is not None and layout.fits(x.shape[0], d):
       return expert_parallel.sharded_atomic_experts(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from omnimoe import config as config_lib
+from omnimoe import experts as experts_lib
 from omnimoe import layers, params, reference
 from omnimoe import router as router_lib
 from omnimoe.model import TokenEmbedding, attention_impl, build_model
@@ -156,6 +157,46 @@ def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode, activa
   np.testing.assert_allclose(y.reshape(-1, 24), expected, rtol=1e-4, atol=1e-5)
   assert aux["expert_load"].shape == (49,) and float(aux["expert_load"].sum()) == 18 * 5
   assert float(aux["aux_loss"]) == 0.0 and 0 < float(aux["router_entropy"]) <= math.log(49)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("num_experts,cast", [(400, False), (9, True)])
+def test_bank_reads_float32_tables_as_stored_when_pairs_are_fewer_than_rows(
+    num_experts, cast, impl):
+  """float32 parameters, bf16 compute: with T k < N the op gets the tables as stored (no
+  (N, d) cast in the program), with T k >= N bf16 copies. Values and gradients match the
+  float32 reference of what the op sees either way, and the gradients are float32."""
+  t, d, k = 30, 24, 5
+  assert experts_lib.cast_tables(t * k, num_experts) == cast
+  bank = experts_lib.AtomicExpertBank(num_experts, impl=impl, dtype=jnp.bfloat16,
+                                      param_dtype=jnp.float32)
+  x = normal(20, (t, d)).astype(jnp.bfloat16).astype(jnp.float32)
+  tables = {"up": normal(21, (num_experts, d), 0.3), "down": normal(22, (num_experts, d), 0.3)}
+  weights = jax.random.uniform(jax.random.key(23), (t, k), jnp.float32, 0.1, 1.0)
+  indices = jnp.argsort(jax.random.uniform(jax.random.key(24), (t, num_experts)),
+                        axis=-1)[:, :k].astype(jnp.int32)
+  cot = normal(25, (t, d))
+
+  def loss(tables, bank_fn):
+    return jnp.vdot(bank_fn(tables).astype(jnp.float32), cot)
+
+  def want_fn(tables):
+    if cast:  # the reference sees what the op sees
+      tables = {n: a.astype(jnp.bfloat16).astype(jnp.float32) for n, a in tables.items()}
+    return reference.atomic_experts(x, tables["up"], tables["down"], weights, indices, "silu")
+
+  got_fn = lambda tables: bank.apply({"params": tables}, x, weights, indices)
+  table_casts = [e for e in jax.make_jaxpr(got_fn)(tables).eqns
+                 if e.primitive.name == "convert_element_type"
+                 and e.invars[0].aval.shape == (num_experts, d)]
+  assert len(table_casts) == (2 if cast else 0)
+  (y, grads), (y_want, grads_want) = (
+      jax.jit(jax.value_and_grad(lambda p: loss(p, f)))(tables) for f in (got_fn, want_fn))
+  np.testing.assert_allclose(y, y_want, rtol=2e-2)
+  for name in ("up", "down"):
+    g, g_want = grads[name], grads_want[name]
+    assert g.dtype == jnp.float32
+    assert float(jnp.linalg.norm(g - g_want) / jnp.linalg.norm(g_want)) < 2e-2, name
 
 
 def test_coarse_moe_matches_per_token_loop():
