@@ -565,7 +565,7 @@ def part_module(seed):
                                 mutable=list(state))
         return y, aux
 
-      def run(mod=mod, params=params, apply=apply):
+      def run(params=params, apply=apply):
         y_only = lambda params, x: apply(params, x)[0]
         return (timeit(jax.jit(apply), [(params, x) for x in xs]),
                 timeit(fwd_bwd(y_only, 2), [(cot, params, x) for x in xs]))

@@ -190,9 +190,9 @@ def test_bank_reads_float32_tables_as_stored_when_pairs_are_fewer_than_rows(
                  if e.primitive.name == "convert_element_type"
                  and e.invars[0].aval.shape == (num_experts, d)]
   assert len(table_casts) == (2 if cast else 0)
-  (y, grads), (y_want, grads_want) = (
+  (value, grads), (value_want, grads_want) = (
       jax.jit(jax.value_and_grad(lambda p: loss(p, f)))(tables) for f in (got_fn, want_fn))
-  np.testing.assert_allclose(y, y_want, rtol=2e-2)
+  np.testing.assert_allclose(value, value_want, rtol=2e-2)
   for name in ("up", "down"):
     g, g_want = grads[name], grads_want[name]
     assert g.dtype == jnp.float32
