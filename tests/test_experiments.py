@@ -56,3 +56,18 @@ def test_topk_exactness_counts_a_rounding_tie():
     np.testing.assert_array_equal(got, bf.full_topk(lx, ly, 3)[1])
     ids = np.asarray(reference.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), 3)[1])
     assert np.array_equal(got, ids) == same
+
+
+def test_bench_kernels_module_part_times_every_row(monkeypatch):
+  """`bench_kernels.py --parts module` at toy sizes: the Flax layer (float32 and bf16
+  parameters) and the layer function each get a forward and a fwd+bwd time (a failing row
+  would be None: the part keeps going past errors)."""
+  from experiments import bench_kernels
+  monkeypatch.setattr(bench_kernels, "T", 40)
+  monkeypatch.setattr(bench_kernels, "D", 24)
+  monkeypatch.setattr(bench_kernels, "F", 40)
+  monkeypatch.setattr(bench_kernels, "MODULE_CASES", [(64, 4)])
+  rows = bench_kernels.part_module(0)
+  assert len(rows) == 4
+  for label, row in rows.items():
+    assert row is not None and all(ms > 0 for ms in row), label
