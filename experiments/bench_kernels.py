@@ -537,11 +537,12 @@ def part_variants(seed, save):
 MODULE_CASES = [(65536, 32), (2 ** 20, 32)]
 
 
-def part_module(seed):
+def part_module(seed, profile: int = 0):
   """The Flax `OmniMoELayer` as the LM runs it (train=True: batch statistics, router
   stats; bf16 compute) with float32 and with bf16 parameters, next to the table's `layer`
   function (bf16 parameters, log-softmax gates, no stats). fwd = apply; fwd+bwd = grads
-  of <y, cot> wrt the parameters and x. Pallas path."""
+  of <y, cot> wrt the parameters and x. Pallas path. `profile` > 0 also lists that many
+  most expensive kernels of each row's fwd+bwd (`benchlib.kernel_times`)."""
   from omnimoe.layers import OmniMoELayer  # flax + ml_collections: only this part needs them
   keys = key_iter(seed)
   out = {}
@@ -551,9 +552,7 @@ def part_module(seed):
     cot = jax.random.normal(next(keys), (T, D), jnp.float32)
     p = init_layer(next(keys), n)
     fn = functools.partial(layer, k=k, impl="pallas")
-    rows = {"layer function": lambda: (
-        timeit(jax.jit(fn), [(p, x) for x in xs]),
-        timeit(fwd_bwd(fn, 2), [(cot, p, x) for x in xs]))}
+    rows = {"layer function": (jax.jit(fn), fwd_bwd(fn, 2), p)}
     for param_dtype, norm in ((jnp.float32, "batchnorm"), (BF16, "batchnorm"), (BF16, "none")):
       mod = OmniMoELayer(n, k, F, router_norm=norm, impl="pallas", dtype=BF16,
                          param_dtype=param_dtype)
@@ -565,16 +564,26 @@ def part_module(seed):
                                 mutable=list(state))
         return y, aux
 
-      def run(params=params, apply=apply):
-        y_only = lambda params, x: apply(params, x)[0]
-        return (timeit(jax.jit(apply), [(params, x) for x in xs]),
-                timeit(fwd_bwd(y_only, 2), [(cot, params, x) for x in xs]))
-      rows[f"module params {jnp.dtype(param_dtype).name} norm {norm}"] = run
-    for name, thunk in rows.items():
+      y_only = lambda params, x, apply=apply: apply(params, x)[0]
+      rows[f"module params {jnp.dtype(param_dtype).name} norm {norm}"] = (
+          jax.jit(apply), fwd_bwd(y_only, 2), params)
+    for name, (fwd, fb, params) in rows.items():
       label = f"N={n} k={k} {name}"
-      out[label] = row = guarded(label, thunk)
-      if row:
-        say(f"  {label:50s} fwd {row[0]:.4f} f+b {row[1]:.4f}")
+
+      def run(fwd=fwd, fb=fb, params=params):
+        times = (timeit(fwd, [(params, x) for x in xs]),
+                 timeit(fb, [(cot, params, x) for x in xs]))
+        kernels = (benchlib.kernel_times(lambda: fb(cot, params, xs[0]), top=profile)
+                   if profile else [])
+        return times, kernels
+      got = guarded(label, run)
+      out[label] = got and got[0]
+      if got:
+        say(f"  {label:50s} fwd {got[0][0]:.4f} f+b {got[0][1]:.4f}")
+        for row in got[1]:
+          say(f"      {row['ms_per_call']:8.4f} x{row['launches_per_call']:.0f} {row['kernel'][:60]}")
+        if got[1]:
+          out[label + " kernels"] = got[1]
   return out
 
 
@@ -593,6 +602,8 @@ def main():
                       help="what the check part checks: " + ",".join(CHECKS))
   parser.add_argument("--sweep-cases", default="65536,1048576",
                       help="N values (k = 32) of the token and table sweeps")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="module part: also list this many most expensive kernels per row")
   parser.add_argument("--plot-scaling", help="draw the figure of this scaling JSON and exit")
   args = parser.parse_args()
   if args.plot_scaling:
@@ -632,7 +643,7 @@ def main():
       save()
     part_variants(args.seed + 5, save_variants)
   if "module" in parts:
-    detail["module"] = part_module(args.seed + 7)
+    detail["module"] = part_module(args.seed + 7, args.profile)
     save()
   if "scaling" in parts:
     part_scaling(args.seed + 6, device, os.path.join(args.out, f"scaling-{tag}.json"))
