@@ -71,7 +71,9 @@ class CartesianRouter(nn.Module):
   """Routes each token to k of N = n * n atomic experts.
 
   Gates `Rx, Ry: (d, n)` (no bias); logits are computed in float32, since top-k selection
-  is sensitive to rounding and the gates are tiny next to the FFN. With
+  is sensitive to rounding and the gates are tiny next to the FFN (on GPU, JAX's default
+  matmul precision runs float32 GEMMs in TF32, as everywhere else in the model; wrap the
+  call in `jax.default_matmul_precision("highest")` for full float32 products). With
   `norm='batchnorm'` each axis is normalised by BatchNorm without scale or bias (batch
   statistics when `train`, running statistics in collection 'batch_stats' otherwise), as
   in the released code. Note that batch statistics mix tokens of the whole batch, so in
