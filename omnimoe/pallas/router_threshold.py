@@ -141,9 +141,12 @@ def _threshold_kernel(lx_ref, ly_ref, lys_ref, theta_ref, cut_ref, ends_ref, *, 
   hi = _ordered_key(jnp.max(jnp.where(real, lx, -jnp.inf), 1) + first) + 1
   c_lo = jnp.where(real, n_y, 0)
 
+  def is_open(lo, hi):  # a key lies strictly between the bracket's ends
+    return lo < hi - 1
+
   def bisect(carry):
     lo, hi, c_lo, c_hi = carry
-    active = lo < hi - 1
+    active = is_open(lo, hi)
     mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
 
     def at_least_mid(pos, probe):
@@ -159,7 +162,7 @@ def _threshold_kernel(lx_ref, ly_ref, lys_ref, theta_ref, cut_ref, ends_ref, *, 
 
   # Until every bracket of the block is closed (at most 32 steps: int32 keys).
   theta, _, ge, gt = lax.while_loop(
-      lambda carry: jnp.max((carry[0] < carry[1] - 1).astype(jnp.int32)) > 0, bisect,
+      lambda carry: jnp.max(is_open(*carry[:2]).astype(jnp.int32)) > 0, bisect,
       (lo, hi, c_lo, jnp.zeros_like(c_lo)))
 
   # Ties: the first `need` of them in ascending flat id, i.e. rows in order, then columns
