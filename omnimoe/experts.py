@@ -36,11 +36,14 @@ class AtomicExpertBank(nn.Module):
   Initialisation: both tables N(0, 1/d). For U this keeps the scores `<x, U[e]>` O(1) for
   RMS-normalised inputs, where the activation is non-linear (PyTorch's Embedding default
   N(0, 1), used by the released code, makes them O(sqrt(d))). For V it gives each expert
-  an output direction of about unit norm; since the routing weights of a token sum to at
-  most 1, the routed branch starts small next to the shared MLP, like the down-scaled
+  an output direction of about unit norm; since OmniMoE's routing weights of a token sum to
+  at most 1, the routed branch starts small next to the shared MLP, like the down-scaled
   output projections of residual branches.
 
   `impl`: 'xla', 'pallas' or None (Pallas on GPU, XLA elsewhere), passed to the op.
+  `unique_indices`: the caller promises that no token lists an expert twice (true of one
+  top-k, as OmniMoE's router; not of PEER's heads, which share the tables), which lets the
+  op store instead of add: `ops.atomic_experts`.
   Tables wider than the compute dtype (float32 master weights, bf16 compute) reach the op
   cast or as stored, whichever moves fewer bytes: `cast_tables`.
   With activation 'swiglu' (the paper's wording) the bank has a third table `gate`,
@@ -59,6 +62,7 @@ class AtomicExpertBank(nn.Module):
   impl: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  unique_indices: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
@@ -78,6 +82,5 @@ class AtomicExpertBank(nn.Module):
       return expert_parallel.sharded_atomic_experts(
           x, up, down, weights, indices, mesh=layout.mesh, table_axes=layout.table_axes,
           batch_axes=layout.batch_axes, activation=self.activation, impl=self.impl)
-    # The router's top-k never repeats an expert within a token.
     return ops.atomic_experts(x, up, down, weights, indices, activation=self.activation,
-                              gate=gate, impl=self.impl, unique_indices=True)
+                              gate=gate, impl=self.impl, unique_indices=self.unique_indices)

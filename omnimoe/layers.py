@@ -90,7 +90,8 @@ class OmniMoELayer(nn.Module):
         self.num_experts, self.top_k, self.routing_weights, self.router_norm, self.impl,
         self.param_dtype, name="router")(tokens, train=train)
     routed = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
-                              self.param_dtype, name=BANK_NAME)(tokens, weights, indices)
+                              self.param_dtype, unique_indices=True,  # one top-k per token
+                              name=BANK_NAME)(tokens, weights, indices)
     shared = SharedMLP(self.shared_ffn_dim, self.dtype, self.param_dtype, name="shared_mlp")(x)
     return shared + routed.reshape(x.shape), routed_aux(stats["load"], stats["entropy"])
 
@@ -205,8 +206,10 @@ class PEERLayer(nn.Module):
     weights, indices = router_lib.select_pairs(lx, ly, self.top_k, "softmax", self.impl)
     weights = weights.reshape(t, self.num_heads * self.top_k)
     indices = indices.reshape(t, self.num_heads * self.top_k)
+    # Heads share the tables, so two heads of a token may pick the same expert.
     y = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
-                         self.param_dtype, name=BANK_NAME)(tokens, weights, indices)
+                         self.param_dtype, unique_indices=self.num_heads == 1,
+                         name=BANK_NAME)(tokens, weights, indices)
     load = router_lib.expert_load(indices, self.num_experts)
     return y.reshape(x.shape), routed_aux(load, router_lib.grid_entropy(lx, ly))
 

@@ -222,21 +222,28 @@ def test_coarse_moe_matches_per_token_loop():
   np.testing.assert_allclose(aux["aux_loss"], 0.3 * balance, rtol=1e-5)
 
 
-def test_peer_matches_brute_force():
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_peer_matches_brute_force(impl):
+  """Heads share the tables, so a token's heads repeat experts (asserted): the op must add
+  the repeats (Pallas: interpreted on CPU, its dense path at these sizes)."""
   x = normal(10, (13, 24))
   n, k, heads, key_dim = 6, 4, 3, 10
-  layer = layers.PEERLayer(n * n, k, heads, key_dim, "gelu")
-  variables = init(layer, x)
+  layer = layers.PEERLayer(n * n, k, heads, key_dim, "gelu", impl)
+  variables = layer.init(jax.random.key(1), x, train=False)  # op by op: indices concrete
   p = nn.unbox(variables["params"])
   y, aux = run(layer, variables, x)
   expected = jnp.zeros_like(x)
+  picked = []
   for head in range(heads):
     q = x @ p["query"][:, head]
     s1, s2 = q[:, :key_dim // 2] @ p["keys_x"], q[:, key_dim // 2:] @ p["keys_y"]
     full = (s1[:, :, None] + s2[:, None, :]).reshape(13, -1)
     scores, idx = jax.lax.top_k(full, k)
+    picked.append(idx)
     expected += reference.atomic_experts(x, p["experts"]["up"], p["experts"]["down"],
                                          jax.nn.softmax(scores, -1), idx, "gelu")
+  picked = np.concatenate(picked, axis=1)
+  assert any(len(set(row)) < row.size for row in picked)  # repeats across heads
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
   assert float(aux["expert_load"].sum()) == 13 * heads * k
 
