@@ -112,16 +112,20 @@ def check_experts(keys):
       y, pull = jax.vjp(lambda *a: fn(*a, idx, activation=act), *args)
       return (y,) + pull(dy.astype(y.dtype))
 
-    got = jax.jit(functools.partial(vjp, expert_ops.atomic_experts))(dy, x, up, down, w)
     f32 = [a.astype(jnp.float32) for a in (x, up, down, w)]
     with jax.default_matmul_precision("highest"):
       want = jax.jit(functools.partial(vjp, reference.atomic_experts))(dy, *f32)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    errs = [rel_err(g, wt) for g, wt in zip(got, want)]
-    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
-    rows.append((f"experts T={tokens} d={d} N={n} k={k} {jnp.dtype(dtype).name} {act}",
-                 finite and max(errs) < tol,
-                 "rel err y dx dU dV dw = " + " ".join(f"{e:.1e}" for e in errs)))
+    # The path "auto" picks, and the token kernels wherever it picks another.
+    for path in dict.fromkeys((expert_ops.choose_path(tokens, k, n), "tokens")):
+      op = functools.partial(expert_ops.atomic_experts,
+                             config=expert_ops.ExpertConfig(path=path))
+      got = jax.jit(functools.partial(vjp, op))(dy, x, up, down, w)
+      errs = [rel_err(g, wt) for g, wt in zip(got, want)]
+      finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
+      rows.append((f"experts {path} T={tokens} d={d} N={n} k={k} {jnp.dtype(dtype).name} "
+                   f"{act}", finite and max(errs) < tol,
+                   "rel err y dx dU dV dw = " + " ".join(f"{e:.1e}" for e in errs)))
   return rows
 
 

@@ -18,8 +18,9 @@ from tests.test_pallas_router import MODES
 from tests.triton_lowering import triton_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# path="tokens": at these sizes "auto" would pick the dense path (tested on its own).
 SMALL = expert_ops.ExpertConfig(
-    forward_impl="kernel", forward=expert_ops.TokenConfig(block_t=4, block_d=64),
+    path="tokens", forward_impl="kernel", forward=expert_ops.TokenConfig(block_t=4, block_d=64),
     backward=expert_ops.TokenConfig(block_t=8, block_d=32),
     tables=expert_ops.TableConfig(block_p=16, block_d=64))
 
@@ -49,6 +50,8 @@ def check_against_brute_force(args, idx, dy, interpret, config, tol, unique=Fals
 @pytest.mark.parametrize("tokens,d,n_experts,k,dtype", [
     (37, 96, 50, 5, jnp.float32),    # T, d not multiples of the blocks
     (37, 96, 9, 1, jnp.float32),     # k = 1
+    (37, 96, 50, 5, jnp.bfloat16),
+    (37, 96, 9, 1, jnp.bfloat16),
     (21, 64, 300, 12, jnp.bfloat16),
 ])
 def test_values_and_gradients(tokens, d, n_experts, k, dtype, interpret):
@@ -72,8 +75,8 @@ def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("config", [
-    expert_ops.ExpertConfig(forward_impl="kernel"),
-    expert_ops.ExpertConfig(xla_forward_chunk=2),
+    expert_ops.ExpertConfig(path="tokens", forward_impl="kernel"),
+    expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
 ], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
 def test_config_variants(config, interpret):
   """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
