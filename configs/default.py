@@ -41,6 +41,4 @@ def get_config(arg=None):
   config.train.eval_every = 100
   config.train.eval_steps = 8
   config.checkpoint.every = 100
-  config.data.workers = 0  # grain worker processes (0: load in the training process)
-  config.train.debug_nan_step = -1  # testing hook: poison this step's loss (-1: off)
   return params.ffn_variant(config, arg)

@@ -42,6 +42,4 @@ def get_config(arg=None):
   config.train.eval_steps = 20
   config.checkpoint.every = 1000
   config.checkpoint.keep = 3
-  config.data.workers = 0  # grain worker processes (0: load in the training process)
-  config.train.debug_nan_step = -1  # testing hook: poison this step's loss (-1: off)
   return params.ffn_variant(config, arg, multiple=64)

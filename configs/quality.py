@@ -50,6 +50,4 @@ def get_config(arg=None):
   config.train.eval_every = 200
   config.train.eval_steps = 16
   config.checkpoint.every = 1200
-  config.data.workers = 0
-  config.train.debug_nan_step = -1  # testing hook: poison this step's loss (-1: off)
   return params.ffn_variant(config, arg, multiple=64)

@@ -2,8 +2,9 @@
 
 An experiment config is an `ml_collections.ConfigDict` with a `model` section (defined and
 checked here) and `train`, `data`, `mesh`, `checkpoint` sections (placeholders here; the
-trainer owns their meaning and checks). Every field has a concrete default of the right
-type, so that any of them can be overridden from the command line (`--config.a.b=value`).
+trainer owns their meaning and checks: `omnimoe.train.validate`). Every field has a concrete
+default of the right type in `base_config()`, so that any of them can be overridden from the
+command line (`--config.a.b=value`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ROUTING_WEIGHTS = ("exp", "softmax")
 ROUTER_NORMS = ("batchnorm", "none")
 EMBED_GRADS = ("auto", "one_hot", "scatter")
 ATTENTIONS = ("auto", "xla", "cudnn")
-IMPLS = ("auto", "xla", "pallas")
+IMPL_SETTINGS = ("auto", "xla", "pallas")  # 'auto' is `omnimoe.ops`' None
 
 
 class ConfigError(ValueError):
@@ -101,11 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_steps = 4
   config.train.profile_start = 0  # first step of a profiler trace to workdir/profile (0: none)
   config.train.profile_steps = 5  # steps the trace covers
+  config.train.debug_nan_step = -1  # testing hook: poison this step's loss (-1: off)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "builtin"
   config.data.path = ""
   config.data.val_fraction = 0.05
+  config.data.workers = 0  # grain worker processes (0: load in the training process)
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices
@@ -149,13 +152,19 @@ def _fail(path: str, value, rule: str) -> None:
   fail(f"model.{path}", value, rule)
 
 
-def _get(cfg, path: str):
-  node = cfg
+def field(config, path: str, prefix: str = ""):
+  """The value at dotted `path` (e.g. 'train.steps'); a missing one is a ConfigError naming
+  `prefix + path`."""
+  node = config
   for part in path.split("."):
     if part not in node:
-      raise ConfigError(f"model.{path}: missing field")
+      raise ConfigError(f"{prefix}{path}: missing field")
     node = node[part]
   return node
+
+
+def _get(cfg, path: str):
+  return field(cfg, path, "model.")
 
 
 def _int(cfg, path: str, lo: int = 1, hi: int | None = None, hi_name: str = "") -> int:
@@ -178,10 +187,17 @@ def _square_experts(cfg, section: str) -> int:
   return n
 
 
-def _impl(cfg, path: str) -> None:
-  """None is accepted for callers that build configs in Python; 'auto' is its spelling."""
-  if _get(cfg, path) is not None:
-    _choice(cfg, path, IMPLS)
+def _activation_and_impl(cfg, section: str) -> None:
+  """The expert activation and op implementation of an atomic-expert section. The impl
+  None is accepted for callers that build configs in Python ('auto' is its spelling);
+  'swiglu' (a third table) has no Pallas kernels, so 'auto' runs it on XLA."""
+  activation = _choice(cfg, f"{section}.activation", reference.EXPERT_ACTIVATIONS)
+  impl = _get(cfg, f"{section}.impl")
+  if impl is not None:
+    _choice(cfg, f"{section}.impl", IMPL_SETTINGS)
+  if activation == "swiglu" and impl == "pallas":
+    _fail(f"{section}.impl", impl, "the Pallas kernels cover the scalar activations; use "
+          f"'auto' or 'xla' with model.{section}.activation='swiglu'")
 
 
 def validate_model(cfg: ml_collections.ConfigDict) -> None:
@@ -197,13 +213,19 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     _fail("d_model", d, f"must be divisible by model.n_heads = {heads}")
   if (d // heads) % 2:
     _fail("n_heads", heads, f"head_dim = d_model / n_heads = {d // heads} must be even (RoPE)")
-  if not isinstance(cfg.rope_base, (int, float)) or cfg.rope_base <= 1:
-    _fail("rope_base", cfg.rope_base, "must be a number > 1")
+  check_number(_get(cfg, "rope_base"), "model.rope_base", positive=True)
+  if cfg.rope_base <= 1:
+    _fail("rope_base", cfg.rope_base, "must be > 1")
   _choice(cfg, "dtype", DTYPES)
   _choice(cfg, "param_dtype", DTYPES)
   _choice(cfg, "embed_grad", EMBED_GRADS)
-  if _choice(cfg, "attention", ATTENTIONS) == "cudnn" and cfg.dtype != "bfloat16":
-    _fail("attention", "cudnn", f"needs model.dtype = 'bfloat16', got {cfg.dtype!r}")
+  if _choice(cfg, "attention", ATTENTIONS) == "cudnn":
+    head_dim = d // heads
+    if cfg.dtype != "bfloat16":
+      _fail("attention", "cudnn", f"needs model.dtype = 'bfloat16', got {cfg.dtype!r}")
+    if head_dim % 8 or head_dim > 128:
+      _fail("attention", "cudnn", f"needs head_dim = d_model / n_heads a multiple of 8 up "
+            f"to 128, got {head_dim}")
   ffn = _choice(cfg, "ffn", FFN_KINDS)
 
   if ffn == "dense":
@@ -212,10 +234,9 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     n = _square_experts(cfg, "omnimoe")
     _int(cfg, "omnimoe.top_k", 1, n, "model.omnimoe.num_experts")
     _int(cfg, "omnimoe.shared_ffn_dim")
-    _choice(cfg, "omnimoe.activation", reference.EXPERT_ACTIVATIONS)
     _choice(cfg, "omnimoe.routing_weights", ROUTING_WEIGHTS)
     _choice(cfg, "omnimoe.router_norm", ROUTER_NORMS)
-    _impl(cfg, "omnimoe.impl")
+    _activation_and_impl(cfg, "omnimoe")
   elif ffn == "coarse_moe":
     e = _int(cfg, "coarse_moe.num_experts")
     _int(cfg, "coarse_moe.top_k", 1, e, "model.coarse_moe.num_experts")
@@ -228,15 +249,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
     _int(cfg, "peer.num_heads")
     if _int(cfg, "peer.key_dim") % 2:
       _fail("peer.key_dim", cfg.peer.key_dim, "must be even (two halves, one per sub-key table)")
-    _choice(cfg, "peer.activation", reference.EXPERT_ACTIVATIONS)
-    _impl(cfg, "peer.impl")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Validates the model section of a full experiment config (the trainer adds his own)."""
-  if "model" not in config:
-    raise ConfigError("model: missing section")
-  validate_model(config.model)
+    _activation_and_impl(cfg, "peer")
 
 
 def resolve_impl(impl: str | None) -> str | None:

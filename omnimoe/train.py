@@ -64,14 +64,18 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     if section not in config:
       raise ConfigError(f"{section}: missing section")
   config_lib.validate_model(config.model)
-  t, m = config.train, config.model
   for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
                    ("seed", 0), ("log_every", 1), ("eval_every", 0), ("eval_steps", 1),
                    ("debug_nan_step", -1), ("profile_start", 0), ("profile_steps", 1)):
-    config_lib.check_int(t[name], f"train.{name}", lo)
+    config_lib.check_int(config_lib.field(config, f"train.{name}"), f"train.{name}", lo)
   for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", True),
                          ("z_loss", False), ("expert_lr_scale", True)):
-    config_lib.check_number(t[name], f"train.{name}", positive)
+    config_lib.check_number(config_lib.field(config, f"train.{name}"), f"train.{name}",
+                            positive)
+  for path in ("data.path", "data.val_fraction", "data.workers", "mesh.data", "mesh.fsdp",
+               "mesh.tensor", "checkpoint.every", "checkpoint.keep"):
+    config_lib.field(config, path)
+  t, m = config.train, config.model
   config_lib.check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
          f"must be < train.steps={t.steps}")
   config_lib.check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from omnimoe import checkpoint as checkpoint_lib
+from omnimoe import config as config_lib
 from omnimoe import data, metrics, train
 from omnimoe.config import ConfigError
 
@@ -39,6 +40,17 @@ def test_bad_field_is_named(tiny_config, field, value, match):
     tiny_config.mesh.fsdp = 2  # with 4 devices: data 2 x fsdp 2
   with pytest.raises(ConfigError, match=match):
     train.validate(tiny_config, num_devices=4, num_processes=1)
+
+
+def test_base_config_validates_and_a_missing_field_is_named():
+  config = config_lib.base_config()
+  train.validate(config, num_devices=1, num_processes=1)
+  del config.train["debug_nan_step"]
+  with pytest.raises(ConfigError, match=r"^train.debug_nan_step: missing field$"):
+    train.validate(config, num_devices=1, num_processes=1)
+  del config["mesh"]
+  with pytest.raises(ConfigError, match=r"^mesh: missing section$"):
+    train.validate(config, num_devices=1, num_processes=1)
 
 
 def test_missing_data_path_fails_before_compilation(tiny_config, tmp_path, monkeypatch):
