@@ -86,14 +86,20 @@ def unblock_tokens(a: jax.Array, tokens: int) -> jax.Array:
 def _candidate_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`cartesian_topk` of a block of tokens, all their k x k candidate grids at once."""
   n_y = ly.shape[1]
-  rows, row_scores = _top_ids_ascending(lx.astype(jnp.float32), k)
-  cols, col_scores = _top_ids_ascending(ly.astype(jnp.float32), k)
+  rows, row_scores = _top_ids_ascending(_unsigned_zero(lx.astype(jnp.float32)), k)
+  cols, col_scores = _top_ids_ascending(_unsigned_zero(ly.astype(jnp.float32)), k)
   cand = row_scores[:, :, None] + col_scores[:, None, :]
-  # `+ 0.0` folds -0.0 into 0.0 so that equal scores tie exactly.
-  scores, pos = lax.top_k(cand.reshape(cand.shape[0], -1) + 0.0, k)
+  scores, pos = lax.top_k(_unsigned_zero(cand.reshape(cand.shape[0], -1)), k)
   row = jnp.take_along_axis(rows, pos // cols.shape[1], axis=1)
   col = jnp.take_along_axis(cols, pos % cols.shape[1], axis=1)
   return scores, row * n_y + col
+
+
+def _unsigned_zero(v: jax.Array) -> jax.Array:
+  """-0.0 -> +0.0, so that equal scores tie exactly in `lax.top_k` (which ranks +0.0 above
+  -0.0). A select, not `v + 0.0`, which XLA simplifies to `v` under jit; applied as an
+  offset without gradient, so that d/dv stays 1 at zero."""
+  return v + lax.stop_gradient(jnp.where(v == 0, 0.0, v) - v)
 
 
 def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

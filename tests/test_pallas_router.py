@@ -147,6 +147,7 @@ def test_minus_infinity_and_signed_zero(interpret):
   lx[:, ::3] = -np.inf
   lx[0, :] = -np.inf
   ly[1, :4] = -0.0
+  ly[1, 4:6] = 0.0  # the grid's zeros are -0.0 (-quantum * 0)
   check_exact(lx, ly, 20, interpret)
 
 

@@ -23,6 +23,20 @@ def test_cartesian_topk_matches_full_topk(tokens, n, k, quantum):
   np.testing.assert_array_equal(np.asarray(scores, np.float64), want_s)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_cartesian_topk_signed_zeros_tie(jit):
+  """-0.0 and +0.0 are one score: the tie goes to the lower id, eager and under jit."""
+  lx = np.array([[-0.0, 0.0, -1.0], [0.0, -0.0, -0.0]], np.float32)
+  ly = np.array([[0.0, -2.0, -0.0], [-0.0, 0.0, -3.0]], np.float32)
+  topk = jax.jit(reference.cartesian_topk, static_argnums=2) if jit else reference.cartesian_topk
+  for k in (1, 4, 9):
+    scores, idx = topk(lx, ly, k)
+    want_s, want_i = bf.full_topk(lx, ly, k)
+    np.testing.assert_array_equal(np.asarray(idx), want_i)
+    np.testing.assert_array_equal(np.asarray(scores, np.float64), want_s)
+    assert not np.signbit(np.asarray(scores)[np.asarray(scores) == 0]).any()
+
+
 def test_cartesian_topk_rectangular_grid():
   rng = np.random.default_rng(1)
   lx, ly = bf.log_probs(rng, 11, 6), bf.log_probs(rng, 11, 9)
