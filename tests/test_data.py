@@ -1,4 +1,7 @@
 """Input pipelines: sources, splits, determinism, resumable iterators, ArrayRecord build."""
+import tracemalloc
+
+import grain
 import ml_collections
 import numpy as np
 import pytest
@@ -99,3 +102,100 @@ def test_worker_processes_give_the_same_batches_and_resume(text_dir):
   resumed = iter(data.loader(train, 4, seed=0, shuffle=True, workers=2))
   resumed.set_state(workers.get_state())
   np.testing.assert_array_equal(next(resumed), inline[4])
+
+
+def _rng():
+  """A fresh generator and its seed (named in failure messages to replay a run)."""
+  seed = np.random.SeedSequence().entropy
+  return np.random.default_rng(seed), seed
+
+
+def _write_records(path, records):
+  """An ArrayRecord file holding `records` (int arrays) as written, lengths unchecked."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(str(path), "group_size:1")
+  for record in records:
+    writer.write(np.asarray(record, "<i4").tobytes())
+  writer.close()
+
+
+def test_arrayrecord_files_of_different_sizes_read_as_one_stream(tmp_path):
+  rng, seed = _rng()
+  shards, texts = tmp_path / "shards", []
+  shards.mkdir()
+  for i, chunk in enumerate((7, 5, 11)):  # each file a short last chunk, chunks differ
+    size = chunk * int(rng.integers(2, 6)) + int(rng.integers(1, chunk))
+    texts.append(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    (tmp_path / f"text{i}").write_bytes(texts[-1])
+    assert data.build_arrayrecord(str(tmp_path / f"text{i}"),
+                                  str(shards / f"part-{i}.array_record"), chunk) == size
+  expected = np.frombuffer(b"".join(texts), np.uint8)
+  n, first, second = len(expected), len(texts[0]), len(texts[0]) + len(texts[1])
+  files = ",".join(str(shards / f"part-{i}.array_record") for i in range(3))
+  for path in (str(shards), files, str(shards / "part-*.array_record")):
+    stream = data.load_stream(_data_cfg("arrayrecord", path))
+    assert len(stream) == n, f"seed {seed}"
+    spans = [(0, n), (first - 3, first + 2), (first - 1, second + 1), (second, n)]
+    spans += [tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(200)]
+    for start, stop in spans:
+      np.testing.assert_array_equal(stream[start:stop], expected[start:stop],
+                                    err_msg=f"seed {seed}, slice [{start}:{stop}]")
+  train, val = data.splits(_data_cfg("arrayrecord", files, 0.3), seq_len=4, global_batch=2,
+                           vocab_size=256)
+  last = len(train) + len(val) - 1
+  np.testing.assert_array_equal(val[len(val) - 1], expected[last * 4:last * 4 + 5])
+
+
+@pytest.mark.parametrize("lengths,match", [
+    ((5, 3, 5, 2), r"bad.array_record: record 1 holds 3 tokens, expected 5"),
+    ((3, 5), r"bad.array_record: record 0 holds 3 tokens and the last record 1 holds 5"),
+])
+def test_arrayrecord_records_of_unequal_length_are_an_error(tmp_path, lengths, match):
+  _write_records(tmp_path / "bad.array_record", [np.arange(k) for k in lengths])
+  with pytest.raises(ValueError, match=match):
+    stream = data.load_stream(_data_cfg("arrayrecord", str(tmp_path / "bad.array_record")))
+    stream[0:len(stream)]
+
+
+def test_token_ids_outside_the_vocabulary_name_model_vocab_size(tmp_path):
+  rng, seed = _rng()
+  tokens = rng.integers(0, 256, 200)
+  tokens[50] = 256  # inside training window 6 of seq_len 8, not a first window
+  path = str(tmp_path / "ids.array_record")
+  _write_records(path, [tokens[i:i + 16] for i in range(0, 200, 16)])
+  cfg = _data_cfg("arrayrecord", path)
+  train, _ = data.splits(cfg, seq_len=8, global_batch=2)  # unchecked without a vocabulary
+  assert train[6].max() == 256
+  train, _ = data.splits(cfg, seq_len=8, global_batch=2, vocab_size=256)
+  with pytest.raises(ValueError, match=r"token id 256 at stream position 50 \(window 6\) "
+                                       r"is outside model.vocab_size=256"):
+    train[6]
+  np.testing.assert_array_equal(train[5], tokens[40:49], err_msg=f"seed {seed}")
+  tokens[3] = -1
+  _write_records(path, [tokens[i:i + 16] for i in range(0, 200, 16)])
+  with pytest.raises(ValueError, match=r"token id -1 .*\(window 0\).*model.vocab_size=256"):
+    data.splits(cfg, seq_len=8, global_batch=2, vocab_size=256)  # fails before training
+
+
+def test_arrayrecord_build_round_trips_and_streams(tmp_path):
+  rng, seed = _rng()
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  sizes = [int(rng.integers(1, 4000)) for _ in range(4)] + [0, 2_000_003]
+  texts = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+  for i, text in enumerate(texts):
+    (corpus / f"f{i}.txt").write_bytes(text)
+  out = str(tmp_path / "corpus.array_record")
+  tracemalloc.start()
+  try:
+    count = data.build_arrayrecord(str(corpus), out, 4099)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  expected = b"".join(texts)
+  assert count == len(expected), f"seed {seed}"
+  assert peak < 1_000_000, f"peak {peak} bytes: the builder must not hold the corpus"
+  records = [np.frombuffer(r, "<i4") for r in grain.sources.ArrayRecordDataSource(out)]
+  assert [len(r) for r in records[:-1]] == [4099] * (len(records) - 1)
+  assert 0 < len(records[-1]) <= 4099
+  assert np.concatenate(records).astype(np.uint8).tobytes() == expected, f"seed {seed}"
