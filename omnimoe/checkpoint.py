@@ -1,16 +1,29 @@
 """Checkpoints: an orbax CheckpointManager of the train state and the data loader's position.
 
-Each step directory holds two items: `state` (the train-state pytree, restored straight onto
-the target shardings, so a run may resume on another mesh) and `data` (the grain iterator
-state, so a resumed run reads the exact next batch). Saves are asynchronous and keep the
-newest `keep` steps. Restore tries steps newest-first: a step that cannot be read
-(half-written, corrupted) is moved to `corrupt_checkpoints/` beside the checkpoint folder
-with a warning, and the step before it is used.
+Each step directory holds three items: `state` (the train-state pytree, restored straight
+onto the target shardings, so a run may resume on another mesh), `layout` (a JSON of every
+state leaf's path, shape and dtype) and `data` (the grain iterator state of each process,
+so a resumed run reads the exact next batch). Saves are asynchronous and keep the newest
+`keep` steps.
+
+Restore tries steps newest-first:
+  - a step that cannot be read (half-written, corrupted) is moved to `corrupt_checkpoints/`
+    beside the checkpoint folder (never deleted) with a warning, and the step before it is
+    used;
+  - a readable step whose layout differs from the state the config builds (another model,
+    optimizer or config change) is a ConfigError naming the first difference: the
+    checkpoints stay where they are, and nothing starts from scratch over them;
+  - a step whose data positions were saved by another number of processes is a
+    ConfigError too (each process restores its own position).
+A read-only checkpointer (`omnimoe.sample` beside a live run) never moves, deletes or
+cleans anything: it skips unreadable steps with a warning.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import re
 
 import grain
 import jax
@@ -18,15 +31,44 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from omnimoe.config import ConfigError
+
+
+def layout(tree) -> dict[str, list]:
+  """{leaf path: [shape, dtype]} of a pytree of arrays or ShapeDtypeStructs."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+          for path, leaf in leaves}
+
+
+def first_difference(saved: dict, wanted: dict) -> str | None:
+  """The first leaf (in sorted path order) that is missing on one side or differs."""
+  for path in sorted(set(saved) | set(wanted)):
+    if path not in saved:
+      return f"{path} is not in the checkpoint"
+    if path not in wanted:
+      return f"the checkpoint has {path}, which this config does not build"
+    if saved[path] != wanted[path]:
+      (s_shape, s_dtype), (w_shape, w_dtype) = saved[path], wanted[path]
+      return (f"{path} is {tuple(s_shape)} {s_dtype} in the checkpoint, {tuple(w_shape)} "
+              f"{w_dtype} in this config")
+  return None
+
 
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 1, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -37,6 +79,7 @@ class Checkpointer:
     if step in self._mngr.all_steps():
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              layout=ocp.args.JsonSave(layout(state)),
                               data=grain.checkpoint.CheckpointSave(data_iterator))
     self._mngr.save(step, args=args, force=True)
 
@@ -44,29 +87,65 @@ class Checkpointer:
     """(step, state) of the newest readable step, or None when there is none.
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct` with target shardings. The data
-    iterator, when given, is set to the saved position in place.
+    iterator, when given, is set to the saved position in place. Raises ConfigError when
+    a readable step holds a state of another layout or positions of another process count.
     """
+    wanted = layout(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        saved = self._read(step, layout=ocp.args.JsonRestore())["layout"]
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
+        self._unreadable(step, e)
+        continue
+      difference = first_difference(saved, wanted)
+      if difference is not None:
+        raise ConfigError(
+            f"checkpoint step {step} in {self.directory} holds another model or optimizer "
+            f"state than this config builds: {difference}. Resume with the run's own config "
+            f"(config.json beside the checkpoints) or use a new workdir.")
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
+        self._check_data_processes(step)
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
-        logging.warning("checkpoint step %d in %s cannot be read (%s: %s); falling back to "
-                        "the previous one", step, self.directory, type(e).__name__, e)
-        self._set_aside(step)
+        state = self._read(step, **items)["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        self._unreadable(step, e)
         continue
-      return step, restored["state"]
+      return step, state
     return None
 
+  def _read(self, step: int, **items):
+    return self._mngr.restore(step, args=ocp.args.Composite(**items))
+
+  def _check_data_processes(self, step: int) -> None:
+    """grain saves one position per process (`process_<i>-of-<n>.json`): one saved by
+    another process count is a ConfigError, not a corrupt step."""
+    folder = os.path.join(self.directory, str(step), "data")
+    counts = {int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else ())
+              if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f))}
+    if counts and jax.process_count() not in counts:
+      raise ConfigError(
+          f"checkpoint step {step} in {self.directory} holds the data positions of "
+          f"{sorted(counts)[0]} process(es); this run has {jax.process_count()}. Resume with "
+          f"that many processes (any devices per process and any mesh), or use a new workdir.")
+
+  def _unreadable(self, step: int, error: Exception) -> None:
+    what = "skipping it" if self.read_only else "setting it aside, falling back to the previous one"
+    logging.warning("checkpoint step %d in %s cannot be read (%s: %s); %s", step,
+                    self.directory, type(error).__name__, error, what)
+    if not self.read_only:
+      self._set_aside(step)
+
   def _set_aside(self, step: int) -> None:
-    """Moves an unreadable step out of the manager's folder, so the step can be saved again."""
+    """Moves an unreadable step out of the manager's folder (under a name not yet taken),
+    so the step can be saved again."""
     if jax.process_index() == 0:
       aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
       os.makedirs(aside, exist_ok=True)
-      target = os.path.join(aside, str(step))
-      shutil.rmtree(target, ignore_errors=True)
+      target, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(aside, f"{step}.{n}"), n + 1
       shutil.move(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")

@@ -32,8 +32,8 @@ def load(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   program = train.build(config, mesh)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.checkpoint.keep)
+  # Read-only: a run may be saving into this folder right now.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   restored = ckpt.restore(program.abstract_state)
   ckpt.close()
   if restored is None:

@@ -101,6 +101,25 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, mesh_axes(("batch", None)))
 
 
+def process_batch_block(mesh: jax.sharding.Mesh, global_batch: int,
+                        process_index: int | None = None) -> tuple[int, int]:
+  """(b, blocks): the rows of each global batch that this process's devices hold under
+  `batch_sharding` are the b-th of `blocks` equal contiguous blocks; the process feeds
+  those rows (`omnimoe.data.loader`). Processes along the batch axes get distinct blocks;
+  processes that differ only along `tensor` hold, and feed, the same rows."""
+  process_index = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch, 1))
+  spans = sorted({(rows.start or 0, global_batch if rows.stop is None else rows.stop)
+                  for device, (rows, _) in index_map.items()
+                  if device.process_index == process_index})
+  lo, hi = spans[0][0], spans[-1][1]
+  if (any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or global_batch % (hi - lo)
+      or lo % (hi - lo)):
+    raise ConfigError(f"mesh={dict(mesh.shape)}: process {process_index}'s devices hold rows "
+                      f"{spans} of each batch of {global_batch}, not one contiguous block")
+  return lo // (hi - lo), global_batch // (hi - lo)
+
+
 def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh):
   """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes.
 

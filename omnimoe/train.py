@@ -15,7 +15,8 @@ Each step is fixed by (config, step): the batch by the loader's seed and positio
 with the checkpoint), the update by the state; the model has no dropout. So a run that is
 killed and resumed ends bit-identical to one that never stopped.
 
-Stopping: SIGTERM or SIGINT saves a checkpoint at the current step and returns; a
+Stopping: SIGTERM or SIGINT saves a checkpoint at the current step and returns (with
+several processes, SIGTERM to any of them, at a step they agree on: `_StopRequest`); a
 non-finite loss or gradient raises `TrainingDiverged` without saving that state (losses are
 checked before every save). `train.debug_nan_step` (a testing hook, -1 = off) poisons the
 objective of that step.
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omnimoe import checkpoint as checkpoint_lib
@@ -57,8 +59,7 @@ class TrainingDiverged(RuntimeError):
 # Config checks.
 # ----------------------------------------------------------------------------------------
 
-def validate(config, num_devices: int | None = None, num_processes: int | None = None
-             ) -> tuple[int, int, int]:
+def validate(config, num_devices: int | None = None) -> tuple[int, int, int]:
   """Raises ConfigError naming the first bad field; returns the mesh shape it implies."""
   for section in ("model", "train", "data", "mesh", "checkpoint"):
     if section not in config:
@@ -93,13 +94,10 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   config_lib.check_int(config.checkpoint.keep, "checkpoint.keep", 1)
 
   num_devices = jax.device_count() if num_devices is None else num_devices
-  num_processes = jax.process_count() if num_processes is None else num_processes
   shape = sharding.mesh_shape(config.mesh, num_devices)
   batch_ways = shape[0] * shape[1]
   config_lib.check(t.batch_size % batch_ways == 0, "train.batch_size", t.batch_size,
          f"must be divisible by mesh data*fsdp={batch_ways}")
-  config_lib.check(t.batch_size % num_processes == 0, "train.batch_size", t.batch_size,
-         f"must be divisible by the number of processes={num_processes}")
   return shape
 
 
@@ -153,6 +151,8 @@ class Program:
   BatchNorm), opt_state. `abstract_state` holds its shapes with target shardings (for
   restore); `init(rng)` creates it sharded; `train_step(state, tokens)` -> (state, metrics);
   `eval_step(state, tokens)` -> mean cross-entropy. tokens: (B, L + 1) int32 windows.
+  `batch_block` is the block of each batch's rows that this process feeds
+  (`sharding.process_batch_block`).
   """
   model: nn.Module
   mesh: jax.sharding.Mesh
@@ -160,11 +160,15 @@ class Program:
   init: Callable
   train_step: Callable
   eval_step: Callable
+  batch_size: int
+  batch_block: tuple[int, int]
 
   def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
-    """This process's rows of a batch -> the global array, sharded over the batch axes."""
-    return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh),
-                                                  local_tokens)
+    """This process's rows of a batch -> the global (B, L + 1) array, sharded over the
+    batch axes."""
+    return jax.make_array_from_process_local_data(
+        sharding.batch_sharding(self.mesh), local_tokens,
+        (self.batch_size,) + local_tokens.shape[1:])
 
 
 def build(config, mesh: jax.sharding.Mesh) -> Program:
@@ -224,7 +228,8 @@ def build(config, mesh: jax.sharding.Mesh) -> Program:
       train_step=jit(train_step, in_shardings=(state_sharding, batch),
                      out_shardings=(state_sharding, replicated), donate_argnums=0),
       eval_step=jit(eval_step, in_shardings=(state_sharding, batch),
-                    out_shardings=replicated))
+                    out_shardings=replicated),
+      batch_size=t.batch_size, batch_block=sharding.process_batch_block(mesh, t.batch_size))
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,17 +237,29 @@ def build(config, mesh: jax.sharding.Mesh) -> Program:
 # ----------------------------------------------------------------------------------------
 
 class _StopRequest:
-  """SIGTERM/SIGINT set a flag that the loop reads after each step; a second signal acts
-  at once (the previous handlers are back after the first)."""
+  """When to save and stop. One process: SIGTERM/SIGINT set a flag that the loop reads
+  after each step; a second signal acts at once (the previous handlers are back after the
+  first). Several processes must stop at one step, or one would wait in a collective for
+  the others: SIGTERM (to any of them) is left to JAX's preemption service, installed by
+  `jax.distributed.initialize`, which agrees on the step
+  (`multihost_utils.reached_preemption_sync_point`); SIGINT keeps its default there."""
 
   def __init__(self):
     self.signum = None
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._several = jax.process_count() > 1
+    signals = () if self._several else (signal.SIGTERM, signal.SIGINT)
+    self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
     self.restore()
+
+  def at(self, step: int) -> int | None:
+    """The signal to stop for after `step` (called once per step, by every process)."""
+    if self._several and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum
 
   def restore(self) -> None:
     for s, handler in self._previous.items():
@@ -299,7 +316,8 @@ class _Interval:
 def evaluate(program: Program, state, val_source, config) -> dict:
   """Mean cross-entropy and perplexity on the first `eval_steps` validation batches."""
   t = config.train
-  batches = iter(data_lib.loader(val_source, t.batch_size, seed=t.seed, shuffle=False))
+  batches = iter(data_lib.loader(val_source, t.batch_size, seed=t.seed, shuffle=False,
+                                 block=program.batch_block))
   losses = [program.eval_step(state, program.global_batch(next(batches)))
             for _ in range(t.eval_steps)]
   loss = float(np.mean(jax.device_get(losses)))
@@ -335,7 +353,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to `train.steps` (resuming from the workdir); returns the last train metrics."""
   shape = validate(config)
   t = config.train
-  train_source, val_source = data_lib.splits(config.data, t.seq_len, t.batch_size)
+  train_source, val_source = data_lib.splits(config.data, t.seq_len, t.batch_size,
+                                             vocab_size=config.model.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   program = build(config, mesh)
   flops_per_token = metrics_lib.flops_per_token(config.model, t.seq_len)
@@ -357,7 +376,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.checkpoint.keep)
   train_iter = iter(data_lib.loader(train_source, t.batch_size, seed=t.seed, shuffle=True,
-                                    workers=config.data.workers))
+                                    workers=config.data.workers,
+                                    block=program.batch_block))
   restored = ckpt.restore(program.abstract_state, train_iter)
   if restored is None:
     start, state = 0, program.init(jax.random.key(t.seed))
@@ -376,7 +396,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
-      state, step_metrics = program.train_step(state, program.global_batch(next(train_iter)))
+      state, step_metrics = program.train_step(
+          state, program.global_batch(next(train_iter)))
       profile.after(step, state)
       interval.add(step_metrics)
       if step == start + 1:
@@ -384,7 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("first step (compilation included) took %.1f s",
                      time.perf_counter() - interval.t0)
         interval.restart_clock()
-      stopping = stop.signum  # read once: a signal landing later in this step waits for the next
+      stopping = stop.at(step)  # read once: a signal landing later in this step waits for the next
       save = step % config.checkpoint.every == 0 or step == t.steps or stopping is not None
       validate_now = (t.eval_every and step % t.eval_every == 0) or step == t.steps
       if save or validate_now or step % t.log_every == 0:

@@ -2,9 +2,11 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -157,34 +159,72 @@ def train_losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
 
 
-def test_two_processes_match_one_device(tmp_path):
-  """launch.py --num_processes=2 --process_id=i --coordinator_address=host:port: two
-  processes of 4 (fake CPU) devices train on one 2x2x2 mesh (batch, expert-table slices and
-  their collectives across both) and log the losses of a one-device run."""
-  common = ("--config.train.steps=6", "--config.train.log_every=1",
-            "--config.train.eval_every=0", "--config.train.batch_size=8")
+def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(SUBPROCESS_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen(
-      launch_command(str(tmp_path / "two"), *common, "--config.mesh.data=2",
-                     "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--num_processes=2",
-                     f"--process_id={i}", f"--coordinator_address=localhost:{port}"),
+    return s.getsockname()[1]
+
+
+def _start_processes(workdir, devices_per_process, *overrides):
+  """Two launch.py processes of one job (`--num_processes=2 --process_id=i
+  --coordinator_address=localhost:port`), each with `devices_per_process` fake CPU devices."""
+  port = _free_port()
+  env = dict(SUBPROCESS_ENV,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  return [subprocess.Popen(
+      launch_command(str(workdir), *overrides, "--num_processes=2", f"--process_id={i}",
+                     f"--coordinator_address=localhost:{port}"),
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
+
+
+def _finish(procs, timeout=300) -> list[str]:
+  """Waits for the processes (killing them on timeout); asserts exit 0; their stderr."""
   try:
-    errors = [p.communicate(timeout=300)[1] for p in procs]
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, err in zip(procs, errors):
     assert p.returncode == 0, err[-3000:]
-  assert "2 process(es); mesh data x fsdp x tensor = (2, 2, 2)" in errors[0], errors[0][-3000:]
+  return errors
+
+
+@pytest.mark.parametrize("devices_per_process,mesh", [(4, (2, 2, 2)), (1, (1, 1, 2))],
+                         ids=["batch-across-processes", "tensor-across-processes"])
+def test_two_processes_match_one_device(tmp_path, devices_per_process, mesh):
+  """Two processes train on one mesh and log the losses of a one-device run: with the
+  processes along the batch axes (batch, expert-table slices and their collectives across
+  both), and along tensor only, where both hold, and so feed, every row of the batch."""
+  common = ("--config.train.steps=6", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.batch_size=8")
+  mesh_flags = [f"--config.mesh.{axis}={size}" for axis, size in zip(sharding.AXES, mesh)]
+  errors = _finish(_start_processes(tmp_path / "two", devices_per_process, *common,
+                                    *mesh_flags))
+  assert f"2 process(es); mesh data x fsdp x tensor = {mesh}" in errors[0], errors[0][-3000:]
 
   one = run_launch(str(tmp_path / "one"), *common)
   assert one.returncode == 0, one.stderr[-3000:]
   two, want = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
   assert sorted(two) == sorted(want) == list(range(1, 7))
   np.testing.assert_allclose([two[s] for s in want], list(want.values()), rtol=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
+  """SIGTERM to process 1 only: both processes save the same step and exit 0 (neither
+  waits forever in a collective that the other left)."""
+  procs = _start_processes(tmp_path, 1, "--config.train.steps=100000",
+                           "--config.train.log_every=1", "--config.train.eval_every=0",
+                           "--config.checkpoint.every=100000", "--config.mesh.data=2")
+  metrics_file = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  errors = _finish(procs)
+  steps = os.listdir(tmp_path / "checkpoints")
+  assert len(steps) == 1 and 3 <= int(steps[0]) < 100000, steps
+  for err in errors:
+    assert f"SIGTERM at step {steps[0]}: checkpoint saved, stopping" in err, err[-3000:]

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -39,18 +40,18 @@ def test_bad_field_is_named(tiny_config, field, value, match):
   if field != "mesh.fsdp":
     tiny_config.mesh.fsdp = 2  # with 4 devices: data 2 x fsdp 2
   with pytest.raises(ConfigError, match=match):
-    train.validate(tiny_config, num_devices=4, num_processes=1)
+    train.validate(tiny_config, num_devices=4)
 
 
 def test_base_config_validates_and_a_missing_field_is_named():
   config = config_lib.base_config()
-  train.validate(config, num_devices=1, num_processes=1)
+  train.validate(config, num_devices=1)
   del config.train["debug_nan_step"]
   with pytest.raises(ConfigError, match=r"^train.debug_nan_step: missing field$"):
-    train.validate(config, num_devices=1, num_processes=1)
+    train.validate(config, num_devices=1)
   del config["mesh"]
   with pytest.raises(ConfigError, match=r"^mesh: missing section$"):
-    train.validate(config, num_devices=1, num_processes=1)
+    train.validate(config, num_devices=1)
 
 
 def test_missing_data_path_fails_before_compilation(tiny_config, tmp_path, monkeypatch):
@@ -100,6 +101,77 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch
   assert ckpt.latest_step() == 1
   ckpt.save(2, states[2], fresh)  # the set-aside step can be saved again
   ckpt.close()
+  _corrupt(str(tmp_path / "checkpoints" / "2"))  # again: set aside beside the first, kept
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  assert ckpt.restore(abstract)[0] == 1
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["2", "2.1"]
+
+
+def _saved_run(tmp_path, state):
+  """A checkpoint folder with `state` saved at step 3 (and a loader position)."""
+  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
+                        shuffle=True))
+  next(it)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  ckpt.save(3, state, it)
+  ckpt.close()
+  return it
+
+
+def test_checkpoint_of_another_layout_is_a_config_error_and_is_kept(tmp_path):
+  """A config change (here a wider and a new parameter) must not set good checkpoints aside
+  nor start afresh over them."""
+  _saved_run(tmp_path, {"params": {"w": jnp.ones((4, 4))}, "step": jnp.int32(3)})
+  wanted = {"params": {"w": jax.ShapeDtypeStruct((4, 5), jnp.float32),
+                       "b": jax.ShapeDtypeStruct((5,), jnp.float32)},
+            "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  with pytest.raises(ConfigError, match=r"checkpoint step 3 .* \['params'\]\['b'\] is not in "
+                     r"the checkpoint"):
+    ckpt.restore(wanted)
+  del wanted["params"]["b"]
+  with pytest.raises(ConfigError, match=r"\['params'\]\['w'\] is \(4, 4\) float32 in the "
+                     r"checkpoint, \(4, 5\) float32 in this config"):
+    ckpt.restore(wanted)
+  ckpt.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+
+def test_data_positions_of_another_process_count_are_a_config_error(tmp_path):
+  state = {"w": jnp.arange(6.0)}
+  _saved_run(tmp_path, state)
+  data_dir = tmp_path / "checkpoints" / "3" / "data"
+  (name,) = [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  for i in range(2):  # as if saved by 2 processes
+    shutil.copy(data_dir / name, data_dir / f"process_{i}-of-2.json")
+  os.remove(data_dir / name)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
+                        shuffle=True))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  with pytest.raises(ConfigError, match="holds the data positions of 2 process"):
+    ckpt.restore(abstract, it)
+  assert ckpt.restore(abstract)[0] == 3  # the state alone (omnimoe.sample) still reads
+  ckpt.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
+def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
+  state = {"w": jnp.arange(6.0)}
+  _saved_run(tmp_path, state)
+  _corrupt_state = str(tmp_path / "checkpoints" / "3")
+  _corrupt(_corrupt_state)
+  tmp = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-0"  # a save in progress
+  tmp.mkdir()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  assert ckpt.restore(abstract) is None
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", tmp.name]
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
