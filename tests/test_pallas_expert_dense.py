@@ -118,7 +118,7 @@ def test_choose_path_and_bad_configs():
   assert choose(1, 4096, 320 * 320) == "tokens"       # one token: the tables once each
   rng = np.random.default_rng(8)
   args, idx, _ = expert_inputs(rng, 5, 32, 16, 4)
-  with pytest.raises(ValueError, match="config.path"):
+  with pytest.raises(ValueError, match="ExpertConfig.path must be 'auto' or one of"):
     expert_ops.atomic_experts(*args, jnp.asarray(idx),
                               config=expert_ops.ExpertConfig(path="rows"))
   with pytest.raises(ValueError, match="max_block_elements"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from omnimoe import ops, reference
-from omnimoe.pallas import bucketing, expert_ops
+from omnimoe.pallas import bucketing, expert_ops, expert_tables
 from tests import brute_force as bf
 from tests.test_pallas_router import MODES
 from tests.triton_lowering import triton_kernels
@@ -85,6 +85,67 @@ def test_config_variants(config, interpret):
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
   check_against_brute_force(args, idx, dy, interpret, config, 1e-5)
+
+
+BAD_CONFIGS = [
+    (expert_ops.ExpertConfig, dict(forward_impl="XLA"),
+     r"ExpertConfig.forward_impl must be one of \('xla', 'kernel'\), got 'XLA'"),
+    (expert_ops.ExpertConfig, dict(xla_forward_chunk=0),
+     "ExpertConfig.xla_forward_chunk must be an integer >= 1, got 0"),
+    (expert_ops.ExpertConfig, dict(xla_forward_chunk=2.0),
+     "ExpertConfig.xla_forward_chunk must be an integer >= 1, got 2.0"),
+    (expert_ops.ExpertConfig, dict(path="rows"),
+     r"ExpertConfig.path must be 'auto' or one of \('tokens', 'dense', 'lines'\), got 'rows'"),
+    (expert_ops.TokenConfig, dict(block_t=3),
+     r"TokenConfig.block_t must be 0 \(auto\) or a power of two, got 3"),
+    (expert_ops.TokenConfig, dict(block_t=-4), "TokenConfig.block_t must be 0"),
+    (expert_ops.TokenConfig, dict(block_d=48),
+     "TokenConfig.block_d must be a power of two, got 48"),
+    (expert_ops.TokenConfig, dict(num_warps=0),
+     "TokenConfig.num_warps must be a power of two, got 0"),
+    (expert_ops.TableConfig, dict(bucket_size=8),
+     r"TableConfig.bucket_size must be 0 \(auto\) or a power of two >= 16 \(a tensor-core "
+     r"operand dimension\), got 8"),
+    (expert_ops.TableConfig, dict(block_p=24), "TableConfig.block_p must be 0 .* >= 16"),
+    (expert_ops.TableConfig, dict(block_d=8),
+     "TableConfig.block_d must be a power of two >= 16"),
+    (expert_ops.TableConfig, dict(num_warps=6),
+     "TableConfig.num_warps must be a power of two, got 6"),
+    (expert_ops.TableConfig, dict(bucketing="radix"),
+     r"TableConfig.bucketing must be one of \('atomic', 'sort'\), got 'radix'"),
+]
+
+
+@pytest.mark.parametrize("cls,fields,match", BAD_CONFIGS, ids=[
+    cls.__name__ + "".join(f"-{k}={v}" for k, v in fields.items())
+    for cls, fields, _ in BAD_CONFIGS])
+def test_bad_config_is_refused(cls, fields, match):
+  """At construction, naming the field and its rule (a forward_impl other than "xla" used
+  to run the kernel forward; block sizes the kernels cannot tile failed deep in Triton)."""
+  with pytest.raises(ValueError, match=match):
+    cls(**fields)
+
+
+def test_bucket_size_follows_the_tile_that_runs(monkeypatch):
+  """16 experts per bucket at the default launch (4 warps x 256 columns: the register cap)
+  whatever the density; where the tile is narrower, ~16 pairs per bucket up to the cap.
+  The cap counts the column tile the kernel runs, min(block_d, pow2(d)): at d = 64 a
+  64-expert bucket holds as many accumulators as a 16 x 256 one."""
+  default, narrow = expert_ops.TableConfig(), expert_ops.TableConfig(block_d=128)
+  for n, k in [(4096, 16), (65536, 32), (102400, 128), (2 ** 20, 32), (2 ** 22, 16)]:
+    assert expert_tables.auto_bucket_size(default, 4096 * k, n) == 16
+  assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 65536) == 16  # 16 pairs
+  assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 2 ** 20) == 32  # the cap
+  sizes, real = [], bucketing.bucket_pairs
+
+  def bucket_pairs(indices, num_experts, bucket_size, **kwargs):
+    sizes.append(bucket_size)
+    return real(indices, num_experts, bucket_size, **kwargs)
+
+  monkeypatch.setattr(bucketing, "bucket_pairs", bucket_pairs)
+  args, idx, dy = expert_inputs(np.random.default_rng(16), 8, 64, 1000, 2)
+  check_against_brute_force(args, idx, dy, True, expert_ops.ExpertConfig(path="tokens"), 1e-5)
+  assert sizes == [64]
 
 
 @pytest.mark.parametrize("interpret", MODES)

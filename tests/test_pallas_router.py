@@ -123,9 +123,31 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
       router_topk.cartesian_topk(lx, lx, k, config=router_topk.RouterConfig(merge="heap"),
                                  interpret=True)
-  with pytest.raises(ValueError, match="RouterConfig.block_t must be >= 0"):
-    router_topk.cartesian_topk(lx, lx, 3, config=router_topk.RouterConfig(block_t=-1),
-                               interpret=True)
+  for field, value in [("block_t", -1), ("block_t", 3), ("num_warps", 6)]:
+    with pytest.raises(ValueError, match=rf"RouterConfig.{field} must be 0 \(auto\) or a "
+                                         rf"power of two, got {value}"):
+      router_topk.RouterConfig(**{field: value})
+
+
+@pytest.mark.parametrize("k", [0, 5, router_topk.MAX_KERNEL_K + 1])
+def test_k_outside_the_grid_is_refused(k):
+  """Called directly too (a 2 x 2 grid with k = 5 gave NaN scores and a repeated id)."""
+  lx = jnp.zeros((3, 2), jnp.float32)
+  with pytest.raises(ValueError, match=rf"1 <= k <= n_x \* n_y = 4, got {k}"):
+    router_topk.cartesian_topk(lx, lx, k, interpret=True)
+
+
+def test_threshold_config_reaches_the_threshold_search():
+  """k > max_kernel_k runs router_threshold with RouterConfig.threshold (checked there)."""
+  from omnimoe.pallas import router_threshold
+  rng = np.random.default_rng(12)
+  lx, ly = bf.log_probs(rng, 5, 12, 0.25), bf.log_probs(rng, 5, 10, 0.25)
+  k = router_topk.MAX_KERNEL_K + 9
+  launch = router_threshold.ThresholdConfig(block_t=2, emit_block_t=2, emit_slots=16)
+  check_exact(lx, ly, k, True, router_topk.RouterConfig(threshold=launch))
+  bad = router_topk.RouterConfig(threshold=router_threshold.ThresholdConfig(emit_slots=24))
+  with pytest.raises(ValueError, match="ThresholdConfig.emit_slots must be a power of two"):
+    router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k, config=bad, interpret=True)
 
 
 def test_auto_config_picks_the_measured_merge():

@@ -1,12 +1,16 @@
 """Pallas GPU kernels (Triton lowering) behind `omnimoe.ops` with impl="pallas".
 
-  router_topk       fused product-key top-k (`cartesian_topk`), k <= 128
-  router_threshold  exact top-k for k in the thousands: threshold search + bounded emit
-                    (`cartesian_topk`, `threshold` for membership tests in other kernels)
-  expert_ops        atomic experts with a custom VJP (`atomic_experts`), over
-  expert_tokens     token-centric forward and dx / dweights kernels
+  router_topk       fused product-key top-k (`cartesian_topk`) for k <= MAX_KERNEL_K (32)
+  router_threshold  exact top-k for larger k (thousands): threshold search + bounded emit
+                    (`cartesian_topk`; `threshold`, the search alone, for tests and timings)
+  expert_ops        atomic experts with a custom VJP (`atomic_experts`), picking a path by
+                    density (`choose_path`), over
+  expert_tokens     token-centric forward and dx / dweights kernels (k ~ 16..128)
   expert_tables     expert-centric dU / dV segment sums on tensor cores
   bucketing         pairs grouped by expert bucket (histogram, prefix sum, placement)
+  expert_dense      the dense regime (k a sizeable fraction of N) as XLA GEMMs, no kernel
+  expert_lines      expert lines x token tiles on tensor cores (path="lines" only), over
+  lines             the token-line incidences those kernels run on (XLA, one zero fill)
   common            launch plumbing; off-GPU the kernels run in Pallas interpret mode
 
 Each kernel's reference is in `omnimoe.reference`; experiments/kernels_notes.md holds

@@ -12,6 +12,7 @@ so the same public functions run the real kernel code on CPU (tests) and compile
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 
 import jax
@@ -56,6 +57,18 @@ def pow2(n: int, minimum: int = 2) -> int:
   """Smallest power of two >= max(n, minimum): Triton needs power-of-two array sizes."""
   n = max(int(n), minimum)
   return 1 << (n - 1).bit_length()
+
+
+def check_pow2(field: str, value, *, minimum: int = 1, auto: bool = False,
+               why: str = "") -> None:
+  """ValueError naming `field` unless `value` is a power of two >= minimum (as Triton's
+  array sizes and warp counts must be), or 0 where `auto` (0: chosen by size)."""
+  if auto and value == 0:
+    return
+  if not isinstance(value, numbers.Integral) or value < minimum or value & (value - 1):
+    rule = ("0 (auto) or " if auto else "") + "a power of two"
+    rule += (f" >= {minimum}" if minimum > 1 else "") + why
+    raise ValueError(f"{field} must be {rule}, got {value!r}")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,8 @@ from omnimoe.pallas import common, expert_dense, expert_lines, expert_tables, ex
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
+FORWARD_IMPLS = ("xla", "kernel")
+PATHS = ("tokens", "dense", "lines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,19 @@ class ExpertConfig:
   dense: expert_dense.DenseConfig = expert_dense.DenseConfig()
   lines: expert_lines.LinesConfig = expert_lines.LinesConfig()
 
+  def __post_init__(self):
+    if self.forward_impl not in FORWARD_IMPLS:
+      raise ValueError(f"ExpertConfig.forward_impl must be one of {FORWARD_IMPLS}, got "
+                       f"{self.forward_impl!r}")
+    chunk = self.xla_forward_chunk
+    if not isinstance(chunk, numbers.Integral) or chunk < 1:
+      raise ValueError(f"ExpertConfig.xla_forward_chunk must be an integer >= 1, got "
+                       f"{chunk!r}")
+    if self.path != "auto" and self.path not in PATHS:
+      raise ValueError(f"ExpertConfig.path must be 'auto' or one of {PATHS}, got "
+                       f"{self.path!r}")
 
-PATHS = ("tokens", "dense", "lines")
+
 # Break-even N / k of the two paths, by k: dense costs ~T N (GEMMs over the whole grid),
 # tokens ~T k c(k) where the measured per-pair cost c(k) grows with k. Measured fwd+bwd,
 # H200, bf16, T = 4096, d = 1024 (experiments/RESULTS.md, "Path crossover"): N = 4096:
@@ -151,8 +165,6 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   path = config.path
   if path == "auto":
     path = choose_path(x.shape[0], indices.shape[1], up.shape[0])
-  if path not in PATHS:
-    raise ValueError(f"config.path must be 'auto' or one of {PATHS}, got {path!r}")
   if path == "dense":
     return expert_dense.atomic_experts_dense(x, up, down, weights, indices,
                                              activation=activation, config=config.dense,

@@ -22,13 +22,15 @@ The segment sum runs on tensor cores: for a chunk of `block_p` pairs of the buck
 (block_p x block_d) rows of x; the same with a and dy for dV. This needs no sort inside
 the bucket and no per-expert loop with a data-dependent trip count. For bfloat16 inputs
 the coefficients enter the product rounded to bfloat16 (products and sums in float32);
-float32 inputs multiply in full float32. The bucket size follows the density of pairs
-per expert (`auto_bucket_size`): about 16 pairs per bucket, so the one-hot
-product wastes little (each pair costs 2 * bucket_size * d flops per table), capped so
-the two float32 accumulators stay in registers (a 128 x 128 bucket tile spilled and ran
-2.6x its write floor at N=2^20). Measured on one H100 (bf16, T=4096, d=1024, k=32):
-0.35 ms at N=65536 including bucketing (write floor 0.09 ms), ~2.4 ms at N=2^20 (floor
-1.5 ms: the dense gradients are 4.3 GB). Details: experiments/kernels_notes.md.
+float32 inputs multiply in full float32. The bucket size (`auto_bucket_size`) is at
+least 16 experts (a tensor-core operand), at most what keeps the two float32 accumulators
+in registers (a 128 x 128 bucket tile spilled and ran 2.6x its write floor at N=2^20),
+and in between just enough for ~16 pairs per bucket (each pair costs 2 * bucket_size * d
+flops per table in the one-hot product). At the default launch (4 warps, 256 columns) the
+register cap is the minimum: 16 experts whatever the density, for every d >= 256.
+Measured on one H100 (bf16, T=4096, d=1024, k=32): 0.35 ms at N=65536 including bucketing
+(write floor 0.09 ms), ~2.4 ms at N=2^20 (floor 1.5 ms: the dense gradients are 4.3 GB).
+Details: experiments/kernels_notes.md.
 
 Equivalent JAX code:
   du = zeros((N, d)).at[idx].add(ds[..., None] * x[:, None, :])   # invalid ids dropped
@@ -57,6 +59,17 @@ class TableConfig:
   num_stages: int = 2
   bucketing: str = "atomic"
 
+  def __post_init__(self):
+    dot = " (a tensor-core operand dimension)"
+    common.check_pow2("TableConfig.bucket_size", self.bucket_size, minimum=16, auto=True,
+                      why=dot)
+    common.check_pow2("TableConfig.block_p", self.block_p, minimum=16, auto=True, why=dot)
+    common.check_pow2("TableConfig.block_d", self.block_d, minimum=16, why=dot)
+    common.check_pow2("TableConfig.num_warps", self.num_warps)
+    if self.bucketing not in bucketing.METHODS:
+      raise ValueError(f"TableConfig.bucketing must be one of {bucketing.METHODS}, got "
+                       f"{self.bucketing!r}")
+
 
 # Two (bucket_size x block_d) float32 accumulators live in registers: past 64 per thread
 # they spill (seen: bucket 128 x 128 columns ran at 3.9 ms for N = 2^20, ~3x its floor).
@@ -64,7 +77,14 @@ _ACC_PER_WARP = 64 * 32 // 2
 
 
 def auto_bucket_size(config: TableConfig, pairs: int, num_experts: int) -> int:
-  """About 16 pairs per bucket, a power of two >= 16, within the register budget."""
+  """Experts per bucket: pow2(16 N / pairs) (~16 pairs per bucket), clamped to
+  [16, fit], fit = `_ACC_PER_WARP` num_warps / block_d (the register budget).
+
+  `config.block_d` is the column tile the kernel runs (`table_gradients` narrows it to
+  pow2(d) first). The cap decides at the default 4 warps x 256 columns (fit = 16: 16
+  experts at every density); the density term only acts where fit > 16: tiles narrower
+  than 256 columns (d < 256 or a smaller block_d) or more warps.
+  """
   if config.bucket_size:
     return config.bucket_size
   fit = _ACC_PER_WARP * config.num_warps // config.block_d
@@ -120,21 +140,21 @@ def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_d
                     config: TableConfig, interpret: bool):
   """dU (N, d) in up_dtype and dV (N, d) in down_dtype from per-pair ds and a (T, k)."""
   tokens, k = indices.shape
+  d = x.shape[1]
+  config = dataclasses.replace(config, block_d=min(config.block_d, common.pow2(d, 16)))
   bucket_size = auto_bucket_size(config, tokens * k, num_experts)
   block_p = auto_block_p(config, tokens * k, num_experts, bucket_size)
   order, starts = bucketing.bucket_pairs(indices, num_experts, bucket_size,
                                          method=config.bucketing, interpret=interpret)
   order = jnp.clip(order, 0, tokens * k - 1)  # in range whatever the unused tail holds
   in_bucket_order = (order // k,) + tuple(v.reshape(-1)[order] for v in (indices, ds, a))
-  d = x.shape[1]
-  block_d = min(config.block_d, common.pow2(d, minimum=16))
   kernel = functools.partial(_table_grad_kernel, bucket_size=bucket_size, block_p=block_p,
-                             block_d=block_d)
+                             block_d=config.block_d)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),
                  jax.ShapeDtypeStruct((num_experts, d), down_dtype)),
-      grid=(starts.shape[0] - 1, common.cdiv(d, block_d)),
+      grid=(starts.shape[0] - 1, common.cdiv(d, config.block_d)),
       num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
       name="atomic_experts_bwd_tables")(
           starts, *in_bucket_order, x, dy)

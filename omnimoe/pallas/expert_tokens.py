@@ -61,6 +61,11 @@ class TokenConfig:
   num_warps: int = 4
   num_stages: int = 2
 
+  def __post_init__(self):
+    common.check_pow2("TokenConfig.block_t", self.block_t, auto=True)
+    common.check_pow2("TokenConfig.block_d", self.block_d)
+    common.check_pow2("TokenConfig.num_warps", self.num_warps)
+
 
 # A program's phase-1 accumulator and phase-2 tile are (pairs x block_d) float32: the sweep
 # at k = 32 found 128 pairs x 64 columns best (4 tokens). A fixed token count halves the
@@ -83,6 +88,13 @@ def _pair_experts(idx_ref, rows, live, num_experts: int):
   e = plt.load(idx_ref.at[rows[:, None], jnp.minimum(slots, k - 1)], mask=exists, other=-1)
   valid = exists & (e >= 0) & (e < num_experts)
   return jnp.where(valid, e, 0), exists, valid
+
+
+def _load_pairs(rows, valid, *refs):
+  """ref[t, j] of every pair (BT, K) float32, for each (T, k) ref; 0 where not valid."""
+  slots = jnp.minimum(common.iota(valid.shape[1]), refs[0].shape[1] - 1)[None, :]
+  return [plt.load(ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
+          for ref in refs]
 
 
 def _gather_tile(table_ref, experts, valid, c: int, block_d: int):
@@ -132,9 +144,7 @@ def _forward_kernel(x_ref, up_ref, down_ref, w_ref, idx_ref, y_ref, s_ref, *,
   t, live, rows = common.token_block(config.block_t, x_ref.shape[0])
   experts, exists, valid = _pair_experts(idx_ref, rows, live, up_ref.shape[0])
   s = _gather_dot(x_ref, up_ref, rows, live, experts, valid, config.block_d)
-  k = idx_ref.shape[1]
-  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
-  g = plt.load(w_ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
+  [g] = _load_pairs(rows, valid, w_ref)
   act, _ = common.activation_with_grad(activation, s)
   _store_pairs(s_ref, t, exists, s)
   _gather_combine(jnp.where(valid, act * g, 0.0), down_ref, y_ref, t, live, experts, valid,
@@ -147,10 +157,7 @@ def _token_backward_kernel(dy_ref, up_ref, down_ref, w_ref, idx_ref, s_ref,
   t, live, rows = common.token_block(config.block_t, dy_ref.shape[0])
   experts, exists, valid = _pair_experts(idx_ref, rows, live, up_ref.shape[0])
   da = _gather_dot(dy_ref, down_ref, rows, live, experts, valid, config.block_d)
-  k = idx_ref.shape[1]
-  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
-  g = plt.load(w_ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
-  s = plt.load(s_ref.at[rows[:, None], slots], mask=valid, other=0.0)
+  g, s = _load_pairs(rows, valid, w_ref, s_ref)
   act, act_grad = common.activation_with_grad(activation, s)
   ds = jnp.where(valid, da * g * act_grad, 0.0)
   _store_pairs(dw_ref, t, exists, jnp.where(valid, da * act, 0.0))
@@ -169,11 +176,8 @@ def _pair_scores_kernel(vec_ref, table_ref, idx_ref, s_ref, *, config: TokenConf
 def _pair_combine_kernel(coef_ref, table_ref, idx_ref, out_ref, *, config: TokenConfig):
   t, live, rows = common.token_block(config.block_t, out_ref.shape[0])
   experts, _, valid = _pair_experts(idx_ref, rows, live, table_ref.shape[0])
-  k = idx_ref.shape[1]
-  slots = jnp.minimum(common.iota(experts.shape[1]), k - 1)[None, :]
-  coef = plt.load(coef_ref.at[rows[:, None], slots], mask=valid, other=0.0)
-  _gather_combine(coef.astype(jnp.float32), table_ref, out_ref, t, live, experts, valid,
-                  config.block_d)
+  [coef] = _load_pairs(rows, valid, coef_ref)
+  _gather_combine(coef, table_ref, out_ref, t, live, experts, valid, config.block_d)
 
 
 def _launch(kernel, name, out_shape, tokens, config: TokenConfig, interpret: bool):

@@ -33,8 +33,9 @@ rows (rows stay in id order, which is what the tie rule and the emit order need)
      different ly values can round to the same sum, so a row's tied run of the sorted list
      need not be in ascending j. The kept set is then exactly
         fl(lx_i + ly_j) > theta  or  (fl(lx_i + ly_j) == theta and i * n_y + j <= cut),
-     which `threshold` returns for kernels that test membership in registers. The kernel
-     also writes each row's running total of kept pairs (`ends`, (T, n_x)).
+     the rule `threshold` returns (this stage alone, for the tests and the stage timings
+     of experiments/bench_headline.py). The kernel also writes each row's running total
+     of kept pairs (`ends`, (T, n_x)).
   B. `_emit_kernel` writes the k pairs without sorting. Row i keeps a prefix of the sorted
      column list (the cut row: its `gt` prefix, then its kept ties); the kept counts'
      running totals give each row's output offset. Output slot o finds its row by a
@@ -309,7 +310,8 @@ def threshold(lx: jax.Array, ly: jax.Array, k: int, *,
 
   Expert e = i * n_y + j is among token t's top k iff, with s = fl32(lx[t, i] + ly[t, j]),
   `s > theta[t] or (s == theta[t] and e <= cut[t])`. theta is the k-th largest sum. A
-  selection: no gradient flows through it.
+  selection: no gradient flows through it. Stage A of `cartesian_topk` on its own: the
+  tests check it and experiments/bench_headline.py times it; no kernel here consumes it.
   """
   _check(lx, ly, k, config)
   if lx.shape[0] == 0:

@@ -27,9 +27,10 @@ tokens per program on one warp was the fastest of 7 launch shapes for the grid m
 arg-max reductions then never leave the warp); the staircase runs faster with one.
 
 k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded emit,
-O(n log n + k) per token, for k in the thousands); n above `MAX_KERNEL_N` falls back to
-the reference. Scores are differentiable: a custom JVP (`score_jvp`, shared by both
-kernels) gathers the tangents of lx and ly at the chosen experts (the kernels only select).
+O(n log n + k) per token, for k in the thousands; its launch: `RouterConfig.threshold`);
+n above `MAX_KERNEL_N` falls back to the reference. Scores are differentiable: a custom
+JVP (`score_jvp`, shared by both kernels) gathers the tangents of lx and ly at the chosen
+experts (the kernels only select).
 
 Exactness: as the reference's (see there), including its one caveat: float rounding
 that ties a sum from outside the k x k candidate grid with the k-th sum.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,9 @@ from jax.experimental.pallas import triton as plt
 
 from omnimoe import reference
 from omnimoe.pallas import common
+
+if TYPE_CHECKING:  # router_threshold imports this module's helpers
+  from omnimoe.pallas.router_threshold import ThresholdConfig
 
 # The fused kernel's k^3 merge loses to the threshold search from k = 48 (n = 320) or 64
 # (n = 1024) on, and wins by 2.3-3.4x at k = 32 (H200, T = 4096 and 40960:
@@ -79,6 +84,13 @@ class RouterConfig:
   num_stages: int = 1
   max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
   merge: str = "auto"   # step 2's candidates: "grid" (all k_x k_y), "staircase" or "auto"
+  threshold: ThresholdConfig | None = None  # `router_threshold`'s launch; None: default
+
+  def __post_init__(self):
+    if self.merge not in MERGES:
+      raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {self.merge!r}")
+    common.check_pow2("RouterConfig.block_t", self.block_t, auto=True)
+    common.check_pow2("RouterConfig.num_warps", self.num_warps, auto=True)
 
   def resolved(self, k: int) -> RouterConfig:
     """The config with "auto" and block_t = 0 replaced by what they pick at this k."""
@@ -310,18 +322,20 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
                    interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """Exact product-key top-k: (scores (T, k) f32, indices (T, k) int32).
 
-  Same contract as `omnimoe.ops.cartesian_topk` (which validates inputs). Runs the fused
-  kernel for k <= config.max_kernel_k (always in sorted order), `router_threshold` above it
-  (sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
+  Same contract as `omnimoe.ops.cartesian_topk` (which validates inputs; k is checked
+  here too, 1 <= k <= n_x n_y). Runs the fused kernel for k <= config.max_kernel_k (always
+  in sorted order), `router_threshold` above it (launched with config.threshold;
+  sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
   beyond that.
   """
-  if config.merge not in MERGES:
-    raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {config.merge!r}")
-  if config.block_t < 0:
-    raise ValueError(f"RouterConfig.block_t must be >= 0 (0: auto), got {config.block_t}")
+  if not 1 <= k <= lx.shape[1] * ly.shape[1]:
+    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
+                     f"got {k}")
   if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
   if k > config.max_kernel_k:
     from omnimoe.pallas import router_threshold  # it imports this module's helpers
-    return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, interpret=interpret)
+    threshold = config.threshold or router_threshold.ThresholdConfig()
+    return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, config=threshold,
+                                           interpret=interpret)
   return _cartesian_topk(lx, ly, k, config.resolved(k), common.resolve_interpret(interpret))
