@@ -28,10 +28,23 @@ on the fused kernel and on the threshold kernels (crossover-<device>.json).
 `--router-configs` times the router's stages and the threshold search's launch parameters
 (router-configs-<device>.json; every config's output checked against the default's).
 Peak memory is XLA's accounting of each compiled program; a case whose program needs
-more than the device has is recorded with peak_gib and no time ("oom"), not run. Writes
-headline-<device>.json (one object per case: model, impl, what, device, tokens, hidden,
-experts, k, fwd_ms, fwd_bwd_ms, peak_gib) and a log; `--plot` draws latency against
-active parameters and against tokens (the paper's Figure 4, our figures).
+more than the device has is recorded with peak_gib and no time ("does not fit"), not run.
+
+Every impl of a case gets the same inputs: parameters and tokens are drawn from --seed,
+the model and the token count only (not from the run order), so pallas and plain XLA
+route the same tokens at every k, also across separate `--only` runs with one seed.
+For T <= 4096 the pallas FFN's output is checked against plain XLA's (OmniMoE against
+xla-dense, PEER against xla-gather) before it is timed: relative error
+||out - ref|| / ||ref|| above REL_TOL (1e-2, the bf16 bound of the method) or NaN fails
+the check; such a case is recorded with its rel_err, status "check failed" and no times,
+printed as FAILED, and the run exits non-zero after writing every row (as it does when a
+case raises).
+
+Writes headline-<device>.json (one object per case: model, impl, what, device, tokens,
+hidden, experts, k, fwd_ms, fwd_bwd_ms, peak_gib, fwd_bwd_peak_gib, rel_err (null where
+not checked), rel_err_vs (the impl checked against), status: "timed", "does not fit",
+"check failed" or "error") and a log; `--plot` draws latency against active parameters
+and against tokens (the paper's Figure 4, our figures).
 """
 from __future__ import annotations
 
@@ -40,6 +53,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +74,9 @@ PEER_HEADS = 10  # the paper does not give PEER's head count for Table A
 PEER_K_HEAD = (125, 250, 500, 1250)  # 1250 .. 12,500 active experts (Table A's range)
 PEER_KEY_DIM = 256
 BN_EPS = 1e-5
+MODELS = ("omnimoe", "peer")
+CHECK_MAX_TOKENS = 4096  # the pallas FFN is checked against plain XLA up to this T
+REL_TOL = 1e-2  # bf16 operands: relative error between 1e-3 and 1e-2 (METHOD.md)
 
 
 def scaled_normal(key, shape, fan_in):
@@ -147,29 +164,60 @@ def device_gib() -> float:
   return stats.get("bytes_limit", 80 * 2 ** 30) / 2 ** 30
 
 
-def run_case(model, what, impl, tokens, k, p, keys, want_bwd):
-  """(fwd_ms, fwd_bwd_ms, peak_gib, fwd_bwd_peak_gib) of one case (peaks of the forward
-  and of the fwd+bwd programs); times are None where it would not fit."""
+def model_params(seed, model):
+  """A model's parameters, drawn from the seed and the model only."""
+  return init(jax.random.fold_in(jax.random.PRNGKey(seed), 2 * MODELS.index(model)),
+              model == "peer")
+
+
+def case_inputs(seed, model, tokens):
+  """(xs, cot) shared by every impl and k of a (model, tokens) case: two token sets (the
+  timing rotates over both; the check uses the first) and the fwd+bwd cotangent, drawn
+  from the seed, the model and the token count only."""
+  key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.PRNGKey(seed), 2 * MODELS.index(model) + 1), tokens)
+  kx0, kx1, kc = jax.random.split(key, 3)
+  xs = [benchlib.tokens_in(kx, tokens, D) for kx in (kx0, kx1)]
+  return xs, jax.random.normal(kc, (tokens, D), jnp.float32)
+
+
+def check_failed(rel_err) -> bool:
+  return not rel_err <= REL_TOL  # NaN fails
+
+
+def run_case(model, what, impl, tokens, k, p, inputs, want_bwd):
+  """One case's measured fields: fwd_ms, fwd_bwd_ms, peak_gib, fwd_bwd_peak_gib (peaks
+  of the forward and of the fwd+bwd programs), rel_err and rel_err_vs (the pallas FFN's
+  output against plain XLA's for T <= CHECK_MAX_TOKENS, else None) and status. Times are
+  None where the program would not fit, and where the check fails: a wrong output is
+  not timed. `inputs`: `case_inputs` of (model, tokens), the same for every impl."""
   fn = dict(omnimoe=omnimoe_ffn, router=omnimoe_router, peer=peer_ffn)[
       "router" if what == "router" else model]
   f = jax.jit(lambda p, x: fn(p, x, k=k, impl=impl))
-  xs = [(p, benchlib.tokens_in(next(keys), tokens, D)) for _ in range(2)]
-  peak = peak_gib(f, *xs[0])
-  if peak > 0.95 * device_gib():
-    return None, None, peak, None
-  fwd = timeit(f, xs)
-  if impl == "pallas" and what == "ffn" and tokens <= 4096:  # same numbers as plain XLA?
+  xs, cot = inputs
+  args = [(p, x) for x in xs]
+  out = dict(fwd_ms=None, fwd_bwd_ms=None, peak_gib=peak_gib(f, *args[0]),
+             fwd_bwd_peak_gib=None, rel_err=None, rel_err_vs=None, status="does not fit")
+  if out["peak_gib"] > 0.95 * device_gib():
+    return out
+  if impl == "pallas" and what == "ffn" and tokens <= CHECK_MAX_TOKENS:
     other = "xla-dense" if model == "omnimoe" else "xla-gather"
-    want = jax.jit(lambda p, x: fn(p, x, k=k, impl=other))(*xs[0])
-    say(f"  check: pallas vs {other} relative error {benchlib.rel_err(f(*xs[0]), want):.1e}")
-  fb = fb_peak = None
+    want = jax.jit(lambda p, x: fn(p, x, k=k, impl=other))(*args[0])
+    err = benchlib.rel_err(f(*args[0]), want)
+    out.update(rel_err=err, rel_err_vs=other)
+    if check_failed(err):
+      say(f"  check FAILED: pallas vs {other} relative error {err:.1e} > {REL_TOL:.0e}; "
+          "not timed")
+      out["status"] = "check failed"
+      return out
+    say(f"  check: pallas vs {other} relative error {err:.1e} (<= {REL_TOL:.0e})")
+  out.update(fwd_ms=timeit(f, args), status="timed")
   if want_bwd:
     g = fwd_bwd(lambda p, x: fn(p, x, k=k, impl=impl), 2)
-    cot = jax.random.normal(next(keys), (tokens, D), jnp.float32)
-    fb_peak = peak_gib(g, cot, *xs[0])
-    if fb_peak <= 0.95 * device_gib():
-      fb = timeit(g, [(cot,) + a for a in xs])
-  return fwd, fb, peak, fb_peak
+    out["fwd_bwd_peak_gib"] = peak_gib(g, cot, *args[0])
+    if out["fwd_bwd_peak_gib"] <= 0.95 * device_gib():
+      out["fwd_bwd_ms"] = timeit(g, [(cot,) + a for a in args])
+  return out
 
 
 # Where the paths cross. Expert op (T = 4096): (N, k values) timed on the token kernels
@@ -299,38 +347,62 @@ def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
 
 
 def main_run(args):
+  """Runs the sweep (or --crossover / --router-configs); returns the labels of the
+  sweep's cases that failed their check or raised (empty: all good)."""
   device = jax.devices()[0].device_kind
   tag = device.lower().replace(" ", "-")
   say(benchlib.run_header())
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"headline-{tag}.json")
   if args.crossover:
-    return crossover(args, device, tag)
+    crossover(args, device, tag)
+    return []
   if args.router_configs:
-    return router_configs(args, device, tag)
-  keys = key_iter(args.seed)
+    router_configs(args, device, tag)
+    return []
   params = {}
+  inputs = {}  # (model, tokens) -> the inputs of every impl and k of that case
   rows = []
-  say(f"\n== N={N} d={D} F={F} bf16 (ms; peak GiB of the fwd / fwd+bwd programs)")
+  failed = []
+  notes = {"does not fit": "  (does not fit: not run)", "check failed": "  FAILED check: not timed",
+           "error": "  FAILED: raised"}
+  say(f"\n== N={N} d={D} F={F} bf16 (ms; peak GiB of the fwd / fwd+bwd programs; "
+      f"pallas FFN checked against plain XLA for T <= {CHECK_MAX_TOKENS}, tolerance "
+      f"{REL_TOL:.0e})")
   for model, what, impl, tokens, k, bwd in cases(args.only, args.tokens, args.k, args.peer_k):
     if model not in params:
-      params[model] = init(next(keys), model == "peer")
+      params[model] = model_params(args.seed, model)
+    if (model, tokens) not in inputs:
+      inputs = {key: v for key, v in inputs.items() if key[1] == tokens}  # drop old T
+      inputs[model, tokens] = case_inputs(args.seed, model, tokens)
     active_k = k * PEER_HEADS if model == "peer" else k
     label = f"{model} {what} {impl} T={tokens} k={active_k}"
-    res = guarded(label, lambda: run_case(model, what, impl, tokens, k, params[model], keys,
-                                          bwd)) or (None, None, None, None)
-    fwd, fb, peak, fb_peak = res
+    res = guarded(label, lambda: run_case(model, what, impl, tokens, k, params[model],
+                                          inputs[model, tokens], bwd))
+    if res is None:
+      res = dict(fwd_ms=None, fwd_bwd_ms=None, peak_gib=None, fwd_bwd_peak_gib=None,
+                 rel_err=None, rel_err_vs=None, status="error")
     rows.append(dict(model=model, impl=impl, what=what, device=device, tokens=tokens,
-                     hidden=D, experts=N, k=active_k, fwd_ms=fwd, fwd_bwd_ms=fb,
-                     peak_gib=peak, fwd_bwd_peak_gib=fb_peak))
-    say(f"{label:46s} fwd {fmt(fwd, '8.3f')}  fwd+bwd {fmt(fb, '8.3f')}  "
-        f"peak {fmt(peak, '6.2f')} / {fmt(fb_peak, '6.2f')}"
-        f"{'  (does not fit: not run)' if peak and fwd is None else ''}")
+                     hidden=D, experts=N, k=active_k, **res))
+    if res["status"] in ("check failed", "error"):
+      failed.append(f"{label}: {res['status']}" + (
+          f" (relative error {res['rel_err']:.1e} vs {res['rel_err_vs']})"
+          if res["rel_err"] is not None else ""))
+    say(f"{label:46s} fwd {fmt(res['fwd_ms'], '8.3f')}  "
+        f"fwd+bwd {fmt(res['fwd_bwd_ms'], '8.3f')}  peak {fmt(res['peak_gib'], '6.2f')} / "
+        f"{fmt(res['fwd_bwd_peak_gib'], '6.2f')}{notes.get(res['status'], '')}")
     with open(path, "w") as f:
       json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
       f.write("\n".join(benchlib.LOG) + "\n")
   summary(rows)
+  if failed:
+    say(f"\nFAILED: {len(failed)} of {len(rows)} cases (no times recorded for them):")
+    for line in failed:
+      say(f"  {line}")
+  with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
+    f.write("\n".join(benchlib.LOG) + "\n")
+  return failed
 
 
 def summary(rows):
@@ -352,11 +424,22 @@ def summary(rows):
           f"{r['fwd_ms'] / ours['fwd_ms']:.1f}x (target >= 10x)")
   if router and router["fwd_ms"]:
     say(f"router fwd {router['fwd_ms']:.3f} ms (target <= 0.3)")
-  slower = [r for r in rows if r["impl"] == "pallas" and r["what"] == "ffn"
-            and r["model"] == "omnimoe" and r["fwd_ms"]
-            and (d := get(model="omnimoe", what="ffn", impl="xla-dense", tokens=r["tokens"],
-                          k=r["k"])) and d["fwd_ms"] and d["fwd_ms"] < r["fwd_ms"]]
-  say(f"pallas cases slower than xla-dense: {len(slower)}")
+  checked = [r for r in rows if r.get("rel_err") is not None]
+  bad = [r for r in checked if check_failed(r["rel_err"])]
+  say(f"pallas FFN outputs checked against plain XLA: {len(checked)}, FAILED: {len(bad)} "
+      f"(tolerance {REL_TOL:.0e})")
+  ours_ffn = [r for r in rows if r["impl"] == "pallas" and r["what"] == "ffn"
+              and r["model"] == "omnimoe" and r["fwd_ms"]]
+  pairs = [(r, d) for r in ours_ffn
+           if (d := get(model="omnimoe", what="ffn", impl="xla-dense", tokens=r["tokens"],
+                        k=r["k"])) and d["fwd_ms"]]
+  slower = [r for r, d in pairs if d["fwd_ms"] < r["fwd_ms"]]
+  unpaired = len(ours_ffn) - len(pairs)
+  say(f"pallas cases slower than xla-dense: {len(slower)} of {len(pairs)} compared pairs"
+      + (f" ({unpaired} timed pallas case(s) without a timed xla-dense partner, "
+         "not compared)" if unpaired else ""))
+  for r in slower:
+    say(f"  slower: T={r['tokens']} k={r['k']}")
 
 
 def plot(path):
@@ -411,8 +494,8 @@ def main():
   args = parser.parse_args()
   if args.plot:
     plot(args.plot)
-  else:
-    main_run(args)
+  elif main_run(args):
+    sys.exit(1)  # the rows and the log are written; the failures are listed above
 
 
 if __name__ == "__main__":
