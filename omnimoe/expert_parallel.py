@@ -159,25 +159,13 @@ def _split_bwd(activation, impl, interpret, reduce_axes, residuals, dy):
 _split.defvjp(_split_fwd, _split_bwd)
 
 
-def _resolve(impl: str | None, interpret: bool | None) -> tuple[str, bool]:
-  impl = ops.default_impl() if impl is None else impl
-  if impl not in ops.IMPLS:
-    raise ValueError(f"impl must be one of {ops.IMPLS} or None, got {impl!r}")
-  return impl, common.resolve_interpret(interpret)
-
-
-def _check_shapes(x, up, down, weights, indices, activation: str) -> None:
-  if x.ndim != 2 or up.ndim != 2 or up.shape != down.shape or x.shape[1] != up.shape[1]:
-    raise ValueError(f"need x (T, d) and up, down (N, d); got x {x.shape}, up {up.shape}, "
-                     f"down {down.shape}")
-  if weights.shape != indices.shape or weights.ndim != 2 or weights.shape[0] != x.shape[0]:
-    raise ValueError(f"weights and indices must both be (T, k) with T={x.shape[0]}, got "
-                     f"{weights.shape} and {indices.shape}")
-  if indices.dtype != jnp.int32:
-    raise TypeError(f"indices must be int32, got {indices.dtype}")
+def _check_inputs(x, up, down, weights, indices, activation: str) -> None:
+  """`ops.atomic_experts`' contract, for the scalar activations only; ids outside [0, N)
+  are masked, not refused."""
   if activation not in reference.ACTIVATIONS:
     raise ValueError(f"activation must be one of {tuple(reference.ACTIVATIONS)} (a scalar "
                      f"activation; 'swiglu' runs through omnimoe.ops), got {activation!r}")
+  ops.check_expert_inputs(x, up, down, weights, indices, activation, check_ids=False)
 
 
 def split_atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
@@ -192,8 +180,8 @@ def split_atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: 
   `reduce_axes` the mesh axes that split d, it is that slice of the op (and of the
   gradients of x, up, down; dweights whole).
   """
-  _check_shapes(x, up, down, weights, indices, activation)
-  impl, interpret = _resolve(impl, interpret)
+  _check_inputs(x, up, down, weights, indices, activation)
+  impl, interpret = ops.resolve_impl(impl), common.resolve_interpret(interpret)
   return _split(x, up, down, weights, indices, activation, impl, interpret,
                 tuple(reduce_axes))
 
@@ -278,13 +266,13 @@ def sharded_atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights
       split both last and in the same order in both.
   """
   layout = TableLayout(mesh, table_axes, batch_axes)
-  _check_shapes(x, up, down, weights, indices, activation)
+  _check_inputs(x, up, down, weights, indices, activation)
   if not layout.fits(x.shape[0], x.shape[1]):
     raise ValueError(
         f"x {x.shape}: T must be divisible by the batch axes {layout.batch_axes} "
         f"(size {layout.size(layout.batch_axes)}) and d by the table axes "
         f"{layout.table_axes} (size {layout.size(layout.table_axes)})")
-  impl, interpret = _resolve(impl, interpret)
+  impl, interpret = ops.resolve_impl(impl), common.resolve_interpret(interpret)
   # Only axes of several devices go manual: an axis of one splits nothing, and would
   # still cost an all-reduce (of one device) in the transpose of the shard_map.
   several = lambda axes: tuple(a for a in axes if layout.mesh.shape[a] > 1)

@@ -1,16 +1,19 @@
 """Decoder-only language model with a configurable FFN (dense, coarse MoE, PEER, OmniMoE).
 
-  logits, aux = model.apply(variables, tokens, train=True, mutable=['batch_stats'])  # train
-  logits, aux = model.apply(variables, tokens, train=False)                           # eval
-  logits, vars = model.apply({**variables}, prompt, train=False, decode=True,
-                             mutable=['cache'])                                       # prefill
-  (then feed one token at a time with {**variables, 'cache': vars['cache']})
+  (logits, aux), updates = model.apply(variables, tokens, train=True,
+                                       mutable=['batch_stats'])                     # train
+  logits, aux = model.apply(variables, tokens, train=False)                         # eval
+  (logits, aux), cache = model.apply(variables, prompt, train=False, decode=True,
+                                     mutable=['cache'])                             # prefill
+  (then feed one token at a time with {**variables, **cache})
 
 Blocks are pre-norm: `h = x + Attn(RMSNorm(x))`, `x' = h + FFN(RMSNorm(h))`; causal
 multi-head attention with rotary position embeddings (rotate-half convention). The output
 projection is untied from the token embedding (the paper's LMs and most MoE LMs untie it; it
 also keeps the embedding a pure lookup for the active-parameter count). Compute runs in
-`model.dtype`, parameters are stored in `model.param_dtype`, logits are float32.
+`model.dtype`, parameters are stored in `model.param_dtype`, logits are returned as float32
+(computed in `model.dtype`, as the other projections: with bf16 compute they carry bf16
+rounding, which the float32 loss then sees).
 
 aux = {'aux_loss': scalar float32, summed over layers (0.0 unless coarse_moe);
        'router_entropy': scalar float32, mean over routed layers (0.0 for dense);

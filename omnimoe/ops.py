@@ -25,7 +25,8 @@ def default_impl() -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def _resolve_impl(impl: str | None) -> str:
+def resolve_impl(impl: str | None) -> str:
+  """'xla' or 'pallas' for an impl argument (None: `default_impl()`); anything else raises."""
   impl = default_impl() if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
@@ -42,12 +43,13 @@ def _check_float(name: str, a) -> None:
     raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
 
 
-def _check_indices(indices, num_experts: int, unique: bool = False) -> None:
-  """Indices must be int32; their range (and with `unique`, that no row repeats an id) is
-  checked when they are concrete."""
+def _check_indices(indices, num_experts: int, unique: bool = False,
+                   values: bool = True) -> None:
+  """Indices must be int32; with `values`, their range (and with `unique`, that no row
+  repeats an id) is checked when they are concrete."""
   if indices.dtype != jnp.int32:
     raise TypeError(f"indices must be int32, got {indices.dtype}")
-  if isinstance(indices, jax.core.Tracer):
+  if not values or isinstance(indices, jax.core.Tracer):
     return
   idx = np.asarray(indices)
   if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
@@ -93,35 +95,17 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
   num_experts = lx.shape[1] * ly.shape[1]
   if not 1 <= k <= num_experts:
     raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {num_experts}, got {k}")
-  if _resolve_impl(impl) == "pallas":
+  if resolve_impl(impl) == "pallas":
     from omnimoe.pallas import router_topk
     return router_topk.cartesian_topk(lx, ly, int(k), sorted=bool(sorted))
   return reference.cartesian_topk(lx, ly, int(k))
 
 
-def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
-                   indices: jax.Array, *, activation: str = "silu",
-                   gate: jax.Array | None = None, impl: str | None = None,
-                   unique_indices: bool = False) -> jax.Array:
-  """Atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`.
-
-  Args:
-    x: (T, d) tokens. up, down: (N, d) expert tables. weights: (T, k) routing weights.
-    indices: (T, k) int32 expert ids in [0, N).
-    activation: one of `reference.EXPERT_ACTIVATIONS`. "swiglu" replaces
-      `act(<x, up[e]>)` by `silu(<x, gate[e]>) * <x, up[e]>` and needs `gate`.
-    gate: (N, d) third table, for activation "swiglu" only.
-    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). The Pallas kernels cover
-      the scalar activations; "swiglu" runs on XLA (impl None) until its kernels exist.
-    unique_indices: True promises that no token lists an expert twice (the router's top-k
-      never does), so paths that scatter pairs into (T, N) grids may store instead of
-      adding (`omnimoe.pallas.expert_dense`). Checked when indices are concrete; if it
-      is broken under jit, the repeated pairs' contribution is undefined (as with
-      `jnp.ndarray.at[...].set(..., unique_indices=True)`).
-  Returns:
-    (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
-    (and gate).
-  """
+def check_expert_inputs(x, up, down, weights, indices, activation: str = "silu", gate=None,
+                        unique_indices: bool = False, check_ids: bool = True) -> None:
+  """`atomic_experts`' input contract (also `omnimoe.expert_parallel`'s): a ValueError or
+  TypeError naming the argument; with `check_ids`, ids checked for range (and repeats)
+  when concrete (the split op masks ids outside [0, N) instead)."""
   _check_rank("x", x, 2, "tokens, hidden")
   _check_rank("up", up, 2, "experts, hidden")
   _check_rank("down", down, 2, "experts, hidden")
@@ -147,8 +131,34 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     _check_float("gate", gate)
     if gate.shape != up.shape:
       raise ValueError(f"gate must have the shape of up {up.shape}, got {gate.shape}")
-  _check_indices(indices, up.shape[0], unique_indices)
-  impl = "xla" if gate is not None and impl is None else _resolve_impl(impl)
+  _check_indices(indices, up.shape[0], unique_indices, values=check_ids)
+
+
+def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Array,
+                   indices: jax.Array, *, activation: str = "silu",
+                   gate: jax.Array | None = None, impl: str | None = None,
+                   unique_indices: bool = False) -> jax.Array:
+  """Atomic experts: `y_t = sum_k act(<x_t, up[e_tk]>) * weights_tk * down[e_tk]`.
+
+  Args:
+    x: (T, d) tokens. up, down: (N, d) expert tables. weights: (T, k) routing weights.
+    indices: (T, k) int32 expert ids in [0, N).
+    activation: one of `reference.EXPERT_ACTIVATIONS`. "swiglu" replaces
+      `act(<x, up[e]>)` by `silu(<x, gate[e]>) * <x, up[e]>` and needs `gate`.
+    gate: (N, d) third table, for activation "swiglu" only.
+    impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). The Pallas kernels cover
+      the scalar activations; "swiglu" runs on XLA (impl None) until its kernels exist.
+    unique_indices: True promises that no token lists an expert twice (the router's top-k
+      never does), so paths that scatter pairs into (T, N) grids may store instead of
+      adding (`omnimoe.pallas.expert_dense`). Checked when indices are concrete; if it
+      is broken under jit, the repeated pairs' contribution is undefined (as with
+      `jnp.ndarray.at[...].set(..., unique_indices=True)`).
+  Returns:
+    (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
+    (and gate).
+  """
+  check_expert_inputs(x, up, down, weights, indices, activation, gate, unique_indices)
+  impl = "xla" if gate is not None and impl is None else resolve_impl(impl)
   if impl == "pallas":
     if gate is not None:
       raise NotImplementedError("the Pallas expert kernels cover the scalar activations; "
