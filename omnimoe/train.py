@@ -313,6 +313,15 @@ class _Interval:
     return out
 
 
+def evaluations_after(step: int, train_cfg) -> int:
+  """How many validations the loop runs after `step`: every `eval_every` and at the end."""
+  t = train_cfg
+  if step >= t.steps:
+    return 0
+  periodic = t.steps // t.eval_every - step // t.eval_every if t.eval_every else 0
+  return periodic + (0 if t.eval_every and t.steps % t.eval_every == 0 else 1)
+
+
 def evaluate(program: Program, state, val_source, config) -> dict:
   """Mean cross-entropy and perplexity on the first `eval_steps` validation batches."""
   t = config.train
@@ -393,6 +402,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   interval = _Interval()
   last = {}
   profile = _ProfileWindow(t.profile_start, t.profile_steps, os.path.join(workdir, "profile"))
+  eval_seconds = 0.0  # no estimate before the first validation
   try:
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
@@ -418,7 +428,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % t.log_every == 0:
         last = interval.summary(tokens_per_step)
         if "tokens_per_s" in last:
-          last["eta_s"] = (t.steps - step) * last["step_time_s"]
+          last["eta_s"] = ((t.steps - step) * last["step_time_s"]
+                           + evaluations_after(step, t) * eval_seconds)
           if peak is not None:
             last["mfu"] = flops_per_token * last["tokens_per_s"] / (peak * jax.device_count())
         if (peak_gib := metrics_lib.peak_memory_gib()) is not None:
@@ -426,7 +437,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.write(step, "train", last)
         logging.info(metrics_lib.format_train_line(step, t.steps, last))
       if validate_now:
+        eval_start = time.perf_counter()
         val = evaluate(program, state, val_source, config)
+        eval_seconds = time.perf_counter() - eval_start  # the latest (the first compiles)
         writer.write(step, "val", val)
         logging.info("step %d validation: loss %.4f, perplexity %.2f", step, val["loss"],
                      val["perplexity"])

@@ -186,6 +186,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   assert steps == list(range(1, 7))  # nothing at or after the bad step was logged
 
 
+@pytest.mark.parametrize("steps,eval_every", [(50, 25), (50, 20), (50, 0), (7, 1)])
+def test_evaluations_after_counts_the_loops_validations(steps, eval_every):
+  t = config_lib.base_config().train
+  t.steps, t.eval_every = steps, eval_every
+  runs = [s for s in range(1, steps + 1) if (eval_every and s % eval_every == 0) or s == steps]
+  for step in range(steps + 1):
+    assert train.evaluations_after(step, t) == sum(s > step for s in runs), step
+
+
 def test_router_health_summary():
   load = np.array([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
   health = metrics.router_health(load)
