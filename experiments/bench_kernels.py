@@ -235,7 +235,11 @@ def layer(p, x, *, k, impl, config=None):
 # ----------------------------------------------------------------------------- floors
 
 def floors(ceil, n, k, what):
-  """(fwd, fwd+bwd) floor ms: bytes at the copy rate plus matmul flops at the matmul rate."""
+  """(fwd, fwd+bwd) floor ms: bytes at the copy rate plus matmul flops at the matmul rate.
+
+  Estimates, not strict lower bounds: bytes that are only read are priced at the
+  read+write copy rate (HBM serves reads faster, so gathers can beat it: %fl > 100), and
+  the matmul rate is one 8192^3 GEMM's (the MLP's GEMMs have run faster)."""
   bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
   pairs = T * k
   used = n * (1 - (1 - 1 / n) ** pairs)  # expected distinct experts
