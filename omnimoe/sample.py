@@ -27,7 +27,8 @@ from omnimoe import train
 
 
 def load(workdir: str):
-  """(config, model, variables) of the run's newest readable checkpoint, on one device."""
+  """(config, step, model, variables) of the run's newest readable checkpoint, on one
+  device."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
