@@ -110,7 +110,7 @@ def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   return ids, best
 
 
-def _valid_ids(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+def valid_ids(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
   """Which pairs name an expert in [0, N), and the ids with the others replaced by 0."""
   valid = (indices >= 0) & (indices < num_experts)
   return valid, jnp.where(valid, indices, 0)
@@ -128,14 +128,14 @@ def _chunks(a: jax.Array, chunk: int, fill) -> jax.Array:
 
 
 def _gathered_scores(vec, table, indices):
-  valid, safe = _valid_ids(indices, table.shape[0])
+  valid, safe = valid_ids(indices, table.shape[0])
   s = jnp.einsum("td,tkd->tk", vec.astype(jnp.float32),
                  jnp.take(table, safe, axis=0).astype(jnp.float32))
   return jnp.where(valid, s, 0.0)
 
 
 def _gathered_combine(coef, table, indices):
-  valid, safe = _valid_ids(indices, table.shape[0])
+  valid, safe = valid_ids(indices, table.shape[0])
   return jnp.einsum("tk,tkd->td", jnp.where(valid, coef.astype(jnp.float32), 0.0),
                     jnp.take(table, safe, axis=0).astype(jnp.float32))
 
@@ -173,7 +173,7 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   `pair_scores`, then `pair_combine`: gathers a (T, k, d) copy of each table, fine as an
   oracle, memory-bound as a kernel. Accumulates in float32; returns x.dtype.
   """
-  valid, _ = _valid_ids(indices, up.shape[0])
+  valid, _ = valid_ids(indices, up.shape[0])
   s = pair_scores(x, up, indices)
   if activation == "swiglu":
     h = jax.nn.silu(pair_scores(x, gate, indices)) * s

@@ -85,9 +85,9 @@ class _Plan:
 def _pair_ids(indices, num_experts: int):
   """valid (rows, k), ids clamped into range for gathers, and ids for scatters where an
   invalid pair's id is sent past N (N + its slot, so that they stay distinct and drop)."""
-  valid = (indices >= 0) & (indices < num_experts)
+  valid, safe = reference.valid_ids(indices, num_experts)
   past = num_experts + lax.broadcasted_iota(jnp.int32, indices.shape, 1)
-  return valid, jnp.where(valid, indices, 0), jnp.where(valid, indices, past)
+  return valid, safe, jnp.where(valid, indices, past)
 
 
 def _scatter_pairs(values, ids, num_experts: int, dtype, unique: bool):

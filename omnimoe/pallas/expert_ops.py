@@ -104,8 +104,7 @@ def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
   per program). The backward stays on the kernels (it needs no (N, d) scatter here).
   """
   f32 = jnp.float32
-  valid = (indices >= 0) & (indices < up.shape[0])
-  safe = jnp.where(valid, indices, 0)
+  valid, safe = reference.valid_ids(indices, up.shape[0])
   y, s = jnp.zeros(x.shape, f32), []
   for j in range(0, indices.shape[1], chunk):
     e = safe[:, j:j + chunk]
