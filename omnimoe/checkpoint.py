@@ -12,15 +12,15 @@ Restore tries steps newest-first:
     used;
   - a readable step whose layout differs from the state the config builds (another model,
     optimizer or config change) is a ConfigError naming the first difference: the
-    checkpoints stay where they are, and nothing starts from scratch over them;
-  - a step whose data positions were saved by another number of processes is a
-    ConfigError too (each process restores its own position).
+    checkpoints stay where they are, and nothing starts from scratch over them (a step
+    saved without a layout, by an earlier version, is restored unchecked);
+  - a step whose data positions were saved by another number of processes, or that do not
+    fit this run's loader (e.g. another `data.workers`), is a ConfigError too.
 A read-only checkpointer (`omnimoe.sample` beside a live run) never moves, deletes or
 cleans anything: it skips unreadable steps with a warning.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import re
@@ -93,27 +93,43 @@ class Checkpointer:
     wanted = layout(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
-        saved = self._read(step, layout=ocp.args.JsonRestore())["layout"]
+        saved = self._saved_layout(step)
+        if saved is not None and (difference := first_difference(saved, wanted)):
+          raise ConfigError(
+              f"checkpoint step {step} in {self.directory} holds another model or optimizer "
+              f"state than this config builds: {difference}. Resume with the run's own "
+              f"config (config.json beside the checkpoints) or use a new workdir.")
+        if data_iterator is not None:
+          self._check_data_processes(step)
+        state = self._read(step, state=ocp.args.StandardRestore(abstract_state))["state"]
+      except ConfigError:
+        raise
       except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
         self._unreadable(step, e)
         continue
-      difference = first_difference(saved, wanted)
-      if difference is not None:
-        raise ConfigError(
-            f"checkpoint step {step} in {self.directory} holds another model or optimizer "
-            f"state than this config builds: {difference}. Resume with the run's own config "
-            f"(config.json beside the checkpoints) or use a new workdir.")
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
-        self._check_data_processes(step)
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-      try:
-        state = self._read(step, **items)["state"]
-      except Exception as e:  # pylint: disable=broad-except
-        self._unreadable(step, e)
-        continue
+        self._restore_data(step, data_iterator)
       return step, state
     return None
+
+  def _saved_layout(self, step: int) -> dict | None:
+    """The step's saved layout; None for a checkpoint written before layouts were saved
+    (its state is then restored unchecked, as it was saved)."""
+    if not os.path.exists(os.path.join(self.directory, str(step), "layout")):
+      return None
+    return self._read(step, layout=ocp.args.JsonRestore())["layout"]
+
+  def _restore_data(self, step: int, data_iterator) -> None:
+    """Sets the iterator to the step's saved position. The state read, so a position that
+    does not fit this loader is a config change (e.g. `data.workers`), not corruption."""
+    try:
+      self._read(step, data=grain.checkpoint.CheckpointRestore(data_iterator))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          f"checkpoint step {step} in {self.directory}: its data position does not fit this "
+          f"run's loader ({type(e).__name__}: {e}); the data section of the config (e.g. "
+          f"data.workers) must match the run that saved it (config.json beside the "
+          f"checkpoints)") from e
 
   def _read(self, step: int, **items):
     return self._mngr.restore(step, args=ocp.args.Composite(**items))

@@ -98,8 +98,8 @@ def _candidate_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, ja
 def _unsigned_zero(v: jax.Array) -> jax.Array:
   """-0.0 -> +0.0, so that equal scores tie exactly in `lax.top_k` (which ranks +0.0 above
   -0.0). A select, not `v + 0.0`, which XLA simplifies to `v` under jit; applied as an
-  offset without gradient, so that d/dv stays 1 at zero."""
-  return v + lax.stop_gradient(jnp.where(v == 0, 0.0, v) - v)
+  offset without gradient, so that d/dv stays 1 at zero (and +-inf stay as they are)."""
+  return v + lax.stop_gradient(jnp.where(v == 0, -v, jnp.zeros_like(v)))
 
 
 def _top_ids_ascending(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

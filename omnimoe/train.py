@@ -429,7 +429,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last = interval.summary(tokens_per_step)
         if "tokens_per_s" in last:
           last["eta_s"] = ((t.steps - step) * last["step_time_s"]
-                           + evaluations_after(step, t) * eval_seconds)
+                           + (evaluations_after(step, t) + bool(validate_now)) * eval_seconds)
           if peak is not None:
             last["mfu"] = flops_per_token * last["tokens_per_s"] / (peak * jax.device_count())
         if (peak_gib := metrics_lib.peak_memory_gib()) is not None:

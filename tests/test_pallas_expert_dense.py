@@ -119,8 +119,7 @@ def test_choose_path_and_bad_configs():
   rng = np.random.default_rng(8)
   args, idx, _ = expert_inputs(rng, 5, 32, 16, 4)
   with pytest.raises(ValueError, match="ExpertConfig.path must be 'auto' or one of"):
-    expert_ops.atomic_experts(*args, jnp.asarray(idx),
-                              config=expert_ops.ExpertConfig(path="rows"))
+    expert_ops.ExpertConfig(path="rows")  # refused where it is built
   with pytest.raises(ValueError, match="max_block_elements"):
     expert_ops.atomic_experts(*args, jnp.asarray(idx), config=blocks_of(0, 16))
 

@@ -25,9 +25,10 @@ def test_cartesian_topk_matches_full_topk(tokens, n, k, quantum):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_cartesian_topk_signed_zeros_tie(jit):
-  """-0.0 and +0.0 are one score: the tie goes to the lower id, eager and under jit."""
-  lx = np.array([[-0.0, 0.0, -1.0], [0.0, -0.0, -0.0]], np.float32)
-  ly = np.array([[0.0, -2.0, -0.0], [-0.0, 0.0, -3.0]], np.float32)
+  """-0.0 and +0.0 are one score: the tie goes to the lower id, eager and under jit;
+  -inf (masked logits) stays -inf (no NaN from the folding)."""
+  lx = np.array([[-0.0, 0.0, -1.0], [0.0, -0.0, -0.0], [-np.inf, -1.0, -0.0]], np.float32)
+  ly = np.array([[0.0, -2.0, -0.0], [-0.0, 0.0, -3.0], [-0.0, -np.inf, 0.0]], np.float32)
   topk = jax.jit(reference.cartesian_topk, static_argnums=2) if jit else reference.cartesian_topk
   for k in (1, 4, 9):
     scores, idx = topk(lx, ly, k)

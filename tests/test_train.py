@@ -159,6 +159,41 @@ def test_data_positions_of_another_process_count_are_a_config_error(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
 
+def test_step_saved_without_a_layout_restores_unchecked(tmp_path):
+  """Checkpoints written before layouts were saved still resume (not set aside)."""
+  state = {"w": jnp.arange(6.0)}
+  saved_iter = _saved_run(tmp_path, state)
+  shutil.rmtree(tmp_path / "checkpoints" / "3" / "layout")
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
+                        shuffle=True))
+  step, restored = ckpt.restore(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                   state), it)
+  ckpt.close()
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  np.testing.assert_array_equal(next(it), next(saved_iter))
+
+
+def test_data_position_that_does_not_fit_the_loader_is_a_config_error(tmp_path):
+  """E.g. another data.workers: the state reads, the position does not; nothing is moved."""
+  state = {"w": jnp.arange(6.0)}
+  _saved_run(tmp_path, state)
+  data_dir = tmp_path / "checkpoints" / "3" / "data"
+  (name,) = [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  (data_dir / name).write_text('{"workers_state": {}}')  # another loader's state
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
+                        shuffle=True))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  with pytest.raises(ConfigError, match="data position does not fit this run's loader"):
+    ckpt.restore(abstract, it)
+  ckpt.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
 def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
   state = {"w": jnp.arange(6.0)}
   _saved_run(tmp_path, state)
