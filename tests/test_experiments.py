@@ -74,6 +74,38 @@ def test_bench_kernels_module_part_times_every_row(monkeypatch):
     assert row is not None and all(ms > 0 for ms in row), label
 
 
+def test_bench_kernels_table_gives_both_impls_the_same_inputs(monkeypatch, tmp_path):
+  """The table part at toy sizes: every (what, N, k) row timed for both impls (each timing
+  one call) and written to the JSON; both impls of a case draw their inputs from the same
+  keys, other cases from others."""
+  import itertools
+
+  import jax
+  import numpy as np
+
+  from experiments import bench_kernels
+  for name, value in dict(T=16, D=32, F=64, CASES=[(64, 4), (36, 3)]).items():
+    monkeypatch.setattr(bench_kernels, name, value)
+  monkeypatch.setattr(bench_kernels, "timeit",
+                      lambda f, args, **kw: [jax.block_until_ready(f(*args[0])), 1.0][1])
+  first_keys = {}
+  time_case = bench_kernels.time_case
+
+  def recording(what, impl, n, k, keys):
+    first = next(keys)
+    first_keys[what, impl, n, k] = np.asarray(jax.random.key_data(first))
+    return time_case(what, impl, n, k, itertools.chain([first], keys))
+  monkeypatch.setattr(bench_kernels, "time_case", recording)
+  rows = bench_kernels.part_table(0, None, "cpu", str(tmp_path / "t.json"))
+  assert len(rows) == 12 and all(r["fwd_ms"] == 1.0 for r in rows)
+  assert json.loads((tmp_path / "t.json").read_text()) == rows
+  cases = {(what, n, k) for what, _, n, k in first_keys}
+  assert len(cases) == 6
+  for what, n, k in cases:
+    np.testing.assert_array_equal(first_keys[what, "pallas", n, k], first_keys[what, "xla", n, k])
+  assert len({first_keys[what, "xla", n, k].tobytes() for what, n, k in cases}) == 6
+
+
 def _tiny_headline(monkeypatch):
   """bench_headline at toy sizes on the CPU (the Pallas kernels in interpret mode), every
   timing replaced by one call; returns the module and the (p, x) pairs each forward
