@@ -86,7 +86,11 @@ DENSE_BREAK_EVEN = ((64, 160), (128, 350), (None, 640))  # (k up to, N / k ratio
 def choose_path(tokens: int, k: int, num_experts: int) -> str:
   """"dense" where the whole-grid GEMMs beat the pair gathers (N <= ratio(k) k, the
   measured break-even above) and every table row is used about once per call on average
-  (T k >= N: the dense path reads both whole tables), else "tokens"."""
+  (T k >= N: the dense path reads both whole tables), else "tokens".
+
+  Not measured: few tokens at a large k (e.g. decoding one token at k = 4096) take the
+  token path, whose per-program tiles grow with k (k = 2048 ran, at T = 4096, in the
+  crossover sweep); neither path has been timed there."""
   ratio = next(r for k_max, r in DENSE_BREAK_EVEN if k_max is None or k <= k_max)
   dense = num_experts <= ratio * k and tokens * k >= num_experts
   return "dense" if dense else "tokens"
