@@ -303,8 +303,9 @@ def test_lm_builds_runs_is_causal_differentiable_and_counted(ffn):
   assert counts["total"] - counts["active"] == experts["total"] - experts["active"]
 
 
-def test_kv_cache_decode_equals_full_forward():
-  cfg = tiny_model_config("omnimoe")
+@pytest.mark.parametrize("ffn", KINDS)
+def test_kv_cache_decode_equals_full_forward(ffn):
+  cfg = tiny_model_config(ffn)
   model = build_model(cfg)
   tok = tokens(16, (2, 10))
   variables = init(model, tok)
