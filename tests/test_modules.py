@@ -450,3 +450,74 @@ def test_swiglu_experts_add_a_counted_gate_table():
   variables = model.init(jax.random.key(1), tokens, train=False)
   logits, _ = model.apply(variables, tokens, train=False)
   assert np.isfinite(np.asarray(logits)).all()
+
+
+# ----------------------------------------------------------------------------- paper vs code
+
+
+def test_omnimoe_defaults_are_the_released_codes_switches():
+  c = config_lib.model_config().omnimoe
+  assert (c.activation, c.routing_weights, c.router_norm) == ("silu", "exp", "batchnorm")
+
+
+@pytest.mark.parametrize("paper", [False, True], ids=["code-defaults", "paper-switches"])
+def test_paper_and_code_switches_through_build_model(paper):
+  """The paper's switches (softmax over the k kept, no router norm, swiglu experts) set
+  through the config: no BatchNorm state, a third (N, d) expert table, routing weights of
+  each token summing to 1; the defaults: batch_stats and weights exp(score) (sum < 1).
+  Either way one training forward + grad of the LM runs (its intermediates are read)."""
+  switches = dict(routing_weights="softmax", router_norm="none", activation="swiglu")
+  cfg = tiny_model_config(**(switches if paper else {}))
+  cfg.n_layers = 1
+  model = build_model(cfg)
+  tok = tokens(30, (3, 9))
+  variables = init(model, tok)
+  assert ("batch_stats" in variables) == (not paper)
+  bank = variables["params"]["block_0"]["ffn"]["experts"]
+  assert sorted(bank) == (["down", "gate", "up"] if paper else ["down", "up"])
+  if paper:
+    assert bank["gate"].value.shape == (49, 24)
+    assert bank["gate"].names == ("experts", "expert_embed")
+
+  # Intermediates: the router's outputs and its input (the ffn_norm output).
+  probe = lambda mdl, _: isinstance(mdl, router_lib.CartesianRouter) or mdl.name == "ffn_norm"
+
+  def loss(prm, state):
+    (out, aux), updated = model.apply({"params": prm, **state}, tok, train=True,
+                                      capture_intermediates=probe,
+                                      mutable=["batch_stats", "intermediates"])
+    logp = jax.nn.log_softmax(out)
+    nll = -jnp.mean(jnp.take_along_axis(logp, tok[..., None], -1))
+    return nll + aux["aux_loss"], updated
+
+  state = {c: v for c, v in variables.items() if c != "params"}
+  (value, updated), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      variables["params"], state)
+  assert np.isfinite(float(value)) and ("batch_stats" in updated) == (not paper)
+  grads = nn.unbox(grads)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(g)), path
+  ffn_grads = grads["block_0"]["ffn"]
+  for g in (ffn_grads["router"]["gate_x"], ffn_grads["router"]["gate_y"],
+            *ffn_grads["experts"].values()):  # the gradient reaches the gates and tables
+    assert np.any(np.asarray(g) != 0)
+
+  inter = updated["intermediates"]["block_0"]
+  w, idx, _ = inter["ffn"]["router"]["__call__"][0]
+  x = inter["ffn_norm"]["__call__"][0].reshape(-1, 24)
+  assert w.shape == (27, 5)
+  gates = nn.unbox(variables["params"])["block_0"]["ffn"]["router"]
+  if paper:
+    mean = var = None
+  else:  # training: BatchNorm with the batch's statistics (biased variance)
+    mean = {a: jnp.mean(x @ gates[f"gate_{a}"], 0) for a in "xy"}
+    var = {a: jnp.var(x @ gates[f"gate_{a}"], 0) for a in "xy"}
+  w_ref, idx_ref, _, _ = brute_force_route(x, gates, 7, 5, "softmax" if paper else "exp",
+                                           mean, var)
+  np.testing.assert_array_equal(idx, idx_ref)
+  np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-6)
+  sums = np.asarray(w.sum(-1))
+  if paper:
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+  else:  # exp(score) = p_x(i) p_y(j): not normalised
+    assert np.all(sums < 0.99) and np.all(sums > 0), sums

@@ -94,6 +94,10 @@ def check_meshes():
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   reference_program = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   host_init = jax.device_get(reference_program.init(jax.random.key(0)))
+  boxed = jax.eval_shape(lambda: reference_program.model.init(
+      jax.random.key(0), np.zeros((1, config.train.seq_len), np.int32), train=False))
+  logical_specs = _leaves(nn.get_partition_spec(boxed["params"]),
+                          is_leaf=lambda x: isinstance(x, P))  # logical axis names
   ref_state, ref_losses = run((1, 1, 1))
   for shape in MESHES:
     state, losses = run(shape)
@@ -114,8 +118,44 @@ def check_meshes():
     assert query.sharding.spec == P("fsdp", "tensor", None)
     mu = state["opt_state"][1][0].mu["block_0"]["ffn"]["experts"]["up"]
     assert mu.sharding.spec == P(None, ("tensor", "fsdp"))
+    if shape == (2, 2, 2):
+      check_placements(state, logical_specs)
     print(shape, "max |loss - ref|", np.max(np.abs(np.array(losses) - ref_losses)))
   print("sharded steps match")
+
+
+def _leaves(tree, is_leaf=None) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
+def check_placements(state, logical_specs):
+  """Every parameter and both AdamW moments of it: spec = RULES of its logical names, and
+  each shard = global shape / the sizes of its spec's mesh axes (run by check_meshes)."""
+  want = {path: sharding.mesh_axes(tuple(spec)) for path, spec in logical_specs.items()}
+  adam = state["opt_state"][1][0]
+  for name, tree in (("params", state["params"]), ("mu", adam.mu), ("nu", adam.nu)):
+    leaves = _leaves(tree)
+    assert sorted(leaves) == sorted(want), (name, sorted(leaves))
+    for path, leaf in leaves.items():
+      assert len(want[path]) == leaf.ndim, (name, path, want[path])
+      assert leaf.sharding.spec == want[path], (name, path, leaf.sharding.spec, want[path])
+      sizes = leaf.sharding.mesh.shape
+      shard = tuple(dim // math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str)
+                                                        else axes or ()))
+                    for dim, axes in zip(leaf.shape, want[path]))
+      assert len(leaf.addressable_shards) == 8
+      for s in leaf.addressable_shards:
+        assert s.data.shape == shard, (name, path, s.data.shape, shard)
+    # The placements that matter most, spelled out.
+    for block in ("block_0", "block_1"):
+      for table in ("up", "down"):  # d over tensor x fsdp, the N rows whole
+        leaf = leaves[f"['{block}']['ffn']['experts']['{table}']"]
+        assert leaf.sharding.spec == P(None, ("tensor", "fsdp")), (name, block, table)
+        assert leaf.addressable_shards[0].data.shape == (64, 32 // 4)
+    output = leaves["['output']['kernel']"]  # (d, vocab): vocab over tensor
+    assert output.sharding.spec == P("fsdp", "tensor"), (name, output.sharding.spec)
+    assert output.addressable_shards[0].data.shape == (32 // 2, 256 // 2)
 
 
 def test_sharded_train_step_matches_one_device():
