@@ -7,11 +7,13 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.extend import core as jax_core
 
 from omnimoe import checkpoint as checkpoint_lib
 from omnimoe import config as config_lib
-from omnimoe import data, metrics, train
+from omnimoe import data, metrics, sharding, train
 from omnimoe.config import ConfigError
 
 
@@ -221,6 +223,23 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   assert steps == list(range(1, 7))  # nothing at or after the bad step was logged
 
 
+def test_nan_between_checks_is_found_at_its_own_step(tiny_config, tmp_path):
+  """Steps are checked only when logging or saving: a NaN at step 7, found at the save of
+  step 8 (after it every loss is NaN), is named as step 7 and step 8 is not saved."""
+  tiny_config.train.log_every = 5
+  tiny_config.checkpoint.every = 4
+  tiny_config.train.debug_nan_step = 7
+  assert tiny_config.train.steps >= 10
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.TrainingDiverged,
+                     match=r"non-finite loss or gradient at step 7 \(.*last good checkpoint "
+                           r"is step 4 "):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == [5]
+
+
 @pytest.mark.parametrize("steps,eval_every", [(50, 25), (50, 20), (50, 0), (7, 1)])
 def test_evaluations_after_counts_the_loops_validations(steps, eval_every):
   t = config_lib.base_config().train
@@ -269,6 +288,141 @@ def test_expert_lr_scale_scales_only_the_expert_tables(tiny_config):
   np.testing.assert_array_equal(scaled["block_0"]["ffn"]["shared_mlp"]["w"],
                                 base["block_0"]["ffn"]["shared_mlp"]["w"])
   np.testing.assert_array_equal(scaled["norm"]["scale"], base["norm"]["scale"])
+
+
+def test_schedule_warms_up_then_decays_to_the_final_fraction(tiny_config):
+  t = tiny_config.train
+  t.lr, t.warmup_steps, t.steps = 2e-3, 3, 20
+  _, schedule = train.make_optimizer(t)
+  lrs = [float(schedule(s)) for s in range(t.steps + 1)]
+  assert lrs[0] == pytest.approx(t.lr / t.warmup_steps, rel=1e-6)
+  assert lrs[t.warmup_steps] == pytest.approx(t.lr, rel=1e-6)
+  assert lrs[t.steps] == pytest.approx(train.FINAL_LR_FRACTION * t.lr, rel=1e-6)
+  after = lrs[t.warmup_steps:]
+  assert all(a > b for a, b in zip(after, after[1:])), after
+
+
+def test_gradients_are_clipped_before_adam(tiny_config):
+  """Adam's update is scale-free, so the clip shows in its first moment: one update with a
+  gradient of global norm 1000 and grad_clip=1 leaves mu = (1 - b1) * g / |g|, norm 0.1."""
+  tiny_config.train.grad_clip = 1.0
+  tx, _ = train.make_optimizer(tiny_config.train)
+  keys = jax.random.split(jax.random.key(5), 2)
+  params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros((5,))}
+  grads = {"w": jax.random.normal(keys[0], (6, 5)), "b": jax.random.normal(keys[1], (5,))}
+  grads = jax.tree.map(lambda g: g * (1000.0 / optax.tree.norm(grads)), grads)
+  assert float(optax.tree.norm(grads)) == pytest.approx(1000.0, rel=1e-5)
+  _, state = tx.update(grads, tx.init(params), params)
+  adam = state[1][0]  # chain(clip, adamw = chain(scale_by_adam, decay, lr))
+  assert isinstance(adam, optax.ScaleByAdamState)
+  assert float(optax.tree.norm(adam.mu)) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_logged_lr_is_the_schedule_of_the_steps_update(tiny_config, tmp_path):
+  """train_step logs schedule(updates done before it): step s (1-based) used schedule(s-1)."""
+  t = tiny_config.train
+  t.steps, t.warmup_steps, t.log_every = 6, 2, 1
+  tiny_config.checkpoint.every = 100
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  _, schedule = train.make_optimizer(t)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+  assert [r["step"] for r in rows] == list(range(1, t.steps + 1))
+  for r in rows:
+    assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6), r
+
+
+def _one_step(config, initial=None):
+  """One train_step on a one-device mesh from `initial` (host state; default: init from
+  jax.random.key(0)) on a fixed batch: (program, initial, tokens, new state, metrics)."""
+  program = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  if initial is None:
+    initial = jax.device_get(program.init(jax.random.key(0)))
+  state = jax.device_put(initial, jax.tree.map(lambda a: a.sharding, program.abstract_state))
+  t = config.train
+  rng = np.random.default_rng(0)
+  tokens = program.global_batch(
+      rng.integers(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32))
+  new_state, step_metrics = program.train_step(state, tokens)
+  return program, initial, tokens, jax.device_get(new_state), jax.device_get(step_metrics)
+
+
+def _max_param_change(a, b) -> float:
+  return max(float(np.max(np.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])))
+
+
+def test_z_loss_enters_the_objective_and_its_metric(tiny_config):
+  """Same state and batch, train.z_loss 0 vs 1: the first update differs (Adam's first step
+  is ~lr * sign(g), so some sign flipped) and the metric is z_loss * mean(logsumexp^2)."""
+  tiny_config.model.n_layers = 1  # compiles faster; the term is the same
+  step_lr = tiny_config.train.lr / tiny_config.train.warmup_steps
+  tiny_config.train.z_loss = 0.0
+  _, initial, _, off, off_metrics = _one_step(tiny_config)
+  tiny_config.train.z_loss = 1.0
+  program, _, tokens, on, on_metrics = _one_step(tiny_config, initial)
+  assert float(off_metrics["z_loss"]) == 0.0
+  assert _max_param_change(off, on) > step_lr
+
+  apply = jax.jit(lambda variables, inputs: program.model.apply(
+      variables, inputs, train=True, mutable=["batch_stats"]))
+  (logits, _), _ = apply({"params": initial["params"], "batch_stats": initial["batch_stats"]},
+                         jnp.asarray(tokens)[:, :-1])
+  lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  assert float(on_metrics["z_loss"]) == pytest.approx(float(jnp.mean(lse ** 2)), rel=1e-5)
+  assert float(on_metrics["z_loss"]) > 1.0
+
+
+def test_coarse_moe_aux_loss_enters_the_objective(tiny_config):
+  tiny_config.model.ffn = "coarse_moe"  # its sizes: configs/tiny.py
+  tiny_config.model.n_layers = 1
+  step_lr = tiny_config.train.lr / tiny_config.train.warmup_steps
+  tiny_config.model.coarse_moe.aux_loss_coef = 0.0
+  _, initial, _, off, off_metrics = _one_step(tiny_config)
+  tiny_config.model.coarse_moe.aux_loss_coef = 1.0
+  _, _, _, on, on_metrics = _one_step(tiny_config, initial)
+  assert float(off_metrics["aux_loss"]) == 0.0
+  # 1 per layer at perfect balance (see layers.CoarseMoE), more when unbalanced.
+  assert float(on_metrics["aux_loss"]) >= 0.99
+  assert _max_param_change(off, on) > step_lr
+
+
+def _dot_operand_dtypes(jaxpr) -> list:
+  """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(v.aval.dtype for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          out += _dot_operand_dtypes(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          out += _dot_operand_dtypes(sub)
+  return out
+
+
+def test_bfloat16_train_step_computes_in_bfloat16(tiny_config):
+  """Traced only: the step's matmuls take bf16 operands; params and Adam moments are float32
+  before and after it."""
+  tiny_config.model.dtype = "bfloat16"
+  program = train.build(tiny_config, sharding.make_mesh(tiny_config.mesh, jax.devices()[:1]))
+  t = tiny_config.train
+  tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
+                                sharding=sharding.batch_sharding(program.mesh))
+  with jax.set_mesh(program.mesh):
+    closed = jax.make_jaxpr(program.train_step)(program.abstract_state, tokens)
+  dots = _dot_operand_dtypes(closed.jaxpr)
+  bf16 = jnp.dtype(jnp.bfloat16)
+  assert sum(all(d == bf16 for d in dtypes) for dtypes in dots) > len(dots) / 2, dots
+  out_state = jax.tree.unflatten(jax.tree.structure(program.abstract_state),
+                                 closed.out_avals[:len(jax.tree.leaves(program.abstract_state))])
+  for state in (program.abstract_state, out_state):
+    for part in ("params", "opt_state"):
+      floats = {a.dtype for a in jax.tree.leaves(state[part])
+                if jnp.issubdtype(a.dtype, jnp.floating)}
+      assert floats == {jnp.dtype(jnp.float32)}, (part, floats)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state["params"]))
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_config, tmp_path):
