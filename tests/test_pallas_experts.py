@@ -4,7 +4,11 @@ Every kernel test runs in Pallas interpret mode on CPU, and compiled on a GPU wh
 is present (`-m gpu`; see tests/test_pallas_router.py for the command on a GPU host).
 Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
 """
+import contextlib
 import functools
+import inspect
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +16,8 @@ import numpy as np
 import pytest
 
 from omnimoe import ops, reference
-from omnimoe.pallas import bucketing, expert_ops, expert_tables
+from omnimoe.pallas import bucketing, common, expert_ops, expert_tables, expert_tokens
+from tests import bounds
 from tests import brute_force as bf
 from tests.test_pallas_router import MODES
 from tests.triton_lowering import triton_kernels
@@ -61,16 +66,119 @@ def test_values_and_gradients(tokens, d, n_experts, k, dtype, interpret):
   check_against_brute_force(args, idx, dy, interpret, SMALL, TOL[dtype])
 
 
-@pytest.mark.parametrize("interpret", MODES)
-def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
-  """Many chunks in one bucket; ids outside [0, N) contribute nothing, both ways."""
+def bad_id_inputs():
+  """29 tokens (a partial last block), d = 40 (a partial tile), N = 70; one expert takes
+  every token, and ids -5, N and INT32_MAX."""
   rng = np.random.default_rng(11)
   args, idx, dy = expert_inputs(rng, 29, 40, 70, 4)
   idx[:, 1] = 7
   idx[::2, 2] = -5
   idx[1::3, 3] = 70
   idx[5, 0] = np.iinfo(np.int32).max
-  check_against_brute_force(args, idx, dy, interpret, SMALL, 1e-5)
+  return args, idx, dy
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
+  """Many chunks in one bucket; ids outside [0, N) contribute nothing, both ways. In
+  interpret mode under tests/bounds.py: a gather there clamps whatever address it gets,
+  so right values alone do not show that the kernels (forward, backward, bucketing,
+  tables) clamp their own; the guard checks every address they take."""
+  args, idx, dy = bad_id_inputs()
+  with bounds.checked() if interpret else contextlib.nullcontext():
+    check_against_brute_force(args, idx, dy, interpret, SMALL, 1e-5)
+
+
+UNCLAMPED = {  # a clamp or mask taken out: (module, its text, the text without, where
+    # the guard sees it: the access and the function)
+    "expert-ids": (expert_tokens, "return jnp.where(valid, e, 0), exists, valid",
+                   "return e, exists, valid", "load", "_gather_tile"),
+    "columns": (expert_tokens, "experts[:, :, None], jnp.minimum(cols, d - 1)",
+                "experts[:, :, None], cols", "load", "_gather_tile"),
+    "token-rows": (common, "return t, t < tokens, jnp.minimum(t, tokens - 1)",
+                   "return t, t < tokens, t", "load", "_pair_experts"),
+    "store-columns": (expert_tokens, "mask=live[:, None] & (cols < d))",
+                      "mask=live[:, None])", "store", "tile"),
+}
+
+
+def module_copy(monkeypatch, module, old: str, new: str):
+  """`module` run from its source with `old` replaced by `new`, under another name (the
+  file and the imported module stay as they are; the copy is in sys.modules for the
+  test only)."""
+  source = inspect.getsource(module)
+  assert source.count(old) == 1, old
+  copy = types.ModuleType(module.__name__ + "_unclamped")
+  copy.__file__ = module.__file__
+  monkeypatch.setitem(sys.modules, copy.__name__, copy)
+  exec(compile(source.replace(old, new), module.__file__, "exec"), copy.__dict__)
+  return copy
+
+
+@pytest.mark.parametrize("unclamped", UNCLAMPED)
+def test_bounds_guard_sees_a_missing_clamp(unclamped, monkeypatch):
+  """The guard is not vacuous: with one clamp of the token forward taken out (a copy of
+  the module; the token-block helper patched into expert_tokens), or the column mask of
+  its output store, the bad-id case still gives the right values in interpret mode (the
+  gathers clamp, the scatter drops), and the guard reports the accesses."""
+  module, old, new, op, site = UNCLAMPED[unclamped]
+  copy = module_copy(monkeypatch, module, old, new)
+  kernels = copy if module is expert_tokens else expert_tokens
+  if module is common:
+    monkeypatch.setattr(expert_tokens, "common", copy)
+  (x, up, down, w), idx, _ = bad_id_inputs()
+  with bounds.recording() as found:
+    y, _ = kernels.forward(x, up, down, w, jnp.asarray(idx), activation="silu",
+                           config=SMALL.forward, interpret=True)
+    assert bf.rel_err(y, bf.atomic_experts(x, up, down, w, idx)) < 1e-5
+  assert {v.op for v in found} == {op} and site in {v.site.split()[-1] for v in found}
+
+
+# The token kernels at the issue's shapes; forward_impl="kernel" so that every kernel of
+# the path runs (the XLA forward is no kernel; the backward is the same either way).
+TOKENS_KERNEL_FORWARD = expert_ops.ExpertConfig(path="tokens", forward_impl="kernel")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_token_path_at_d_1536(interpret):
+  """d = 1536 at the default launch: 24 forward tiles of 64 columns, 48 backward tiles of
+  32, 6 table tiles of 256 (bucket of 16 experts); few tokens, few experts, float32."""
+  rng = np.random.default_rng(1536)
+  args, idx, dy = expert_inputs(rng, 6, 1536, 40, 4)
+  idx[0, :] = idx[1, 0]
+  idx[2, 1] = -1
+  check_against_brute_force(args, idx, dy, interpret, TOKENS_KERNEL_FORWARD, 1e-5)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_token_path_at_four_million_experts(interpret):
+  """N = 2^22 (n = 2048 per axis) at d = 8: table offsets e * d up to 2^25, 16384 buckets
+  of 256 experts (auto at d = 8), ids at both ends of the table and outside it. The brute
+  force runs on the used rows (ids renumbered); every other row's gradient must be 0."""
+  n_experts, tokens, d, k = 2 ** 22, 16, 8, 4
+  rng = np.random.default_rng(22)
+  x, _, _, w, _, dy = bf.expert_inputs(rng, tokens, d, 1, k)
+  up, down = (rng.random((n_experts, d), np.float32) - 0.5 for _ in range(2))
+  idx = rng.integers(0, n_experts, (tokens, k)).astype(np.int32)
+  idx[:, 0] = rng.integers(n_experts - 40, n_experts, tokens)  # the last bucket
+  idx[0, :] = n_experts - 1
+  idx[1, 1], idx[2, 2], idx[5, 1] = n_experts, -5, 0
+  idx[3, 3], idx[4, 0] = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+  f = functools.partial(expert_ops.atomic_experts, config=TOKENS_KERNEL_FORWARD,
+                        interpret=interpret)
+  y, vjp = jax.vjp(lambda *a: f(*a, jnp.asarray(idx)), *map(jnp.asarray, (x, up, down, w)))
+  dx, dup, ddown, dw = (np.asarray(g) for g in vjp(jnp.asarray(dy)))
+  valid = (idx >= 0) & (idx < n_experts)
+  used = np.unique(idx[valid])
+  compact = np.where(valid, np.searchsorted(used, idx), -1).astype(np.int32)
+  assert bf.rel_err(y, bf.atomic_experts(x, up[used], down[used], w, compact)) < 1e-5
+  want = bf.atomic_experts_grads(x, up[used], down[used], w, compact, dy)
+  for name, g, wnt in zip(("dx", "dup", "ddown", "dw"), (dx, dup, ddown, dw), want):
+    if g.shape[0] == n_experts:
+      assert bf.rel_err(g[used], wnt) < 1e-5, name
+      assert np.all(np.isin(np.flatnonzero(np.any(g, axis=1)), used)), name  # others 0
+    else:
+      assert bf.rel_err(g, wnt) < 1e-5, name
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -11,6 +11,7 @@ import pytest
 
 from omnimoe import ops, reference
 from omnimoe.pallas import router_topk
+from tests import bounds
 from tests import brute_force as bf
 from tests.triton_lowering import triton_kernels
 
@@ -43,6 +44,17 @@ def test_matches_full_topk(tokens, n_x, n_y, k, quantum, merge, interpret):
   lx, ly = bf.log_probs(rng, tokens, n_x, quantum), bf.log_probs(rng, tokens, n_y, quantum)
   check_exact(lx, ly, k, interpret, router_topk.RouterConfig(max_kernel_k=max(k, 32),
                                                              merge=merge))
+
+
+@pytest.mark.parametrize("n", [16, 12])  # 12: the row loads' lanes past n are clamped
+def test_loads_stay_in_bounds(n):
+  """tests/bounds.py over the fused kernel, both merges (the staircase and its fallback):
+  every address in range, masked lanes included (the kernels' clamp-and-mask rule)."""
+  rng = np.random.default_rng(n)
+  lx, ly = bf.log_probs(rng, 5, n, 0.25), bf.log_probs(rng, 5, n, 0.25)
+  with bounds.checked():
+    check_exact(lx, ly, 12, True, router_topk.RouterConfig(merge="grid"))
+    check_exact(lx, ly, 32, True, router_topk.RouterConfig(merge="staircase"))
 
 
 @pytest.mark.parametrize("k,n_x,n_y", [(1, 3, 3), (7, 4, 9), (32, 32, 32), (40, 17, 17),
@@ -144,7 +156,8 @@ def test_threshold_config_reaches_the_threshold_search():
   lx, ly = bf.log_probs(rng, 5, 12, 0.25), bf.log_probs(rng, 5, 10, 0.25)
   k = router_topk.MAX_KERNEL_K + 9
   launch = router_threshold.ThresholdConfig(block_t=2, emit_block_t=2, emit_slots=16)
-  check_exact(lx, ly, k, True, router_topk.RouterConfig(threshold=launch))
+  with bounds.checked():  # every address the threshold and emit kernels take is in range
+    check_exact(lx, ly, k, True, router_topk.RouterConfig(threshold=launch))
   bad = router_topk.RouterConfig(threshold=router_threshold.ThresholdConfig(emit_slots=24))
   with pytest.raises(ValueError, match="ThresholdConfig.emit_slots must be a power of two"):
     router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k, config=bad, interpret=True)
@@ -183,6 +196,18 @@ def test_million_experts_and_bf16_inputs(interpret):
   want = reference.cartesian_topk(lx16, ly16, 8)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_four_million_experts(interpret):
+  """n = 2048 per axis (N = 2^22; rows of 2048 lanes, the axes in separate loops), k = 32
+  (auto: the staircase merge): a token of random scores and one of coarse ties (~65k
+  cells share the top score, so the border check falls back to the whole grid and the
+  tie rule picks the lowest ids)."""
+  rng = np.random.default_rng(2048)
+  lx, ly = (np.concatenate([bf.log_probs(rng, 1, 2048), bf.log_probs(rng, 1, 2048, 0.125)])
+            for _ in range(2))
+  check_exact(lx, ly, 32, interpret)
 
 
 def test_large_k_falls_back_to_reference():

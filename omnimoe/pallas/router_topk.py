@@ -125,8 +125,8 @@ def _axes_topk(axes, rows, row_mask, count: int):
   loaded = []
   for ref, n, width in axes:
     cols = common.iota(common.pow2(n))[None, :]
-    vals = plt.load(ref.at[rows[:, None], cols], mask=row_mask[:, None] & (cols < n),
-                    other=0.0).astype(jnp.float32)
+    vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
+                    mask=row_mask[:, None] & (cols < n), other=0.0).astype(jnp.float32)
     loaded.append((cols, common.iota(width)[None, :],
                    jnp.where(cols < n, _ordered_key(vals), _INT_MIN)))
 
