@@ -64,6 +64,17 @@ def test_missing_data_path_fails_before_compilation(tiny_config, tmp_path, monke
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
 
 
+def _loader():
+  """A fresh training loader over a small synthetic stream."""
+  return iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
+                          shuffle=True))
+
+
+def _abstract(state):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                      state)
+
+
 def _corrupt(step_dir):
   """Truncates every data file of a saved state to half its size (a half-written save)."""
   files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
@@ -74,8 +85,7 @@ def _corrupt(step_dir):
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch):
-  windows = data.TokenWindows(np.arange(1000) % 256, 8, 0, 100)
-  make_iter = lambda: iter(data.loader(windows, 4, seed=0, shuffle=True))
+  make_iter = _loader
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
   it = make_iter()
   states = {}
@@ -92,8 +102,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch
   warnings = []
   monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda msg, *a: warnings.append(msg % a))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          states[1])
+  abstract = _abstract(states[1])
   fresh = make_iter()
   step, state = ckpt.restore(abstract, fresh)
   assert step == 1 and float(state["w"][0, 0]) == 1.0
@@ -112,8 +121,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch
 
 def _saved_run(tmp_path, state):
   """A checkpoint folder with `state` saved at step 3 (and a loader position)."""
-  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
-                        shuffle=True))
+  it = _loader()
   next(it)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
   ckpt.save(3, state, it)
@@ -150,10 +158,8 @@ def test_data_positions_of_another_process_count_are_a_config_error(tmp_path):
     shutil.copy(data_dir / name, data_dir / f"process_{i}-of-2.json")
   os.remove(data_dir / name)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
-  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
-                        shuffle=True))
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
+  it = _loader()
+  abstract = _abstract(state)
   with pytest.raises(ConfigError, match="holds the data positions of 2 process"):
     ckpt.restore(abstract, it)
   assert ckpt.restore(abstract)[0] == 3  # the state alone (omnimoe.sample) still reads
@@ -167,11 +173,8 @@ def test_step_saved_without_a_layout_restores_unchecked(tmp_path):
   saved_iter = _saved_run(tmp_path, state)
   shutil.rmtree(tmp_path / "checkpoints" / "3" / "layout")
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
-  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
-                        shuffle=True))
-  step, restored = ckpt.restore(
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                   state), it)
+  it = _loader()
+  step, restored = ckpt.restore(_abstract(state), it)
   ckpt.close()
   assert step == 3
   np.testing.assert_array_equal(restored["w"], state["w"])
@@ -186,10 +189,8 @@ def test_data_position_that_does_not_fit_the_loader_is_a_config_error(tmp_path):
   (name,) = [f for f in os.listdir(data_dir) if f.startswith("process_")]
   (data_dir / name).write_text('{"workers_state": {}}')  # another loader's state
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
-  it = iter(data.loader(data.TokenWindows(np.arange(1000) % 256, 8, 0, 100), 4, seed=0,
-                        shuffle=True))
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
+  it = _loader()
+  abstract = _abstract(state)
   with pytest.raises(ConfigError, match="data position does not fit this run's loader"):
     ckpt.restore(abstract, it)
   ckpt.close()
@@ -204,32 +205,19 @@ def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
   tmp = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-0"  # a save in progress
   tmp.mkdir()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
+  abstract = _abstract(state)
   assert ckpt.restore(abstract) is None
   ckpt.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", tmp.name]
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+@pytest.mark.parametrize("log_every,logged", [(1, list(range(1, 7))), (5, [5])])
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, log_every, logged):
+  """A NaN at step 7 (checkpoints every 4 steps): checked at every step, or only when
+  logging or saving (log_every 5: found at the save of step 8, after which every loss is
+  NaN), it is named as step 7, step 8 is not saved and nothing from step 7 on is logged."""
+  tiny_config.train.log_every = log_every
   tiny_config.train.debug_nan_step = 7
-  workdir = str(tmp_path / "run")
-  with pytest.raises(train.TrainingDiverged,
-                     match=r"non-finite loss or gradient at step 7 .*last good checkpoint is "
-                           r"step 4"):
-    train.train_and_evaluate(tiny_config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
-  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert steps == list(range(1, 7))  # nothing at or after the bad step was logged
-
-
-def test_nan_between_checks_is_found_at_its_own_step(tiny_config, tmp_path):
-  """Steps are checked only when logging or saving: a NaN at step 7, found at the save of
-  step 8 (after it every loss is NaN), is named as step 7 and step 8 is not saved."""
-  tiny_config.train.log_every = 5
-  tiny_config.checkpoint.every = 4
-  tiny_config.train.debug_nan_step = 7
-  assert tiny_config.train.steps >= 10
   workdir = str(tmp_path / "run")
   with pytest.raises(train.TrainingDiverged,
                      match=r"non-finite loss or gradient at step 7 \(.*last good checkpoint "
@@ -237,7 +225,7 @@ def test_nan_between_checks_is_found_at_its_own_step(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert steps == [5]
+  assert steps == logged
 
 
 @pytest.mark.parametrize("steps,eval_every", [(50, 25), (50, 20), (50, 0), (7, 1)])
