@@ -10,7 +10,8 @@ built-in corpus (Python standard library source). OmniMoE: N = 16384 atomic expe
 (128 x 128 grid) per layer, k = 32, shared SwiGLU width 1024; the arg switches the FFN kind
 at equal active non-embedding parameters (`omnimoe.params.match_active`): dense SwiGLU,
 DeepSeekMoE-style coarse MoE (2 shared + 32 routed experts, top-4), PEER (16384 experts,
-21 heads x 16: the head count is solved by `match_active`). Validation every 200 steps on the held-out split.
+21 heads x 16: the head count is solved by `match_active`). Validation every 200 steps on
+the held-out split.
 
 OmniMoE here is as released (exp weights, BatchNorm router). The ablations in
 experiments/RESULTS.md found it ahead of dense and coarse MoE at 400 steps with

@@ -185,6 +185,12 @@ def check_failed(rel_err) -> bool:
   return not rel_err <= REL_TOL  # NaN fails
 
 
+def unmeasured(status):
+  """A case's measured fields with nothing measured yet (`run_case` fills them in)."""
+  return dict(fwd_ms=None, fwd_bwd_ms=None, peak_gib=None, fwd_bwd_peak_gib=None,
+              rel_err=None, rel_err_vs=None, status=status)
+
+
 def run_case(model, what, impl, tokens, k, p, inputs, want_bwd):
   """One case's measured fields: fwd_ms, fwd_bwd_ms, peak_gib, fwd_bwd_peak_gib (peaks
   of the forward and of the fwd+bwd programs), rel_err and rel_err_vs (the pallas FFN's
@@ -196,8 +202,8 @@ def run_case(model, what, impl, tokens, k, p, inputs, want_bwd):
   f = jax.jit(lambda p, x: fn(p, x, k=k, impl=impl))
   xs, cot = inputs
   args = [(p, x) for x in xs]
-  out = dict(fwd_ms=None, fwd_bwd_ms=None, peak_gib=peak_gib(f, *args[0]),
-             fwd_bwd_peak_gib=None, rel_err=None, rel_err_vs=None, status="does not fit")
+  out = unmeasured("does not fit")
+  out["peak_gib"] = peak_gib(f, *args[0])
   if out["peak_gib"] > 0.95 * device_gib():
     return out
   if impl == "pallas" and what == "ffn" and tokens <= CHECK_MAX_TOKENS:
@@ -354,6 +360,11 @@ def main_run(args):
   say(benchlib.run_header())
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"headline-{tag}.json")
+
+  def write_log():
+    with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
+      f.write("\n".join(benchlib.LOG) + "\n")
+
   if args.crossover:
     crossover(args, device, tag)
     return []
@@ -380,8 +391,7 @@ def main_run(args):
     res = guarded(label, lambda: run_case(model, what, impl, tokens, k, params[model],
                                           inputs[model, tokens], bwd))
     if res is None:
-      res = dict(fwd_ms=None, fwd_bwd_ms=None, peak_gib=None, fwd_bwd_peak_gib=None,
-                 rel_err=None, rel_err_vs=None, status="error")
+      res = unmeasured("error")
     rows.append(dict(model=model, impl=impl, what=what, device=device, tokens=tokens,
                      hidden=D, experts=N, k=active_k, **res))
     if res["status"] in ("check failed", "error"):
@@ -393,15 +403,13 @@ def main_run(args):
         f"{fmt(res['fwd_bwd_peak_gib'], '6.2f')}{notes.get(res['status'], '')}")
     with open(path, "w") as f:
       json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
-      f.write("\n".join(benchlib.LOG) + "\n")
+    write_log()
   summary(rows)
   if failed:
     say(f"\nFAILED: {len(failed)} of {len(rows)} cases (no times recorded for them):")
     for line in failed:
       say(f"  {line}")
-  with open(os.path.join(args.out, f"headline-{tag}-log.txt"), "w") as f:
-    f.write("\n".join(benchlib.LOG) + "\n")
+  write_log()
   return failed
 
 

@@ -22,8 +22,8 @@ cleans anything: it skips unreadable steps with a warning.
 from __future__ import annotations
 
 import os
-import shutil
 import re
+import shutil
 
 import grain
 import jax

@@ -16,9 +16,9 @@ validation, so one rule serves a folder of one file as well as a corpus of thous
 
 Training windows are shuffled by `train.seed` (afresh each epoch), repeated without end and
 dealt out to the processes by the rows their devices hold (`loader`), so the batch at each
-step is fixed by the seed and the step; the iterator's state goes into the checkpoint and a resumed run reads the
-exact next batch. Given `model.vocab_size`, every window is checked to hold ids in
-[0, vocab_size): an id outside it would otherwise train on garbage or give NaN.
+step is fixed by the seed and the step; the iterator's state goes into the checkpoint and a
+resumed run reads the exact next batch. Given `model.vocab_size`, every window is checked to
+hold ids in [0, vocab_size): an id outside it would otherwise train on garbage or give NaN.
 """
 from __future__ import annotations
 

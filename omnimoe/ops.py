@@ -43,6 +43,12 @@ def _check_float(name: str, a) -> None:
     raise TypeError(f"{name} must be a floating-point array, got {a.dtype}")
 
 
+def check_k(k: int, n_x: int, n_y: int) -> None:
+  """A top-k over an n_x x n_y grid needs 1 <= k <= n_x n_y (also the kernels' entries)."""
+  if not 1 <= k <= n_x * n_y:
+    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {n_x * n_y}, got {k}")
+
+
 def _check_indices(indices, num_experts: int, unique: bool = False,
                    values: bool = True) -> None:
   """Indices must be int32; with `values`, their range (and with `unique`, that no row
@@ -92,9 +98,7 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
     raise TypeError(f"k must be a Python int, got {type(k).__name__}")
   if not isinstance(sorted, (bool, np.bool_)):
     raise TypeError(f"sorted must be a bool, got {type(sorted).__name__}")
-  num_experts = lx.shape[1] * ly.shape[1]
-  if not 1 <= k <= num_experts:
-    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {num_experts}, got {k}")
+  check_k(k, lx.shape[1], ly.shape[1])
   if resolve_impl(impl) == "pallas":
     from omnimoe.pallas import router_topk
     return router_topk.cartesian_topk(lx, ly, int(k), sorted=bool(sorted))

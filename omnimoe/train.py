@@ -406,8 +406,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
-      state, step_metrics = program.train_step(
-          state, program.global_batch(next(train_iter)))
+      state, step_metrics = program.train_step(state, program.global_batch(next(train_iter)))
       profile.after(step, state)
       interval.add(step_metrics)
       if step == start + 1:
@@ -428,8 +427,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % t.log_every == 0:
         last = interval.summary(tokens_per_step)
         if "tokens_per_s" in last:
+          # Validations still to run, this step's included.
           last["eta_s"] = ((t.steps - step) * last["step_time_s"]
-                           + (evaluations_after(step, t) + bool(validate_now)) * eval_seconds)
+                           + evaluations_after(step - 1, t) * eval_seconds)
           if peak is not None:
             last["mfu"] = flops_per_token * last["tokens_per_s"] / (peak * jax.device_count())
         if (peak_gib := metrics_lib.peak_memory_gib()) is not None:

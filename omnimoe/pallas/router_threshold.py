@@ -76,6 +76,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plt
 
+from omnimoe import ops
 from omnimoe.pallas import common
 from omnimoe.pallas.router_topk import _key_to_float, _ordered_key, score_jvp
 
@@ -294,9 +295,7 @@ def _theta_cut(lx, ly, k: int, config: ThresholdConfig, interpret: bool):
 def _check(lx: jax.Array, ly: jax.Array, k: int, config: ThresholdConfig) -> None:
   if lx.ndim != 2 or ly.ndim != 2 or lx.shape[0] != ly.shape[0]:
     raise ValueError(f"lx and ly must be (T, n_x) and (T, n_y), got {lx.shape} and {ly.shape}")
-  if not 1 <= k <= lx.shape[1] * ly.shape[1]:
-    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
-                     f"got {k}")
+  ops.check_k(k, lx.shape[1], ly.shape[1])
   for name in ("block_t", "emit_block_t", "emit_slots", "emit_num_warps", "num_warps"):
     value = getattr(config, name)
     if value != common.pow2(value, 1) and not (name in ("block_t", "num_warps") and value == 0):

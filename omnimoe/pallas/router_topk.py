@@ -54,7 +54,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as plt
 
-from omnimoe import reference
+from omnimoe import ops, reference
 from omnimoe.pallas import common
 
 if TYPE_CHECKING:  # router_threshold imports this module's helpers
@@ -328,9 +328,7 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
   sorted=False: its own order, see there), both for n <= MAX_KERNEL_N; the reference
   beyond that.
   """
-  if not 1 <= k <= lx.shape[1] * ly.shape[1]:
-    raise ValueError(f"k must satisfy 1 <= k <= n_x * n_y = {lx.shape[1] * ly.shape[1]}, "
-                     f"got {k}")
+  ops.check_k(k, lx.shape[1], ly.shape[1])
   if max(lx.shape[1], ly.shape[1]) > MAX_KERNEL_N or lx.shape[0] == 0:
     return reference.cartesian_topk(lx, ly, k)
   if k > config.max_kernel_k:
