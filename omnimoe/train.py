@@ -73,8 +73,8 @@ def validate(config, num_devices: int | None = None) -> tuple[int, int, int]:
                          ("z_loss", False), ("expert_lr_scale", True)):
     config_lib.check_number(config_lib.field(config, f"train.{name}"), f"train.{name}",
                             positive)
-  for path in ("data.path", "data.val_fraction", "data.workers", "mesh.data", "mesh.fsdp",
-               "mesh.tensor", "checkpoint.every", "checkpoint.keep"):
+  for path in ("data.source", "data.path", "data.val_fraction", "data.workers", "mesh.data",
+               "mesh.fsdp", "mesh.tensor", "checkpoint.every", "checkpoint.keep"):
     config_lib.field(config, path)
   t, m = config.train, config.model
   config_lib.check(t.warmup_steps < t.steps, "train.warmup_steps", t.warmup_steps,
