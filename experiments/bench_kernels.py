@@ -56,6 +56,7 @@ EXPERT_CHECKS = [(4096, 1024, 65536, 32, BF16, "silu"), (512, 1024, 65536, 32, j
                  (1000, 1536, 4096, 16, BF16, "gelu"), (37, 96, 50, 5, jnp.float32, "relu"),
                  (300, 96, 7, 9, jnp.float32, "identity"), (2048, 1024, 2 ** 20, 32, BF16, "silu")]
 HUGE_CHECK = (2 ** 22, 1024, 256, 32)  # N, d, tokens, k
+DEVICE_CALLS = 12  # traced calls a device time averages
 INTERPRET = common.resolve_interpret(None)  # False on a GPU host
 def routing(key, n_experts, k, tokens=None):
   """Random router outputs: weights exp(score)-like in (0, 1), ids uniform in [0, N)."""
@@ -259,39 +260,52 @@ def floors(ceil, n, k, what):
 
 # ----------------------------------------------------------------------------- table
 
-def time_case(what, impl, n, k, keys):
+def measure(fn, arg_sets, label, profile=0):
+  """{label_ms: host-timed median, label_device_ms: device busy time a call}, and with
+  `profile` > 0 the most expensive kernels (`label_kernels`) from the same trace."""
+  events = benchlib.trace_calls(fn, arg_sets, DEVICE_CALLS)
+  out = {f"{label}_ms": timeit(fn, arg_sets),
+         f"{label}_device_ms": benchlib.busy_ms(events) / DEVICE_CALLS}
+  if profile:
+    out[f"{label}_kernels"] = benchlib.kernel_table(events, calls=DEVICE_CALLS, top=profile)
+  return out
+
+
+def time_case(what, impl, n, k, keys, profile=0):
+  """fwd (and fwd+bwd, but for the router) of one case: `measure`'s keys for each."""
   sets = 3
   if what == "router":
     n_axis = int(round(n ** 0.5))
     args = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
             for _ in range(sets)]
     f = jax.jit(lambda a, b: ops.cartesian_topk(a, b, k, impl=impl))
-    return timeit(f, args), None
+    return measure(f, args, "fwd", profile)
   if what == "expert":
     up, down = tables(next(keys), n)
     args = [(tokens_in(next(keys)), up, down) + routing(next(keys), n, k)
             for _ in range(sets)]
-    fn = lambda x, u, v, w, i: ops.atomic_experts(x, u, v, w, i, impl=impl)
-    cot = jax.random.normal(next(keys), (T, D), jnp.float32)
-    return timeit(jax.jit(fn), args), timeit(fwd_bwd(fn, 4), [(cot,) + a for a in args])
-  p = init_layer(next(keys), n)
-  xs = [(p, tokens_in(next(keys))) for _ in range(sets)]
-  fn = functools.partial(layer, k=k, impl=impl)
-  fwd = timeit(jax.jit(fn), xs)
+    fn, num_diff = lambda x, u, v, w, i: ops.atomic_experts(x, u, v, w, i, impl=impl), 4
+  else:
+    p = init_layer(next(keys), n)
+    args = [(p, tokens_in(next(keys))) for _ in range(sets)]
+    fn, num_diff = functools.partial(layer, k=k, impl=impl), 2
   cot = jax.random.normal(next(keys), (T, D), jnp.float32)
-  return fwd, timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
+  return {**measure(jax.jit(fn), args, "fwd", profile),
+          **measure(fwd_bwd(fn, num_diff), [(cot,) + a for a in args], "fwd_bwd", profile)}
 
 
-def part_table(seed, ceil, device, path):
+def part_table(seed, ceil, device, path, profile=0):
   """Times every case; rewrites the JSON list at `path` after each one. Both impls of a
-  case get the same inputs (keys drawn from the seed and the case, not the run order)."""
+  case get the same inputs (keys drawn from the seed and the case, not the run order).
+  `profile` > 0 adds each pallas layer row's most expensive kernels to its row."""
   rows = []
   say("\n== table (ms; bf16, T=4096, d=1024, F=4096)")
-  say("x = xla / pallas; floor = bytes at the copy rate + flops at the matmul rate; "
-      "%fl = floor / pallas")
-  say(f"{'what':7s} {'N':>8s} {'k':>3s} | {'pallas fwd':>10s} {'xla fwd':>8s} {'x':>5s} "
-      f"{'floor':>6s} {'%fl':>4s} | {'pallas f+b':>10s} {'xla f+b':>8s} {'x':>5s} "
-      f"{'floor':>6s} {'%fl':>4s}")
+  say("host = host-timed median; dev = device busy time a call (profiler); x = xla / pallas "
+      "(host); floor = bytes at the copy rate + flops at the matmul rate; %fl = floor / "
+      "pallas dev")
+  say(f"{'what':7s} {'N':>8s} {'k':>3s} | {'pallas fwd':>10s} {'dev':>6s} {'xla fwd':>8s} "
+      f"{'dev':>6s} {'x':>5s} {'floor':>6s} {'%fl':>4s} | {'pallas f+b':>10s} {'dev':>6s} "
+      f"{'xla f+b':>8s} {'dev':>6s} {'x':>5s} {'floor':>6s} {'%fl':>4s}")
   fmt = lambda v: f"{v:.3f}" if v is not None else "-"
   ratio = lambda a, b: f"{b / a:.1f}" if a and b else "-"
   percent = lambda floor, ms: f"{100 * floor / ms:.0f}" if floor and ms else "-"
@@ -301,19 +315,29 @@ def part_table(seed, ceil, device, path):
       case_seed = (seed * len(CASES) + c) * 3 + w
       res = {}
       for impl in ("pallas", "xla"):
+        prof = profile if (what, impl) == ("layer", "pallas") else 0
         res[impl] = guarded(f"{what} {impl} N={n} k={k}",
-                            lambda: time_case(what, impl, n, k, key_iter(case_seed))
-                            ) or (None, None)
-        rows.append(dict(what=what, impl=impl, device=device, tokens=T, hidden=D,
-                         ffn=F if what == "layer" else None, experts=n, k=k,
-                         fwd_ms=res[impl][0], fwd_bwd_ms=res[impl][1],
-                         fwd_floor_ms=fl[0], fwd_bwd_floor_ms=fl[1]))
+                            lambda: time_case(what, impl, n, k, key_iter(case_seed), prof)
+                            ) or {}
+        rows.append({**dict(what=what, impl=impl, device=device, tokens=T, hidden=D,
+                            ffn=F if what == "layer" else None, experts=n, k=k,
+                            fwd_ms=None, fwd_bwd_ms=None, fwd_device_ms=None,
+                            fwd_bwd_device_ms=None), **res[impl],
+                     "fwd_floor_ms": fl[0], "fwd_bwd_floor_ms": fl[1]})
         with open(path, "w") as f:
           json.dump(rows, f, indent=1)
-      (pf, pb), (xf, xb) = res["pallas"], res["xla"]
-      say(f"{what:7s} {n:8d} {k:3d} | {fmt(pf):>10s} {fmt(xf):>8s} {ratio(pf, xf):>5s} "
-          f"{fmt(fl[0]):>6s} {percent(fl[0], pf):>4s} | {fmt(pb):>10s} {fmt(xb):>8s} "
-          f"{ratio(pb, xb):>5s} {fmt(fl[1]):>6s} {percent(fl[1], pb):>4s}")
+      cols = []
+      for stage, floor in (("fwd", fl[0]), ("fwd_bwd", fl[1])):
+        p, x = ({key: res[impl].get(f"{stage}_{key}") for key in ("ms", "device_ms")}
+                for impl in ("pallas", "xla"))
+        cols.append(f"{fmt(p['ms']):>10s} {fmt(p['device_ms']):>6s} {fmt(x['ms']):>8s} "
+                    f"{fmt(x['device_ms']):>6s} {ratio(p['ms'], x['ms']):>5s} "
+                    f"{fmt(floor):>6s} {percent(floor, p['device_ms']):>4s}")
+      say(f"{what:7s} {n:8d} {k:3d} | {cols[0]} | {cols[1]}")
+      for stage in ("fwd", "fwd_bwd"):
+        for row in res["pallas"].get(f"{stage}_kernels", []):
+          say(f"      {stage:7s} {row['ms_per_call']:8.4f} x{row['launches_per_call']:.0f} "
+              f"{row['kernel'][:70]}")
   return rows
 
 
@@ -457,13 +481,15 @@ def part_scaling(seed, device, path):
   for n in SCALING_NS:
     for impl in ("pallas", "xla"):
       router = guarded(f"scaling router {impl} N={n}",
-                       lambda: time_case("router", impl, n, 32, keys)) or (None, None)
+                       lambda: time_case("router", impl, n, 32, keys)) or {}
       lay = guarded(f"scaling layer {impl} N={n}",
-                    lambda: time_case("layer", impl, n, 32, keys)) or (None, None)
+                    lambda: time_case("layer", impl, n, 32, keys)) or {}
       rows.append(dict(impl=impl, device=device, tokens=T, hidden=D, ffn=F, experts=n, k=32,
-                       router_ms=router[0], layer_fwd_ms=lay[0], layer_fwd_bwd_ms=lay[1]))
+                       router_ms=router.get("fwd_ms"), layer_fwd_ms=lay.get("fwd_ms"),
+                       layer_fwd_bwd_ms=lay.get("fwd_bwd_ms")))
       fmt = lambda v: "-" if v is None else f"{v:.3f}"
-      say(f"  N={n:8d} {impl:6s} {fmt(router[0]):>8s} | {fmt(lay[0]):>8s} | {fmt(lay[1]):>8s}")
+      say(f"  N={n:8d} {impl:6s} {fmt(rows[-1]['router_ms']):>8s} | "
+          f"{fmt(rows[-1]['layer_fwd_ms']):>8s} | {fmt(rows[-1]['layer_fwd_bwd_ms']):>8s}")
       with open(path, "w") as f:
         json.dump(rows, f, indent=1)
   return rows
@@ -613,7 +639,8 @@ def main():
   parser.add_argument("--sweep-cases", default="65536,1048576",
                       help="N values (k = 32) of the token and table sweeps")
   parser.add_argument("--profile", type=int, default=0,
-                      help="module part: also list this many most expensive kernels per row")
+                      help="module and table parts: also list this many most expensive "
+                           "kernels per row (table: the pallas layer rows)")
   parser.add_argument("--plot-scaling", help="draw the figure of this scaling JSON and exit")
   args = parser.parse_args()
   if args.plot_scaling:
@@ -639,7 +666,8 @@ def main():
     ceil = detail["ceilings"] = guarded("ceilings", lambda: benchlib.ceilings(args.seed + 1))
     save()
   if "table" in parts:
-    part_table(args.seed + 4, ceil, device, os.path.join(args.out, f"kernels-{tag}.json"))
+    part_table(args.seed + 4, ceil, device, os.path.join(args.out, f"kernels-{tag}.json"),
+               args.profile)
     if ceil:
       detail["floors_ms"] = {f"{w} N={n} k={k}": floors(ceil, n, k, w)
                              for w in ("router", "expert", "layer") for n, k in CASES}

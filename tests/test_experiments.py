@@ -84,20 +84,25 @@ def test_bench_kernels_table_gives_both_impls_the_same_inputs(monkeypatch, tmp_p
   import numpy as np
 
   from experiments import bench_kernels
-  for name, value in dict(T=16, D=32, F=64, CASES=[(64, 4), (36, 3)]).items():
+  for name, value in dict(T=16, D=32, F=64, CASES=[(64, 4), (36, 3)], DEVICE_CALLS=1).items():
     monkeypatch.setattr(bench_kernels, name, value)
   monkeypatch.setattr(bench_kernels, "timeit",
                       lambda f, args, **kw: [jax.block_until_ready(f(*args[0])), 1.0][1])
   first_keys = {}
   time_case = bench_kernels.time_case
 
-  def recording(what, impl, n, k, keys):
+  def recording(what, impl, n, k, keys, profile=0):
     first = next(keys)
     first_keys[what, impl, n, k] = np.asarray(jax.random.key_data(first))
-    return time_case(what, impl, n, k, itertools.chain([first], keys))
+    return time_case(what, impl, n, k, itertools.chain([first], keys), profile)
   monkeypatch.setattr(bench_kernels, "time_case", recording)
-  rows = bench_kernels.part_table(0, None, "cpu", str(tmp_path / "t.json"))
+  rows = bench_kernels.part_table(0, None, "cpu", str(tmp_path / "t.json"), profile=3)
   assert len(rows) == 12 and all(r["fwd_ms"] == 1.0 for r in rows)
+  # The CPU has no device planes: device time 0, kernel lists empty (but present).
+  assert all(r["fwd_device_ms"] == 0.0 for r in rows)
+  assert all((r["fwd_bwd_ms"] is None) == (r["what"] == "router") for r in rows)
+  assert all(("fwd_kernels" in r) == ((r["what"], r["impl"]) == ("layer", "pallas"))
+             for r in rows)
   assert json.loads((tmp_path / "t.json").read_text()) == rows
   cases = {(what, n, k) for what, _, n, k in first_keys}
   assert len(cases) == 6
