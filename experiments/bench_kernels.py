@@ -294,10 +294,11 @@ def time_case(what, impl, n, k, keys, profile=0):
           **measure(fwd_bwd(fn, num_diff), [(cot,) + a for a in args], "fwd_bwd", profile)}
 
 
-def part_table(seed, ceil, device, path, profile=0):
+def part_table(seed, ceil, device, path, profile=0, only=None):
   """Times every case; rewrites the JSON list at `path` after each one. Both impls of a
   case get the same inputs (keys drawn from the seed and the case, not the run order).
-  `profile` > 0 adds each pallas layer row's most expensive kernels to its row."""
+  `profile` > 0 adds each pallas layer row's most expensive kernels to its row; `only`
+  (a set of "what:N:k" strings) times those rows alone."""
   rows = []
   say("\n== table (ms; bf16, T=4096, d=1024, F=4096)")
   say("host = host-timed median; dev = device busy time a call (profiler); x = xla / pallas "
@@ -311,6 +312,8 @@ def part_table(seed, ceil, device, path, profile=0):
   percent = lambda floor, ms: f"{100 * floor / ms:.0f}" if floor and ms else "-"
   for w, what in enumerate(("router", "expert", "layer")):
     for c, (n, k) in enumerate(CASES):
+      if only and f"{what}:{n}:{k}" not in only:
+        continue
       fl = floors(ceil, n, k, what) if ceil else (None, None)
       case_seed = (seed * len(CASES) + c) * 3 + w
       res = {}
@@ -641,6 +644,8 @@ def main():
   parser.add_argument("--profile", type=int, default=0,
                       help="module and table parts: also list this many most expensive "
                            "kernels per row (table: the pallas layer rows)")
+  parser.add_argument("--only", help="table part: time only these comma-separated rows, "
+                                     "each what:N:k (e.g. layer:65536:32)")
   parser.add_argument("--plot-scaling", help="draw the figure of this scaling JSON and exit")
   args = parser.parse_args()
   if args.plot_scaling:
@@ -667,7 +672,7 @@ def main():
     save()
   if "table" in parts:
     part_table(args.seed + 4, ceil, device, os.path.join(args.out, f"kernels-{tag}.json"),
-               args.profile)
+               args.profile, set(args.only.split(",")) if args.only else None)
     if ceil:
       detail["floors_ms"] = {f"{w} N={n} k={k}": floors(ceil, n, k, w)
                              for w in ("router", "expert", "layer") for n, k in CASES}

@@ -103,6 +103,9 @@ def test_bench_kernels_table_gives_both_impls_the_same_inputs(monkeypatch, tmp_p
   assert all((r["fwd_bwd_ms"] is None) == (r["what"] == "router") for r in rows)
   assert all(("fwd_kernels" in r) == ((r["what"], r["impl"]) == ("layer", "pallas"))
              for r in rows)
+  only = bench_kernels.part_table(0, None, "cpu", str(tmp_path / "o.json"), only={"expert:36:3"})
+  assert [(r["what"], r["impl"], r["experts"]) for r in only] == [("expert", "pallas", 36),
+                                                                 ("expert", "xla", 36)]
   assert json.loads((tmp_path / "t.json").read_text()) == rows
   cases = {(what, n, k) for what, _, n, k in first_keys}
   assert len(cases) == 6
