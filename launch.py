@@ -4,9 +4,9 @@ Any config field can be overridden, e.g. `--config.train.steps=1000 --config.mes
 A workdir that holds checkpoints is resumed. Several processes (hosts): pass
 `--num_processes`, `--process_id` and `--coordinator_address` (or set JAX_COORDINATOR_ADDRESS),
 or `--distributed` to let `jax.distributed.initialize()` detect a cluster (SLURM, Open MPI,
-Kubernetes, TPU pods). Exit status: 0 when the run finished or was stopped by SIGTERM
-(after saving; SIGINT too with one process, while with several SIGINT interrupts without
-saving), 1 on a config error or a diverged run.
+Kubernetes, TPU pods). Exit status: 0 when the run finished or was stopped by SIGTERM or
+SIGINT (after saving; with several processes, a signal to any of them stops all of them at
+one step), 1 on a config error or a diverged run.
 """
 import jax
 from absl import app, flags, logging

@@ -16,7 +16,7 @@ with the checkpoint), the update by the state; the model has no dropout. So a ru
 killed and resumed ends bit-identical to one that never stopped.
 
 Stopping: SIGTERM or SIGINT saves a checkpoint at the current step and returns (with
-several processes, SIGTERM to any of them, at a step they agree on: `_StopRequest`); a
+several processes, either signal to any of them, at a step they agree on: `_StopRequest`); a
 non-finite loss or gradient raises `TrainingDiverged` without saving that state (losses are
 checked before every save). `train.debug_nan_step` (a testing hook, -1 = off) poisons the
 objective of that step.
@@ -238,28 +238,33 @@ def build(config, mesh: jax.sharding.Mesh) -> Program:
 
 class _StopRequest:
   """When to save and stop. One process: SIGTERM/SIGINT set a flag that the loop reads
-  after each step; a second signal acts at once (the previous handlers are back after the
-  first). Several processes must stop at one step, or one would wait in a collective for
-  the others: SIGTERM (to any of them) is left to JAX's preemption service, installed by
-  `jax.distributed.initialize`, which agrees on the step
-  (`multihost_utils.reached_preemption_sync_point`); SIGINT keeps its default there."""
+  after each step. Several processes must stop at one step, or one would wait in a collective
+  for the others: JAX's preemption service (installed by `jax.distributed.initialize`) catches
+  SIGTERM to any of them in C++ and agrees on the step
+  (`multihost_utils.reached_preemption_sync_point`); SIGINT is forwarded to it as a SIGTERM
+  to this process. Our handlers are replaced by the previous ones at the first signal, so a
+  second one acts at once (with several processes, a second SIGINT)."""
 
   def __init__(self):
     self.signum = None
     self._several = jax.process_count() > 1
-    signals = () if self._several else (signal.SIGTERM, signal.SIGINT)
+    signals = (signal.SIGINT,) if self._several else (signal.SIGTERM, signal.SIGINT)
     self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
     self.restore()
+    if self._several:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def at(self, step: int) -> int | None:
     """The signal to stop for after `step` (called once per step, by every process)."""
-    if self._several and multihost_utils.reached_preemption_sync_point(step):
-      self.signum = signal.SIGTERM
-    return self.signum
+    if not self._several:
+      return self.signum
+    if multihost_utils.reached_preemption_sync_point(step):
+      return self.signum or signal.SIGTERM  # SIGTERM: sent to this process or another one
+    return None
 
   def restore(self) -> None:
     for s, handler in self._previous.items():

@@ -251,20 +251,31 @@ def test_two_processes_match_one_device(tmp_path, devices_per_process, mesh):
   np.testing.assert_allclose([two[s] for s in want], list(want.values()), rtol=1e-5)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
-  """SIGTERM to process 1 only: both processes save the same step and exit 0 (neither
-  waits forever in a collective that the other left)."""
-  procs = _start_processes(tmp_path, 1, "--config.train.steps=100000",
-                           "--config.train.log_every=1", "--config.train.eval_every=0",
-                           "--config.checkpoint.every=100000", "--config.mesh.data=2")
+@pytest.mark.parametrize("signum,targets", [(signal.SIGTERM, (1,)), (signal.SIGINT, (0,)),
+                                            (signal.SIGINT, (0, 1))],
+                         ids=["SIGTERM-to-1", "SIGINT-to-0", "SIGINT-to-both"])
+def test_stop_signal_to_two_processes_stops_both_at_one_saved_step(tmp_path, signum, targets):
+  """SIGTERM or SIGINT to one process (or SIGINT to both, as Ctrl-C in a terminal): both save
+  the same step and exit 0 (neither waits forever in a collective that the other left), and
+  a restart resumes from it. Each logs the signal it got (SIGTERM if none)."""
+  common = ("--config.train.log_every=1", "--config.train.eval_every=0",
+            "--config.checkpoint.every=100000", "--config.mesh.data=2")
+  procs = _start_processes(tmp_path, 1, "--config.train.steps=100000", *common)
   metrics_file = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
     assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
     time.sleep(0.5)
-  procs[1].send_signal(signal.SIGTERM)
+  for i in targets:
+    procs[i].send_signal(signum)
   errors = _finish(procs)
   steps = os.listdir(tmp_path / "checkpoints")
   assert len(steps) == 1 and 3 <= int(steps[0]) < 100000, steps
-  for err in errors:
-    assert f"SIGTERM at step {steps[0]}: checkpoint saved, stopping" in err, err[-3000:]
+  saved = int(steps[0])
+  for i, err in enumerate(errors):
+    name = signum.name if i in targets else "SIGTERM"
+    assert f"{name} at step {saved}: checkpoint saved, stopping" in err, err[-3000:]
+
+  errors = _finish(_start_processes(tmp_path, 1, f"--config.train.steps={saved + 1}", *common))
+  assert f"resumed from the checkpoint of step {saved}" in errors[0], errors[0][-3000:]
+  assert max(train_losses(tmp_path)) == saved + 1
