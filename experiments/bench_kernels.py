@@ -11,7 +11,7 @@ Parts (any subset, in this order):
             k in {16, 32}; writes kernels-<device>.json (the table) and
             kernels-<device>-detail.json (ceilings, floors, stages, sweeps)
   stages    per-stage times of the layer at N = 65536 and 2^20 (k = 32), 4096 (k = 16)
-  variants  expert-op and layer variants side by side (token blocks, XLA forward)
+  variants  expert-op and layer variants side by side (EXPERT_VARIANTS, LAYER_VARIANTS)
   module    the Flax OmniMoELayer as the LM runs it (float32 / bf16 parameters, batch
             statistics, router stats) next to the table's layer function
   scaling   router and layer against N = 2^12 .. 2^22 at k = 32 (pallas, xla); writes
@@ -19,8 +19,10 @@ Parts (any subset, in this order):
   sweep     block-size sweeps (Triton has no autotuner): --sweep router,tokens,tables
 `--checks` picks the checks (router, bucketing, experts, huge).
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
-block at the end), rotating over 3 input sets; `unrolled` times jit 4 calls on 4 input
-sets into one program to remove dispatch gaps from short kernels. Inputs are random,
+block at the end), rotating over 3 input sets; the table, the variants and the table sweep
+also give device time (`measure`: the kernels' busy time a call, from a profiler trace of
+12 calls, so dispatch gaps do not count); `unrolled` times jit 4 calls on 4 input sets
+into one program to remove dispatch gaps from short kernels. Inputs are random,
 never zeros. Only omnimoe.ops / reference / pallas are imported (no trainer deps), except
 by the module part (flax, ml_collections).
 """
@@ -46,8 +48,11 @@ from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert
 T, D, F = 4096, 1024, 4096
 CASES = [(4096, 16), (4096, 32), (65536, 16), (65536, 32), (2 ** 20, 16), (2 ** 20, 32)]
 STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
-TABLE_SWEEP = [(0, 256, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 256, 8, 2, 0),
-               (32, 256, 4, 2, 0), (16, 512, 8, 2, 0), (64, 128, 8, 2, 16)]
+# (block_p, block_d, num_warps, num_stages, bucket_size, per_table) of the table sweep
+TABLE_SWEEP = [(0, 256, 4, 2, 0, False), (16, 128, 4, 2, 0, False), (32, 128, 8, 2, 0, False),
+               (16, 256, 8, 2, 0, False), (32, 256, 4, 2, 0, False), (16, 512, 8, 2, 0, False),
+               (64, 128, 8, 2, 16, False), (0, 256, 4, 2, 0, True), (0, 512, 4, 2, 0, True),
+               (0, 256, 2, 2, 0, True), (0, 128, 4, 2, 0, True), (0, 256, 4, 2, 16, True)]
 ROUTER_SWEEP = [(1024, 32), (256, 32), (64, 16)]
 ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 64, 64, 16), (1000, 17, 17, 40),
                  (333, 6, 9, 10), (517, 1024, 1024, 128), (64, 2048, 2048, 32)]
@@ -437,39 +442,36 @@ def part_sweep(seed, kinds, cases):
     _, _, ds, a = expert_tokens.token_backward(
         dy, up, down, *sets[0], s, activation="silu", config=expert_tokens.TokenConfig(),
         interpret=INTERPRET)
-    say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket) -> ms")
-    for bp, bd, nw, ns, be in TABLE_SWEEP if "tables" in kinds else []:
+    say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket, "
+        f"per_table) -> ms host, device; outputs equal to the first config's?")
+    want = None
+    for bp, bd, nw, ns, be, split in TABLE_SWEEP if "tables" in kinds else []:
       cfg = expert_tables.TableConfig(bucket_size=be, block_p=bp, block_d=bd, num_warps=nw,
-                                      num_stages=ns)
-      ms = guarded(f"tables {cfg}", lambda: timeit(jax.jit(
-          lambda w, i: expert_tables.table_gradients(
-              x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16, config=cfg,
-              interpret=INTERPRET)), sets))
+                                      num_stages=ns, per_table=split)
+      fn = jax.jit(lambda w, i, cfg=cfg: expert_tables.table_gradients(
+          x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16, config=cfg,
+          interpret=INTERPRET))
+      got = guarded(f"tables {cfg}", lambda: fn(*sets[0]))
+      want = got if want is None else want
+      same = got is not None and max(rel_err(g, w) for g, w in zip(got, want)) < 1e-2
+      ms = guarded(f"tables {cfg}", lambda: measure(fn, sets, "tables"))
       out[f"tables N={n} {cfg}"] = ms
-      say(f"  {bp:3d} {bd:4d} {nw} {ns} {be or 'auto'}: {ms}")
+      say(f"  {bp:3d} {bd:4d} {nw} {ns} {be or 'auto'} {split!s:5s}: "
+          f"{ms and round(ms['tables_ms'], 4)} {ms and round(ms['tables_device_ms'], 4)}"
+          f"{'' if same else '  DIFFERS'}")
   return out
 
 
 # ----------------------------------------------------------------------------- variants
 
-KERNEL_FWD = dict(forward_impl="kernel")
-EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig
-    (65536, 16): {
-        "kernel fwd block_t=4 (v3)": expert_ops.ExpertConfig(
-            forward=expert_tokens.TokenConfig(4, 64, 4, 2),
-            backward=expert_tokens.TokenConfig(4, 32, 4, 3), **KERNEL_FWD),
-        "kernel fwd block_t=8": expert_ops.ExpertConfig(**KERNEL_FWD),
-        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_chunk=16),
-        "xla fwd chunks of 8 (v4)": expert_ops.ExpertConfig()},
-    (65536, 32): {
-        "kernel fwd (v3)": expert_ops.ExpertConfig(**KERNEL_FWD),
-        "xla fwd chunks of 16": expert_ops.ExpertConfig(xla_forward_chunk=16),
-        "xla fwd chunks of 8 (v4)": expert_ops.ExpertConfig()},
+PER_TABLE = expert_ops.ExpertConfig(tables=expert_ops.TableConfig(per_table=True))
+EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig (earlier variants: kernels_notes.md)
+    (65536, 32): {"default": expert_ops.ExpertConfig(), "tables per_table": PER_TABLE},
+    (2 ** 20, 32): {"default": expert_ops.ExpertConfig(), "tables per_table": PER_TABLE},
 }
-LAYER_VARIANTS = [  # (N, k, impl, config name or None)
-    (65536, 32, "pallas", "kernel fwd (v3)"), (65536, 32, "pallas", "xla fwd chunks of 16"),
-    (65536, 32, "pallas", None), (65536, 16, "pallas", None),
-    (4096, 16, "pallas", None), (4096, 16, "xla", None)]
+LAYER_VARIANTS = [  # (N, k, impl, config name)
+    (65536, 32, "pallas", "default"), (65536, 32, "pallas", "tables per_table"),
+    (2 ** 20, 32, "pallas", "default"), (2 ** 20, 32, "pallas", "tables per_table")]
 
 
 SCALING_NS = tuple(2 ** e for e in range(12, 23, 2))  # 64^2 .. 2048^2
@@ -526,10 +528,12 @@ def plot_scaling(path):
 
 
 def part_variants(seed, save):
-  """Expert-op and layer variants side by side (fwd, fwd+bwd ms; expert variants with
-  their bf16 relative errors of y, dx, dU, dV, dw against the float32 reference)."""
+  """Expert-op and layer variants side by side (fwd, fwd+bwd: host ms and device ms;
+  expert variants with their bf16 relative errors of y, dx, dU, dV, dw against the
+  float32 reference)."""
   keys = key_iter(seed)
   out = {}
+  fmt = lambda row: " ".join(f"{key} {value:.4f}" for key, value in row.items())
   for (n, k), configs in EXPERT_VARIANTS.items():
     up, down = tables(next(keys), n)
     args = [(tokens_in(next(keys)), up, down) + routing(next(keys), n, k) for _ in range(3)]
@@ -539,34 +543,33 @@ def part_variants(seed, save):
     with jax.default_matmul_precision("highest"):
       want = [jax.jit(xla)(*f32)] + list(fwd_bwd(xla, 4)(cot, *f32)[1])
     say(f"\n== variants: expert op N={n} k={k} (ms; rel err y dx dU dV dw)")
-    out[f"expert N={n} k={k} xla"] = row = (timeit(jax.jit(xla), args), None)
-    say(f"  {'xla':28s} fwd {row[0]:.4f}")
     for name, cfg in configs.items():
       def run():
         fn = lambda x, u, v, w, i: expert_ops.atomic_experts(x, u, v, w, i, config=cfg)
         fb = fwd_bwd(fn, 4)
         got = [jax.jit(fn)(*args[0])] + list(fb(cot, *args[0])[1])
         errs = [rel_err(g, wt) for g, wt in zip(got, want)]
-        return (timeit(jax.jit(fn), args), timeit(fb, [(cot,) + a for a in args]), errs)
+        return ({**measure(jax.jit(fn), args, "fwd"),
+                 **measure(fb, [(cot,) + a for a in args], "fwd_bwd")}, errs)
       row = guarded(f"expert {name}", run)
       out[f"expert N={n} k={k} {name}"] = row
       if row:
-        say(f"  {name:28s} fwd {row[0]:.4f} f+b {row[1]:.4f} err "
-            + " ".join(f"{e:.1e}" for e in row[2]))
+        say(f"  {name:20s} {fmt(row[0])} err " + " ".join(f"{e:.1e}" for e in row[1]))
       save(out)
   say("\n== variants: layer (ms)")
   for n, k, impl, name in LAYER_VARIANTS:
-    cfg = EXPERT_VARIANTS.get((n, k), {}).get(name)
+    cfg = EXPERT_VARIANTS[n, k][name]
     def run():
       p = init_layer(next(keys), n)
       xs = [(p, tokens_in(next(keys))) for _ in range(3)]
       fn = functools.partial(layer, k=k, impl=impl, config=cfg)
       cot = jax.random.normal(next(keys), (T, D), jnp.float32)
-      return timeit(jax.jit(fn), xs), timeit(fwd_bwd(fn, 2), [(cot,) + a for a in xs])
-    label = f"layer N={n} k={k} {impl} {name or 'default'}"
+      return {**measure(jax.jit(fn), xs, "fwd"),
+              **measure(fwd_bwd(fn, 2), [(cot,) + a for a in xs], "fwd_bwd")}
+    label = f"layer N={n} k={k} {impl} {name}"
     out[label] = row = guarded(label, run)
     if row:
-      say(f"  {label:56s} fwd {row[0]:.4f} f+b {row[1]:.4f}")
+      say(f"  {label:44s} {fmt(row)}")
     save(out)
   return out
 

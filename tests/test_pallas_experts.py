@@ -185,10 +185,13 @@ def test_token_path_at_four_million_experts(interpret):
 @pytest.mark.parametrize("config", [
     expert_ops.ExpertConfig(path="tokens", forward_impl="kernel"),
     expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
-], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
+    expert_ops.ExpertConfig(path="tokens", tables=expert_ops.TableConfig(
+        per_table=True, block_p=16, block_d=64)),
+], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "tables-one-launch-each"])
 def test_config_variants(config, interpret):
-  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
-  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward."""
+  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), the
+  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward, and the table
+  gradients as one launch per table."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
@@ -244,6 +247,9 @@ def test_bucket_size_follows_the_tile_that_runs(monkeypatch):
     assert expert_tables.auto_bucket_size(default, 4096 * k, n) == 16
   assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 65536) == 16  # 16 pairs
   assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 2 ** 20) == 32  # the cap
+  one = expert_ops.TableConfig(per_table=True)  # one accumulator: twice the cap
+  assert expert_tables.auto_bucket_size(one, 4096 * 32, 65536) == 16  # 16 pairs
+  assert expert_tables.auto_bucket_size(one, 4096 * 32, 2 ** 20) == 32  # the cap
   sizes, real = [], bucketing.bucket_pairs
 
   def bucket_pairs(indices, num_experts, bucket_size, **kwargs):
