@@ -324,12 +324,16 @@ def test_lines_path_through_the_op(interpret):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("path,forward_impl,fwd_kernels,grad_kernels", [
-    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("lines", "xla", 2, 4)])
-def test_kernels_lower_to_triton(path, forward_impl, fwd_kernels, grad_kernels, dtype):
+@pytest.mark.parametrize("path,forward_impl,per_table,fwd_kernels,grad_kernels", [
+    ("tokens", "xla", False, 0, 3), ("tokens", "xla", True, 0, 4),
+    ("tokens", "kernel", False, 1, 4), ("lines", "xla", False, 2, 4)])
+def test_kernels_lower_to_triton(path, forward_impl, per_table, fwd_kernels, grad_kernels,
+                                 dtype):
   """Every Pallas path of the op, forward and gradients, lowers to Triton IR for CUDA
-  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count."""
-  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl)
+  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count
+  (bucketing, token backward, table gradients: one launch for both tables or one each)."""
+  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl,
+                                   tables=expert_ops.TableConfig(per_table=per_table))
   f = lambda *a: expert_ops.atomic_experts(*a, config=config, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   tokens, d, n_experts, k = 37, 96, 300, 5
