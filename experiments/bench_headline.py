@@ -233,6 +233,9 @@ CROSSOVER_EXPERTS = ((4096, (16, 32, 64, 128)), (N, (128, 160, 192, 256)),
                      (2 ** 20, (512, 2048)))
 CROSSOVER_ROUTER = ((4096, 320, (32, 48, 64, 128)), (40960, 320, (32, 48, 64, 125)),
                     (4096, 1024, (32, 48, 64, 128)))
+# Decoding: few tokens at the headline's N and large k (the token path's tiles grow with k).
+CROSSOVER_DECODE = ((1, 16, 64), (512, 4096))  # (token counts, k values)
+CROSSOVER_PARTS = ("experts", "router", "decode")
 
 
 def fmt(value, spec):
@@ -241,7 +244,8 @@ def fmt(value, spec):
 
 def crossover(args, device, tag):
   """Times the competing paths around `expert_ops.choose_path` and the router's
-  `MAX_KERNEL_K` dispatch; writes crossover-<device>.json."""
+  `MAX_KERNEL_K` dispatch, and the expert op's forward for few tokens at large k
+  (`--crossover-parts`); writes crossover-<device>.json."""
   from omnimoe.pallas import expert_ops, router_threshold, router_topk
   keys = key_iter(args.seed + 1)
   rows = []
@@ -253,8 +257,9 @@ def crossover(args, device, tag):
     with open(os.path.join(args.out, f"crossover-{tag}.json"), "w") as f:
       json.dump(rows, f, indent=1)
 
+  parts = args.crossover_parts.split(",")
   say(f"\n== crossover: expert op alone, T=4096 d={D} (ms)")
-  for n_experts, ks in CROSSOVER_EXPERTS:
+  for n_experts, ks in CROSSOVER_EXPERTS if "experts" in parts else ():
     n_axis = int(round(n_experts ** 0.5))
     up, down = benchlib.tables(next(keys), n_experts, D)
     for k in ks:
@@ -280,7 +285,7 @@ def crossover(args, device, tag):
           lx, ly, k, config=router_topk.RouterConfig(max_kernel_k=k)),
       threshold=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k, sorted=False),
       threshold_sorted=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k))
-  for tokens, n_axis, ks in CROSSOVER_ROUTER:
+  for tokens, n_axis, ks in CROSSOVER_ROUTER if "router" in parts else ():
     for k in ks:
       sets = [tuple(benchlib.log_probs(next(keys), tokens, n_axis) for _ in range(2))]
       for name, fn in kernels.items():
@@ -288,6 +293,28 @@ def crossover(args, device, tag):
             jax.jit(functools.partial(fn, k=k)), sets))
         record(dict(what="router", path=name, tokens=tokens, experts=n_axis ** 2, k=k,
                     fwd_ms=fwd), f"router {name:16s} T={tokens} n={n_axis} k={k}")
+
+  say(f"\n== crossover: expert op forward, few tokens (decoding), N={N} d={D} (ms; "
+      "relative error against the plain-XLA gather)")
+  n_axis = int(round(N ** 0.5))
+  up, down = benchlib.tables(next(keys), N, D) if "decode" in parts else (None, None)
+  for k in CROSSOVER_DECODE[1] if "decode" in parts else ():
+    for tokens in CROSSOVER_DECODE[0]:
+      lx, ly = (benchlib.log_probs(next(keys), tokens, n_axis) for _ in range(2))
+      scores, idx = ops.cartesian_topk(lx, ly, k, impl="pallas", sorted=False)
+      args_ = (benchlib.tokens_in(next(keys), tokens, D), up, down,
+               jnp.exp(scores).astype(BF16), idx)
+      want = jax.jit(reference.atomic_experts)(*args_)
+      for path in ("tokens", "dense", "xla"):
+        op = (reference.atomic_experts if path == "xla" else functools.partial(
+            expert_ops.atomic_experts, config=expert_ops.ExpertConfig(path=path)))
+        got = guarded(f"decode {path} T={tokens} k={k}", lambda: (
+            timeit(jax.jit(op), [args_]), benchlib.rel_err(jax.jit(op)(*args_), want))
+        ) or (None, None)
+        chosen = expert_ops.choose_path(tokens, k, N)
+        record(dict(what="expert-decode", path=path, tokens=tokens, hidden=D, experts=N, k=k,
+                    fwd_ms=got[0], rel_err=got[1], chosen=chosen),
+               f"decode {path:6s} T={tokens} k={k} (auto: {chosen}) err {fmt(got[1], '.1e')}")
 
 
 # (n per axis, k) cases and ThresholdConfig fields swept by --router-configs.
@@ -495,6 +522,9 @@ def main():
   parser.add_argument("--crossover", action="store_true",
                       help="instead of the sweep, time the competing expert-op paths and "
                       "router kernels where the dispatch rules switch")
+  parser.add_argument("--crossover-parts", default=",".join(CROSSOVER_PARTS),
+                      help="with --crossover: comma-separated subset of "
+                      + ",".join(CROSSOVER_PARTS))
   parser.add_argument("--router-configs", action="store_true",
                       help="instead of the sweep, time the router's stages and its "
                       "threshold-search launch parameters")

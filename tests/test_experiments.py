@@ -191,3 +191,18 @@ def test_bench_headline_fails_on_a_wrong_kernel(monkeypatch, tmp_path):
   assert all(r["status"] == "timed" for r in rows[1:])
   log = next(tmp_path.glob("headline-*-log.txt")).read_text()
   assert "FAILED: 1 of 3 cases" in log and "check FAILED" in log
+
+
+def test_bench_headline_decode_crossover_times_every_path(monkeypatch, tmp_path):
+  """`--crossover --crossover-parts decode` at toy sizes: few tokens at large k, each path
+  (token kernels, dense GEMMs, plain XLA) timed and checked against the XLA gather."""
+  bh, timed, args = _tiny_headline(monkeypatch)
+  monkeypatch.setattr(bh, "CROSSOVER_DECODE", ((1, 3), (8, 40)))
+  namespace = args(tmp_path)
+  namespace.crossover_parts = "decode"
+  bh.crossover(namespace, "cpu", "cpu")
+  rows = json.loads((tmp_path / "crossover-cpu.json").read_text())
+  assert [(r["path"], r["tokens"], r["k"]) for r in rows] == [
+      (path, tokens, k) for k in (8, 40) for tokens in (1, 3)
+      for path in ("tokens", "dense", "xla")]
+  assert all(r["fwd_ms"] == 1.0 and r["rel_err"] < 1e-2 for r in rows), rows
