@@ -48,11 +48,9 @@ from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert
 T, D, F = 4096, 1024, 4096
 CASES = [(4096, 16), (4096, 32), (65536, 16), (65536, 32), (2 ** 20, 16), (2 ** 20, 32)]
 STAGE_CASES = [(65536, 32), (2 ** 20, 32), (4096, 16)]
-# (block_p, block_d, num_warps, num_stages, bucket_size, per_table) of the table sweep
-TABLE_SWEEP = [(0, 256, 4, 2, 0, False), (16, 128, 4, 2, 0, False), (32, 128, 8, 2, 0, False),
-               (16, 256, 8, 2, 0, False), (32, 256, 4, 2, 0, False), (16, 512, 8, 2, 0, False),
-               (64, 128, 8, 2, 16, False), (0, 256, 4, 2, 0, True), (0, 512, 4, 2, 0, True),
-               (0, 256, 2, 2, 0, True), (0, 128, 4, 2, 0, True), (0, 256, 4, 2, 16, True)]
+# (block_p, block_d, num_warps, num_stages, bucket_size) of the table sweep
+TABLE_SWEEP = [(0, 256, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 256, 8, 2, 0),
+               (32, 256, 4, 2, 0), (16, 512, 8, 2, 0), (64, 128, 8, 2, 16)]
 ROUTER_SWEEP = [(1024, 32), (256, 32), (64, 16)]
 ROUTER_CHECKS = [(4096, 1024, 1024, 32), (4096, 64, 64, 16), (1000, 17, 17, 40),
                  (333, 6, 9, 10), (517, 1024, 1024, 128), (64, 2048, 2048, 32)]
@@ -442,12 +440,12 @@ def part_sweep(seed, kinds, cases):
     _, _, ds, a = expert_tokens.token_backward(
         dy, up, down, *sets[0], s, activation="silu", config=expert_tokens.TokenConfig(),
         interpret=INTERPRET)
-    say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket, "
-        f"per_table) -> ms host, device; outputs equal to the first config's?")
+    say(f"== sweep N={n} k={k}: table grads (block_p, block_d, warps, stages, bucket) -> "
+        f"ms host, device; outputs equal to the first config's?")
     want = None
-    for bp, bd, nw, ns, be, split in TABLE_SWEEP if "tables" in kinds else []:
+    for bp, bd, nw, ns, be in TABLE_SWEEP if "tables" in kinds else []:
       cfg = expert_tables.TableConfig(bucket_size=be, block_p=bp, block_d=bd, num_warps=nw,
-                                      num_stages=ns, per_table=split)
+                                      num_stages=ns)
       fn = jax.jit(lambda w, i, cfg=cfg: expert_tables.table_gradients(
           x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16, config=cfg,
           interpret=INTERPRET))
@@ -456,7 +454,7 @@ def part_sweep(seed, kinds, cases):
       same = got is not None and max(rel_err(g, w) for g, w in zip(got, want)) < 1e-2
       ms = guarded(f"tables {cfg}", lambda: measure(fn, sets, "tables"))
       out[f"tables N={n} {cfg}"] = ms
-      say(f"  {bp:3d} {bd:4d} {nw} {ns} {be or 'auto'} {split!s:5s}: "
+      say(f"  {bp:3d} {bd:4d} {nw} {ns} {be or 'auto'}: "
           f"{ms and round(ms['tables_ms'], 4)} {ms and round(ms['tables_device_ms'], 4)}"
           f"{'' if same else '  DIFFERS'}")
   return out
@@ -464,14 +462,12 @@ def part_sweep(seed, kinds, cases):
 
 # ----------------------------------------------------------------------------- variants
 
-PER_TABLE = expert_ops.ExpertConfig(tables=expert_ops.TableConfig(per_table=True))
+CHUNKS_16 = expert_ops.ExpertConfig(xla_forward_chunk=16)
 EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig (earlier variants: kernels_notes.md)
-    (65536, 32): {"default": expert_ops.ExpertConfig(), "tables per_table": PER_TABLE},
-    (2 ** 20, 32): {"default": expert_ops.ExpertConfig(), "tables per_table": PER_TABLE},
+    (65536, 32): {"default": expert_ops.ExpertConfig(), "xla fwd chunks of 16": CHUNKS_16},
 }
 LAYER_VARIANTS = [  # (N, k, impl, config name)
-    (65536, 32, "pallas", "default"), (65536, 32, "pallas", "tables per_table"),
-    (2 ** 20, 32, "pallas", "default"), (2 ** 20, 32, "pallas", "tables per_table")]
+    (65536, 32, "pallas", "default"), (65536, 32, "pallas", "xla fwd chunks of 16")]
 
 
 SCALING_NS = tuple(2 ** e for e in range(12, 23, 2))  # 64^2 .. 2048^2

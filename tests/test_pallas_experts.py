@@ -185,13 +185,10 @@ def test_token_path_at_four_million_experts(interpret):
 @pytest.mark.parametrize("config", [
     expert_ops.ExpertConfig(path="tokens", forward_impl="kernel"),
     expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
-    expert_ops.ExpertConfig(path="tokens", tables=expert_ops.TableConfig(
-        per_table=True, block_p=16, block_d=64)),
-], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "tables-one-launch-each"])
+], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
 def test_config_variants(config, interpret):
-  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), the
-  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward, and the table
-  gradients as one launch per table."""
+  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
+  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
@@ -247,9 +244,6 @@ def test_bucket_size_follows_the_tile_that_runs(monkeypatch):
     assert expert_tables.auto_bucket_size(default, 4096 * k, n) == 16
   assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 65536) == 16  # 16 pairs
   assert expert_tables.auto_bucket_size(narrow, 4096 * 32, 2 ** 20) == 32  # the cap
-  one = expert_ops.TableConfig(per_table=True)  # one accumulator: twice the cap
-  assert expert_tables.auto_bucket_size(one, 4096 * 32, 65536) == 16  # 16 pairs
-  assert expert_tables.auto_bucket_size(one, 4096 * 32, 2 ** 20) == 32  # the cap
   sizes, real = [], bucketing.bucket_pairs
 
   def bucket_pairs(indices, num_experts, bucket_size, **kwargs):
@@ -324,16 +318,12 @@ def test_lines_path_through_the_op(interpret):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("path,forward_impl,per_table,fwd_kernels,grad_kernels", [
-    ("tokens", "xla", False, 0, 3), ("tokens", "xla", True, 0, 4),
-    ("tokens", "kernel", False, 1, 4), ("lines", "xla", False, 2, 4)])
-def test_kernels_lower_to_triton(path, forward_impl, per_table, fwd_kernels, grad_kernels,
-                                 dtype):
+@pytest.mark.parametrize("path,forward_impl,fwd_kernels,grad_kernels", [
+    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("lines", "xla", 2, 4)])
+def test_kernels_lower_to_triton(path, forward_impl, fwd_kernels, grad_kernels, dtype):
   """Every Pallas path of the op, forward and gradients, lowers to Triton IR for CUDA
-  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count
-  (bucketing, token backward, table gradients: one launch for both tables or one each)."""
-  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl,
-                                   tables=expert_ops.TableConfig(per_table=per_table))
+  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count."""
+  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl)
   f = lambda *a: expert_ops.atomic_experts(*a, config=config, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   tokens, d, n_experts, k = 37, 96, 300, 5

@@ -58,7 +58,6 @@ class TableConfig:
   num_warps: int = 4
   num_stages: int = 2
   bucketing: str = "atomic"
-  per_table: bool = False  # one launch per table (one accumulator a program), not both
 
   def __post_init__(self):
     dot = " (a tensor-core operand dimension)"
@@ -72,26 +71,23 @@ class TableConfig:
                        f"{self.bucketing!r}")
 
 
-# The (bucket_size x block_d) float32 accumulators (two, or one with per_table) live in
-# registers: past 64 per thread they spill (seen: two of bucket 128 x 128 columns ran at
-# 3.9 ms for N = 2^20, ~3x its floor).
-_ACC_FLOATS_PER_WARP = 64 * 32
+# Two (bucket_size x block_d) float32 accumulators live in registers: past 64 per thread
+# they spill (seen: bucket 128 x 128 columns ran at 3.9 ms for N = 2^20, ~3x its floor).
+_ACC_PER_WARP = 64 * 32 // 2
 
 
 def auto_bucket_size(config: TableConfig, pairs: int, num_experts: int) -> int:
   """Experts per bucket: pow2(16 N / pairs) (~16 pairs per bucket), clamped to
-  [16, fit], fit = `_ACC_FLOATS_PER_WARP` num_warps / (block_d accumulators) (the
-  register budget; two accumulators a program, one with `per_table`).
+  [16, fit], fit = `_ACC_PER_WARP` num_warps / block_d (the register budget).
 
   `config.block_d` is the column tile the kernel runs (`table_gradients` narrows it to
   pow2(d) first). The cap decides at the default 4 warps x 256 columns (fit = 16: 16
   experts at every density); the density term only acts where fit > 16: tiles narrower
-  than 256 columns (d < 256 or a smaller block_d), more warps, or one accumulator.
+  than 256 columns (d < 256 or a smaller block_d) or more warps.
   """
   if config.bucket_size:
     return config.bucket_size
-  accumulators = 1 if config.per_table else 2
-  fit = _ACC_FLOATS_PER_WARP * config.num_warps // (config.block_d * accumulators)
+  fit = _ACC_PER_WARP * config.num_warps // config.block_d
   want = common.pow2(int(16 * num_experts / max(pairs, 1)), minimum=16)
   return int(max(16, min(want, fit)))
 
@@ -104,20 +100,16 @@ def auto_block_p(config: TableConfig, pairs: int, num_experts: int, bucket_size:
   return 16 if pairs * bucket_size <= 64 * num_experts else 32
 
 
-def _table_grad_kernel(starts_ref, token_ref, expert_ref, *refs, bucket_size: int,
-                       block_p: int, block_d: int):
-  """refs: coefficient refs, then row-source refs, then output refs, one of each per table
-  (dU: ds and x; dV: a and dy)."""
-  tables = len(refs) // 3
-  coef_refs, vec_refs, out_refs = refs[:tables], refs[tables:2 * tables], refs[2 * tables:]
-  num_experts, d = out_refs[0].shape
+def _table_grad_kernel(starts_ref, token_ref, expert_ref, ds_ref, a_ref, x_ref, dy_ref,
+                       du_ref, dv_ref, *, bucket_size: int, block_p: int, block_d: int):
+  num_experts, d = du_ref.shape
   pairs = token_ref.shape[0]
   b, c = pl.program_id(0), pl.program_id(1)
   lo, hi = starts_ref[b], starts_ref[b + 1]
   experts = common.iota(bucket_size, b * bucket_size)
   cols = common.iota(block_d, c * block_d)[None, :]
   cols_c = jnp.minimum(cols, d - 1)
-  cdt = common.mma_dtype(*(v.dtype for v in vec_refs))
+  cdt = common.mma_dtype(x_ref.dtype, dy_ref.dtype)
 
   def chunk(i, accs):
     pos = common.iota(block_p, lo + i * block_p)
@@ -133,14 +125,15 @@ def _table_grad_kernel(starts_ref, token_ref, expert_ref, *refs, bucket_size: in
       vec = plt.load(vec_ref.at[rows, cols_c], mask=mask, other=0.0)
       return common.dot(jnp.where(hit, coef[None, :], 0.0).astype(cdt), vec.astype(cdt))
 
-    return tuple(acc + product(*refs) for acc, refs in zip(accs, zip(coef_refs, vec_refs)))
+    acc_u, acc_v = accs
+    return acc_u + product(ds_ref, x_ref), acc_v + product(a_ref, dy_ref)
 
-  zeros = (jnp.zeros((bucket_size, block_d), jnp.float32),) * tables
-  accs = lax.fori_loop(0, (hi - lo + block_p - 1) // block_p, chunk, zeros)
+  zeros = jnp.zeros((bucket_size, block_d), jnp.float32)
+  acc_u, acc_v = lax.fori_loop(0, (hi - lo + block_p - 1) // block_p, chunk, (zeros, zeros))
   out = (experts[:, None], cols)
   mask = (experts < num_experts)[:, None] & (cols < d)
-  for acc, out_ref in zip(accs, out_refs):
-    plt.store(out_ref.at[out], acc.astype(out_ref.dtype), mask=mask)
+  plt.store(du_ref.at[out], acc_u.astype(du_ref.dtype), mask=mask)
+  plt.store(dv_ref.at[out], acc_v.astype(dv_ref.dtype), mask=mask)
 
 
 def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_dtype,
@@ -157,15 +150,11 @@ def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_d
   in_bucket_order = (order // k,) + tuple(v.reshape(-1)[order] for v in (indices, ds, a))
   kernel = functools.partial(_table_grad_kernel, bucket_size=bucket_size, block_p=block_p,
                              block_d=config.block_d)
-  token, expert, ds, a = in_bucket_order
-
-  def launch(coefs, vecs, dtypes):
-    return common.triton_call(
-        kernel, out_shape=tuple(jax.ShapeDtypeStruct((num_experts, d), t) for t in dtypes),
-        grid=(starts.shape[0] - 1, common.cdiv(d, config.block_d)),
-        num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
-        name="atomic_experts_bwd_tables")(starts, token, expert, *coefs, *vecs)
-
-  if config.per_table:
-    return launch((ds,), (x,), (up_dtype,))[0], launch((a,), (dy,), (down_dtype,))[0]
-  return launch((ds, a), (x, dy), (up_dtype, down_dtype))
+  return common.triton_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),
+                 jax.ShapeDtypeStruct((num_experts, d), down_dtype)),
+      grid=(starts.shape[0] - 1, common.cdiv(d, config.block_d)),
+      num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
+      name="atomic_experts_bwd_tables")(
+          starts, *in_bucket_order, x, dy)
