@@ -115,7 +115,9 @@ def test_choose_path_and_bad_configs():
   assert choose(4096, 160, 320 * 320) == "dense"
   assert choose(4096, 512, 2 ** 20) == "tokens"
   assert choose(4096, 2048, 2 ** 20) == "dense"
-  assert choose(1, 4096, 320 * 320) == "tokens"       # one token: the tables once each
+  assert choose(1, 4096, 320 * 320) == "tokens"       # decoding: few pairs, gathers win
+  assert choose(64, 512, 320 * 320) == "tokens"       # T k = 0.32 N
+  assert choose(16, 4096, 320 * 320) == "dense"       # T k = 0.64 N: the tables, once
   rng = np.random.default_rng(8)
   args, idx, _ = expert_inputs(rng, 5, 32, 16, 4)
   with pytest.raises(ValueError, match="ExpertConfig.path must be 'auto' or one of"):

@@ -185,23 +185,34 @@ def test_token_path_at_four_million_experts(interpret):
 @pytest.mark.parametrize("config", [
     expert_ops.ExpertConfig(path="tokens", forward_impl="kernel"),
     expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
-], ids=["kernel-forward-auto-block-t", "xla-forward-chunked"])
+    expert_ops.ExpertConfig(path="tokens"),
+], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "xla-forward-one-gather"])
 def test_config_variants(config, interpret):
   """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
-  XLA forward in chunks of 2, 2, 1 pairs, under the kernels' backward."""
+  XLA forward in chunks of 2, 2, 1 pairs and as one gather (auto: 185 pairs), under the
+  kernels' backward."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
   check_against_brute_force(args, idx, dy, interpret, config, 1e-5)
 
 
+def test_forward_chunk_is_one_gather_for_few_pairs():
+  """Auto: one gather fusion up to ONE_GATHER_MAX_PAIRS pairs (decoding), chunks of 8
+  above (training shapes); a chunk set in the config is kept."""
+  auto, chunk = expert_ops.ExpertConfig(), expert_ops.forward_chunk
+  assert chunk(auto, 1, 4096) == 4096 and chunk(auto, 64, 512) == 512
+  assert chunk(auto, 4096, 32) == 8 and chunk(auto, 65, 512) == 8
+  assert chunk(expert_ops.ExpertConfig(xla_forward_chunk=16), 1, 4096) == 16
+
+
 BAD_CONFIGS = [
     (expert_ops.ExpertConfig, dict(forward_impl="XLA"),
      r"ExpertConfig.forward_impl must be one of \('xla', 'kernel'\), got 'XLA'"),
-    (expert_ops.ExpertConfig, dict(xla_forward_chunk=0),
-     "ExpertConfig.xla_forward_chunk must be an integer >= 1, got 0"),
+    (expert_ops.ExpertConfig, dict(xla_forward_chunk=-1),
+     r"ExpertConfig.xla_forward_chunk must be 0 \(auto\) or an integer >= 1, got -1"),
     (expert_ops.ExpertConfig, dict(xla_forward_chunk=2.0),
-     "ExpertConfig.xla_forward_chunk must be an integer >= 1, got 2.0"),
+     r"ExpertConfig.xla_forward_chunk must be 0 \(auto\) or an integer >= 1, got 2.0"),
     (expert_ops.ExpertConfig, dict(path="rows"),
      r"ExpertConfig.path must be 'auto' or one of \('tokens', 'dense', 'lines'\), got 'rows'"),
     (expert_ops.TokenConfig, dict(block_t=3),

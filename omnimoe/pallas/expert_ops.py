@@ -4,9 +4,9 @@ Reference: `omnimoe.reference.atomic_experts` (values) and its autodiff (gradien
 This file holds no kernel: it wires the stages together and is independent of the
 backend the kernels are written for.
 
-  forward   XLA gathers in chunks of 8 pairs (`_xla_forward`; measured faster than the
-            token kernel expert_tokens.forward, which config.forward_impl="kernel" picks):
-            y, and s kept for backward
+  forward   XLA gathers in chunks of 8 pairs, or one gather for few pairs (`_xla_forward`,
+            `forward_chunk`; measured faster than the token kernel expert_tokens.forward,
+            which config.forward_impl="kernel" picks): y, and s kept for backward
   backward  expert_tokens.token_backward  token-centric: dx, dweights, per-pair ds and a
             expert_tables.table_gradients expert-centric: bucketing, then dU, dV
                                           as tensor-core segment sums
@@ -55,7 +55,7 @@ class ExpertConfig:
   backward: TokenConfig = TokenConfig(block_t=0, block_d=32, num_warps=4, num_stages=3)
   tables: TableConfig = TableConfig()
   forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
-  xla_forward_chunk: int = 8  # pairs per token that one XLA gather fusion takes
+  xla_forward_chunk: int = 0  # pairs per token one XLA gather fusion takes; 0: `forward_chunk`
   path: str = "auto"  # "auto": `choose_path`; "tokens": this file; "dense"; "lines"
   dense: expert_dense.DenseConfig = expert_dense.DenseConfig()
   lines: expert_lines.LinesConfig = expert_lines.LinesConfig()
@@ -65,9 +65,9 @@ class ExpertConfig:
       raise ValueError(f"ExpertConfig.forward_impl must be one of {FORWARD_IMPLS}, got "
                        f"{self.forward_impl!r}")
     chunk = self.xla_forward_chunk
-    if not isinstance(chunk, numbers.Integral) or chunk < 1:
-      raise ValueError(f"ExpertConfig.xla_forward_chunk must be an integer >= 1, got "
-                       f"{chunk!r}")
+    if not isinstance(chunk, numbers.Integral) or chunk < 0:
+      raise ValueError(f"ExpertConfig.xla_forward_chunk must be 0 (auto) or an integer >= 1, "
+                       f"got {chunk!r}")
     if self.path != "auto" and self.path not in PATHS:
       raise ValueError(f"ExpertConfig.path must be 'auto' or one of {PATHS}, got "
                        f"{self.path!r}")
@@ -85,15 +85,33 @@ DENSE_BREAK_EVEN = ((64, 160), (128, 350), (None, 640))  # (k up to, N / k ratio
 
 def choose_path(tokens: int, k: int, num_experts: int) -> str:
   """"dense" where the whole-grid GEMMs beat the pair gathers (N <= ratio(k) k, the
-  measured break-even above) and every table row is used about once per call on average
-  (T k >= N: the dense path reads both whole tables), else "tokens".
+  measured break-even above) and the pairs use a good part of the table (T k >= N / 2:
+  the dense path reads both whole tables), else "tokens".
 
-  Not measured: few tokens at a large k (e.g. decoding one token at k = 4096) take the
-  token path, whose per-program tiles grow with k (k = 2048 ran, at T = 4096, in the
-  crossover sweep); neither path has been timed there."""
+  The second condition decides for few tokens at a large k (decoding). Measured forward,
+  one H100, bf16, N = 102,400, d = 1024 (RESULTS.md, "Decoding"): T = 16, k = 4096
+  (T k = 0.64 N) dense 0.164 ms against one XLA gather 0.301; T = 64, k = 512 (0.32 N)
+  dense 0.178 against 0.159; T = 1, k = 4096 dense 0.160 against 0.037."""
   ratio = next(r for k_max, r in DENSE_BREAK_EVEN if k_max is None or k <= k_max)
-  dense = num_experts <= ratio * k and tokens * k >= num_experts
+  dense = num_experts <= ratio * k and 2 * tokens * k >= num_experts
   return "dense" if dense else "tokens"
+
+
+# Up to this many (token, expert) pairs the XLA forward is one gather fusion: with few
+# pairs, chunks of 8 cost a launch each and gain nothing. Measured forward, one H100,
+# bf16, N = 102,400, d = 1024 (RESULTS.md, "Decoding"): one gather against chunks of 8,
+# T = 1, k = 4096: 0.037 / 0.730 ms; T = 16, k = 512: 0.059 / 0.219; T = 64, k = 512
+# (32,768 pairs): 0.159 / 0.186. At T = 4096, k = 32 (131,072 pairs) one fusion no longer
+# fuses the gather: 0.55 ms against 0.154 in chunks of 8 (N = 65,536).
+ONE_GATHER_MAX_PAIRS = 32768
+
+
+def forward_chunk(config: ExpertConfig, tokens: int, k: int) -> int:
+  """Pairs per token of one XLA gather fusion: config.xla_forward_chunk if set, else k
+  (one fusion) up to ONE_GATHER_MAX_PAIRS pairs, else 8."""
+  if config.xla_forward_chunk:
+    return config.xla_forward_chunk
+  return k if tokens * k <= ONE_GATHER_MAX_PAIRS else 8
 
 
 def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
@@ -121,7 +139,8 @@ def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
 
 def _forward(x, up, down, weights, indices, activation, config, interpret):
   if config.forward_impl == "xla":
-    return _xla_forward(x, up, down, weights, indices, activation, config.xla_forward_chunk)
+    return _xla_forward(x, up, down, weights, indices, activation,
+                        forward_chunk(config, *indices.shape))
   return expert_tokens.forward(x, up, down, weights, indices, activation=activation,
                                config=config.forward, interpret=interpret)
 
