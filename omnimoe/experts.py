@@ -22,12 +22,14 @@ def cast_tables(num_pairs: int, num_experts: int) -> bool:
   write 2N; two gather passes (forward, token backward) of 2P; a bf16 gradient 2N, which
   autodiff casts back (read 2N, write 4N, unless XLA fuses that into the optimizer):
   14N + 4P (6N + 4P fused). As stored: gathers of 4P twice, a float32 gradient 4N: 8P + 4N.
-  As stored wins for P < 2.5 N (P < N / 2 fused); the rule takes P < N. At configs/gpu.py
+  As stored wins for P < 2.5 N (P < N / 2 fused); the rule takes P < N / 2, where the
+  Pallas op's dense path also begins for large k (`expert_ops.choose_path`: it reads the
+  whole tables, and float32 tables would make its grid GEMMs float32). At configs/gpu.py
   (P = 16384 x 32 = 8 N) it casts; at N = 2^20 with T = 4096, k = 32 (P = N / 8) it saves
   two casts of 4 GB tables and their gradients (experiments/RESULTS.md, "The Flax layer").
   Reading as stored is also more precise: dU, dV are never rounded to bf16.
   """
-  return num_pairs >= num_experts
+  return 2 * num_pairs >= num_experts
 
 
 class AtomicExpertBank(nn.Module):

@@ -159,12 +159,26 @@ def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode, activa
   assert float(aux["aux_loss"]) == 0.0 and 0 < float(aux["router_entropy"]) <= math.log(49)
 
 
+def test_tables_are_cast_wherever_the_op_takes_the_dense_path():
+  """The dense path's grid GEMMs run in the tables' dtype: the bank must hand it bf16
+  copies (float32 tables would make them float32 GEMMs over the whole grid)."""
+  from omnimoe.pallas import expert_ops
+  dense = 0
+  for n in (4096, 320 * 320, 2 ** 20):
+    for k in (16, 32, 128, 512, 1024, 4096):
+      for t in (1, 3, 16, 40, 64, 1024, 4096):
+        if k <= n and expert_ops.choose_path(t, k, n) == "dense":
+          dense += 1
+          assert experts_lib.cast_tables(t * k, n), (t, k, n)
+  assert dense > 20
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("num_experts,cast", [(400, False), (9, True)])
 def test_bank_reads_float32_tables_as_stored_when_pairs_are_fewer_than_rows(
     num_experts, cast, impl):
-  """float32 parameters, bf16 compute: with T k < N the op gets the tables as stored (no
-  (N, d) cast in the program), with T k >= N bf16 copies. Values and gradients match the
+  """float32 parameters, bf16 compute: with T k < N / 2 the op gets the tables as stored
+  (no (N, d) cast in the program), with T k >= N / 2 bf16 copies. Values and gradients match the
   float32 reference of what the op sees either way, and the gradients are float32."""
   t, d, k = 30, 24, 5
   assert experts_lib.cast_tables(t * k, num_experts) == cast
