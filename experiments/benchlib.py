@@ -2,8 +2,8 @@
 
 Times are host-timed medians of 7 trials of back-to-back calls (async dispatch, one
 block at the end) rotating over several input sets; `timeit_unrolled` jits several calls
-into one program to remove dispatch gaps from short kernels; `device_ms` reads the kernels'
-own busy time from a profiler trace. Inputs are random, never
+into one program to remove dispatch gaps from short kernels; `trace_calls` + `busy_ms` read
+the kernels' own busy time from a profiler trace. Inputs are random, never
 zeros. Peak memory is XLA's own accounting of the compiled program (arguments + outputs +
 temporaries, minus donated aliases), so it needs no run and no allocator reset.
 """
@@ -122,13 +122,6 @@ def trace_calls(fn, arg_sets, calls: int):
 def kernel_times(fn, *, calls=3, top=30) -> list[dict]:
   """`kernel_table` of `calls` calls of `fn()`, traced here."""
   return kernel_table(trace_calls(fn, [()], calls), calls=calls, top=top)
-
-
-def device_ms(fn, arg_sets, *, calls=12) -> float:
-  """ms of device time per call of jitted `fn`: the union of its kernels' intervals
-  (`busy_ms`) over `calls` traced calls rotating over `arg_sets`, divided by `calls` (a
-  mean). Host dispatch gaps are left out, so short kernels are not timed as dispatch."""
-  return busy_ms(trace_calls(fn, arg_sets, calls)) / calls
 
 
 def peak_gib(jitted, *args) -> float:

@@ -91,18 +91,18 @@ def choose_path(tokens: int, k: int, num_experts: int) -> str:
   The second condition decides for few tokens at a large k (decoding). Measured forward,
   one H100, bf16, N = 102,400, d = 1024 (RESULTS.md, "Decoding"): T = 16, k = 4096
   (T k = 0.64 N) dense 0.164 ms against one XLA gather 0.301; T = 64, k = 512 (0.32 N)
-  dense 0.178 against 0.159; T = 1, k = 4096 dense 0.160 against 0.037."""
+  dense 0.178 against 0.159; T = 1, k = 4096 dense 0.160 against 0.037-0.085."""
   ratio = next(r for k_max, r in DENSE_BREAK_EVEN if k_max is None or k <= k_max)
   dense = num_experts <= ratio * k and 2 * tokens * k >= num_experts
   return "dense" if dense else "tokens"
 
 
 # Up to this many (token, expert) pairs the XLA forward is one gather fusion: with few
-# pairs, chunks of 8 cost a launch each and gain nothing. Measured forward, one H100,
-# bf16, N = 102,400, d = 1024 (RESULTS.md, "Decoding"): one gather against chunks of 8,
-# T = 1, k = 4096: 0.037 / 0.730 ms; T = 16, k = 512: 0.059 / 0.219; T = 64, k = 512
-# (32,768 pairs): 0.159 / 0.186. At T = 4096, k = 32 (131,072 pairs) one fusion no longer
-# fuses the gather: 0.55 ms against 0.154 in chunks of 8 (N = 65,536).
+# pairs, chunks of 8 cost a launch each and gain nothing. Measured forward of the token
+# path, one H100, bf16, N = 102,400, d = 1024 (RESULTS.md, "Decoding"), chunks of 8 ->
+# one gather: T = 1, k = 4096 0.730 -> 0.084 ms; T = 16, k = 512 0.219 -> 0.085;
+# T = 64, k = 512 (32,768 pairs) 0.186 -> 0.158. At T = 4096, k = 32 (131,072 pairs) one
+# fusion no longer fuses the gather: 0.55 ms against 0.154 in chunks of 8 (N = 65,536).
 ONE_GATHER_MAX_PAIRS = 32768
 
 
