@@ -233,9 +233,8 @@ CROSSOVER_EXPERTS = ((4096, (16, 32, 64, 128)), (N, (128, 160, 192, 256)),
                      (2 ** 20, (512, 2048)))
 CROSSOVER_ROUTER = ((4096, 320, (32, 48, 64, 128)), (40960, 320, (32, 48, 64, 125)),
                     (4096, 1024, (32, 48, 64, 128)))
-# Decoding: few tokens at the headline's N and large k (the token path's tiles grow with k).
+# Decoding: few tokens at the headline's N and large k (generation's calls).
 CROSSOVER_DECODE = ((1, 16, 64), (512, 4096))  # (token counts, k values)
-CROSSOVER_PARTS = ("experts", "router", "decode")
 
 
 def fmt(value, spec):
@@ -244,9 +243,8 @@ def fmt(value, spec):
 
 def crossover(args, device, tag):
   """Times the competing paths around `expert_ops.choose_path` and the router's
-  `MAX_KERNEL_K` dispatch, and the expert op's forward for few tokens at large k
-  (`--crossover-parts`); writes crossover-<device>.json."""
-  from omnimoe.pallas import expert_ops, router_threshold, router_topk
+  `MAX_KERNEL_K` dispatch, and the expert op's forward for few tokens at large k, the
+  parts named by `--crossover-parts`; writes crossover-<device>.json."""
   keys = key_iter(args.seed + 1)
   rows = []
 
@@ -257,9 +255,19 @@ def crossover(args, device, tag):
     with open(os.path.join(args.out, f"crossover-{tag}.json"), "w") as f:
       json.dump(rows, f, indent=1)
 
-  parts = args.crossover_parts.split(",")
+  parts = dict(experts=_crossover_experts, router=_crossover_router, decode=_crossover_decode)
+  names = args.crossover_parts.split(",")
+  if not set(names) <= set(parts):
+    raise ValueError(f"--crossover-parts: unknown {sorted(set(names) - set(parts))}; "
+                     f"choose from {','.join(parts)}")
+  for name in names:
+    parts[name](keys, record)
+
+
+def _crossover_experts(keys, record):
+  from omnimoe.pallas import expert_ops
   say(f"\n== crossover: expert op alone, T=4096 d={D} (ms)")
-  for n_experts, ks in CROSSOVER_EXPERTS if "experts" in parts else ():
+  for n_experts, ks in CROSSOVER_EXPERTS:
     n_axis = int(round(n_experts ** 0.5))
     up, down = benchlib.tables(next(keys), n_experts, D)
     for k in ks:
@@ -279,13 +287,16 @@ def crossover(args, device, tag):
                     fwd_ms=fwd, fwd_bwd_ms=fb, chosen=chosen),
                f"expert {path:6s} N={n_experts} k={k} (auto: {chosen})")
 
+
+def _crossover_router(keys, record):
+  from omnimoe.pallas import router_threshold, router_topk
   say("\n== crossover: router top-k alone (ms)")
   kernels = dict(
       fused=lambda lx, ly, k: router_topk.cartesian_topk(
           lx, ly, k, config=router_topk.RouterConfig(max_kernel_k=k)),
       threshold=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k, sorted=False),
       threshold_sorted=lambda lx, ly, k: router_threshold.cartesian_topk(lx, ly, k))
-  for tokens, n_axis, ks in CROSSOVER_ROUTER if "router" in parts else ():
+  for tokens, n_axis, ks in CROSSOVER_ROUTER:
     for k in ks:
       sets = [tuple(benchlib.log_probs(next(keys), tokens, n_axis) for _ in range(2))]
       for name, fn in kernels.items():
@@ -294,22 +305,25 @@ def crossover(args, device, tag):
         record(dict(what="router", path=name, tokens=tokens, experts=n_axis ** 2, k=k,
                     fwd_ms=fwd), f"router {name:16s} T={tokens} n={n_axis} k={k}")
 
+
+def _crossover_decode(keys, record):
+  from omnimoe.pallas import expert_ops
   say(f"\n== crossover: expert op forward, few tokens (decoding), N={N} d={D} (ms; "
       "relative error against the plain-XLA gather)")
   n_axis = int(round(N ** 0.5))
-  up, down = benchlib.tables(next(keys), N, D) if "decode" in parts else (None, None)
-  for k in CROSSOVER_DECODE[1] if "decode" in parts else ():
+  up, down = benchlib.tables(next(keys), N, D)
+  for k in CROSSOVER_DECODE[1]:
     for tokens in CROSSOVER_DECODE[0]:
       lx, ly = (benchlib.log_probs(next(keys), tokens, n_axis) for _ in range(2))
       scores, idx = ops.cartesian_topk(lx, ly, k, impl="pallas", sorted=False)
-      args_ = (benchlib.tokens_in(next(keys), tokens, D), up, down,
-               jnp.exp(scores).astype(BF16), idx)
-      want = jax.jit(reference.atomic_experts)(*args_)
+      args = (benchlib.tokens_in(next(keys), tokens, D), up, down,
+              jnp.exp(scores).astype(BF16), idx)
+      want = jax.jit(reference.atomic_experts)(*args)
       for path in ("tokens", "dense", "xla"):
         op = (reference.atomic_experts if path == "xla" else functools.partial(
             expert_ops.atomic_experts, config=expert_ops.ExpertConfig(path=path)))
         got = guarded(f"decode {path} T={tokens} k={k}", lambda: (
-            timeit(jax.jit(op), [args_]), benchlib.rel_err(jax.jit(op)(*args_), want))
+            timeit(jax.jit(op), [args]), benchlib.rel_err(jax.jit(op)(*args), want))
         ) or (None, None)
         chosen = expert_ops.choose_path(tokens, k, N)
         record(dict(what="expert-decode", path=path, tokens=tokens, hidden=D, experts=N, k=k,
@@ -522,9 +536,8 @@ def main():
   parser.add_argument("--crossover", action="store_true",
                       help="instead of the sweep, time the competing expert-op paths and "
                       "router kernels where the dispatch rules switch")
-  parser.add_argument("--crossover-parts", default=",".join(CROSSOVER_PARTS),
-                      help="with --crossover: comma-separated subset of "
-                      + ",".join(CROSSOVER_PARTS))
+  parser.add_argument("--crossover-parts", default="experts,router,decode",
+                      help="with --crossover: comma-separated subset of experts,router,decode")
   parser.add_argument("--router-configs", action="store_true",
                       help="instead of the sweep, time the router's stages and its "
                       "threshold-search launch parameters")

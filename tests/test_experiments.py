@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from experiments import benchlib
 from tests.conftest import REPO, SUBPROCESS_ENV
 
@@ -206,3 +208,6 @@ def test_bench_headline_decode_crossover_times_every_path(monkeypatch, tmp_path)
       (path, tokens, k) for k in (8, 40) for tokens in (1, 3)
       for path in ("tokens", "dense", "xla")]
   assert all(r["fwd_ms"] == 1.0 and r["rel_err"] < 1e-2 for r in rows), rows
+  namespace.crossover_parts = "decode,experts,routers"
+  with pytest.raises(ValueError, match=r"unknown \['routers'\]"):
+    bh.crossover(namespace, "cpu", "cpu")
