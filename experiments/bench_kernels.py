@@ -274,8 +274,9 @@ def measure(fn, arg_sets, label, profile=0):
   return out
 
 
-def time_case(what, impl, n, k, keys, profile=0):
-  """fwd (and fwd+bwd, but for the router) of one case: `measure`'s keys for each."""
+def time_case(what, impl, n, k, keys, profile=0, config=None):
+  """fwd (and fwd+bwd, but for the router) of one case: `measure`'s keys for each. A
+  `config` runs the layer's expert op with it (`layer`)."""
   sets = 3
   if what == "router":
     n_axis = int(round(n ** 0.5))
@@ -291,7 +292,7 @@ def time_case(what, impl, n, k, keys, profile=0):
   else:
     p = init_layer(next(keys), n)
     args = [(p, tokens_in(next(keys))) for _ in range(sets)]
-    fn, num_diff = functools.partial(layer, k=k, impl=impl), 2
+    fn, num_diff = functools.partial(layer, k=k, impl=impl, config=config), 2
   cot = jax.random.normal(next(keys), (T, D), jnp.float32)
   return {**measure(jax.jit(fn), args, "fwd", profile),
           **measure(fwd_bwd(fn, num_diff), [(cot,) + a for a in args], "fwd_bwd", profile)}
@@ -555,15 +556,9 @@ def part_variants(seed, save):
   say("\n== variants: layer (ms)")
   for n, k, impl, name in LAYER_VARIANTS:
     cfg = EXPERT_VARIANTS[n, k][name]
-    def run():
-      p = init_layer(next(keys), n)
-      xs = [(p, tokens_in(next(keys))) for _ in range(3)]
-      fn = functools.partial(layer, k=k, impl=impl, config=cfg)
-      cot = jax.random.normal(next(keys), (T, D), jnp.float32)
-      return {**measure(jax.jit(fn), xs, "fwd"),
-              **measure(fwd_bwd(fn, 2), [(cot,) + a for a in xs], "fwd_bwd")}
     label = f"layer N={n} k={k} {impl} {name}"
-    out[label] = row = guarded(label, run)
+    out[label] = row = guarded(label, lambda: time_case("layer", impl, n, k, keys,
+                                                        config=cfg))
     if row:
       say(f"  {label:44s} {fmt(row)}")
     save(out)
