@@ -91,8 +91,7 @@ def init(key, peer: bool):
     p["keys"] = scaled_normal(ks[3], (2, PEER_KEY_DIM // 2, N_AXIS), PEER_KEY_DIM // 2)
     return p
   p.update(rx=scaled_normal(ks[2], (D, N_AXIS), D), ry=scaled_normal(ks[3], (D, N_AXIS), D),
-           wg=scaled_normal(ks[4], (D, F), D), wu=scaled_normal(ks[5], (D, F), D),
-           wd=scaled_normal(ks[6], (F, D), F))
+           w_gate_up=scaled_normal(ks[4], (D, 2, F), D), wd=scaled_normal(ks[6], (F, D), F))
   return p
 
 
@@ -139,8 +138,7 @@ def omnimoe_ffn(p, x, *, k, impl):
   n = ly.shape[1]  # re-gather the scores so that gradients reach the gates
   scores = (jnp.take_along_axis(lx, idx // n, axis=1)
             + jnp.take_along_axis(ly, idx % n, axis=1))
-  mlp = (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
-  return mlp + experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
+  return benchlib.shared_mlp(p, x) + experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
 
 
 def omnimoe_router(p, x, *, k, impl):

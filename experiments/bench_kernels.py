@@ -201,19 +201,13 @@ def init_layer(key, n_experts):
   n = int(round(n_experts ** 0.5))
   scale = lambda fan_in: 1.0 / np.sqrt(fan_in)
   return dict(
-      wg=(jax.random.normal(ks[0], (D, F)) * scale(D)).astype(BF16),
-      wu=(jax.random.normal(ks[1], (D, F)) * scale(D)).astype(BF16),
+      w_gate_up=(jax.random.normal(ks[0], (D, 2, F)) * scale(D)).astype(BF16),
       wd=(jax.random.normal(ks[2], (F, D)) * scale(F)).astype(BF16),
       rx=(jax.random.normal(ks[3], (D, n)) * scale(D)).astype(BF16),
       ry=(jax.random.normal(ks[4], (D, n)) * scale(D)).astype(BF16),
       up=(jax.random.normal(ks[5], (n_experts, D)) * 0.05).astype(BF16),
       down=(jax.random.normal(jax.random.fold_in(ks[5], 1), (n_experts, D)) * 0.05
             ).astype(BF16))
-
-
-def mlp(p, x):
-  """Two input matmuls: one (d, 2F) matmul measured the same in the layer (run v4-1)."""
-  return (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]
 
 
 def gates(p, x):
@@ -233,7 +227,7 @@ def layer(p, x, *, k, impl, config=None):
   else:
     y = expert_ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
                                   config=config)
-  return mlp(p, x) + y
+  return benchlib.shared_mlp(p, x) + y
 
 
 # ----------------------------------------------------------------------------- floors

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnimoe import layers
+
 BF16 = jnp.bfloat16
 LOG = []
 
@@ -160,6 +162,12 @@ def tables(key, n_experts, d, dtype=BF16):
 
 def tokens_in(key, tokens, d, dtype=BF16):
   return (jax.random.normal(key, (tokens, d), jnp.float32) / np.sqrt(d) * 3).astype(dtype)
+
+
+def shared_mlp(p, x):
+  """The shared SwiGLU MLP as `layers.SharedMLP` computes it, on a (d, 2, F) gate-and-up
+  weight `w_gate_up` and a (F, d) `wd`."""
+  return layers.swiglu(jnp.einsum("td,dcf->tcf", x, p["w_gate_up"])) @ p["wd"]
 
 
 def rel_err(got, want):

@@ -36,8 +36,21 @@ def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
 
 
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """silu(gate) * up of a (..., 2, hidden) projection (gate first)."""
+  return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
 class SharedMLP(nn.Module):
-  """SwiGLU: `(silu(x Wg) * (x Wu)) Wd`, no biases."""
+  """SwiGLU: `(silu(x Wg) * (x Wu)) Wd`, no biases.
+
+  Wg and Wu are one (d, 2, hidden) parameter `gate_up` (gate first), so x meets them in one
+  GEMM with nothing to concatenate: as two parameters, XLA's dot merger joins the two
+  products through a concatenation of the weights and, in the backward, of the two
+  gradients (T x 2 hidden), which cost the MLP's fwd+bwd 17 % on one H100
+  (experiments/RESULTS.md, "One parameter for projections that share an input").
+  Tensor parallelism splits `hidden`, so each device keeps its gate and up columns together.
+  """
   hidden_dim: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -47,11 +60,11 @@ class SharedMLP(nn.Module):
     init = nn.initializers.lecun_normal()
 
     def dense(features, names, name):
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(init, names), name=name)
+      return nn.DenseGeneral(features, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=name,
+                             kernel_init=nn.with_logical_partitioning(init, names))
 
-    h = (nn.silu(dense(self.hidden_dim, ("embed", "mlp"), "gate")(x))
-         * dense(self.hidden_dim, ("embed", "mlp"), "up")(x))
+    h = swiglu(dense((2, self.hidden_dim), ("embed", None, "mlp"), "gate_up")(x))
     return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
 
 
@@ -139,16 +152,15 @@ class CoarseMoE(nn.Module):
                       axis=1)  # (T, E)
 
     def expert_param(name, shape, names):
-      init = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,))
+      init = nn.initializers.lecun_normal(in_axis=1, out_axis=tuple(range(2, len(shape))),
+                                          batch_axis=(0,))
       w = self.param(name, nn.with_logical_partitioning(init, names), shape, self.param_dtype)
       return w.astype(self.dtype)
 
-    w_gate = expert_param("w_gate", (e, d, h), ("moe_experts", "embed", "mlp"))
-    w_up = expert_param("w_up", (e, d, h), ("moe_experts", "embed", "mlp"))
+    # gate and up as one parameter, as in SharedMLP
+    w_gate_up = expert_param("w_gate_up", (e, d, 2, h), ("moe_experts", "embed", None, "mlp"))
     w_down = expert_param("w_down", (e, h, d), ("moe_experts", "mlp", "embed"))
-    xc = tokens.astype(self.dtype)
-    hidden = (nn.silu(jnp.einsum("td,edh->teh", xc, w_gate))
-              * jnp.einsum("td,edh->teh", xc, w_up))
+    hidden = swiglu(jnp.einsum("td,edch->tech", tokens.astype(self.dtype), w_gate_up))
     hidden = hidden * combine[..., None].astype(self.dtype)
     y = jnp.einsum("teh,ehd->td", hidden, w_down).reshape(x.shape)
     if self.num_shared:

@@ -165,13 +165,12 @@ class Attention(nn.Module):
     head_dim = d // self.n_heads
     init = nn.initializers.lecun_normal()
 
-    def project(name):
-      return nn.DenseGeneral((self.n_heads, head_dim), use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name,
-                             kernel_init=nn.with_logical_partitioning(
-                                 init, ("embed", "heads", "head_dim")))(x)
-
-    q, k, v = project("query"), project("key"), project("value")
+    # q, k and v as one parameter: one GEMM, no concatenation (see layers.SharedMLP)
+    qkv = nn.DenseGeneral((3, self.n_heads, head_dim), use_bias=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="qkv",
+                          kernel_init=nn.with_logical_partitioning(
+                              init, ("embed", None, "heads", "head_dim")))(x)
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
     if decode:
       cache_shape = (batch, self.max_len, self.n_heads, head_dim)
       cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, self.dtype)

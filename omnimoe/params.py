@@ -21,9 +21,8 @@ from flax import traverse_util
 from omnimoe import model as model_lib
 
 # FFN parameter names -> part. Every other FFN parameter belongs to an MLP ('mlp').
-_FFN_PARTS = {"experts": "experts", "w_gate": "experts", "w_up": "experts",
-              "w_down": "experts", "router": "router", "query": "router", "keys_x": "router",
-              "keys_y": "router"}
+_FFN_PARTS = {"experts": "experts", "w_gate_up": "experts", "w_down": "experts",
+              "router": "router", "query": "router", "keys_x": "router", "keys_y": "router"}
 
 # The size that `match_active` solves for, per FFN kind.
 MATCH_FIELD = {"dense": "dense.ffn_dim", "omnimoe": "omnimoe.shared_ffn_dim",

@@ -158,7 +158,7 @@ def test_bench_headline_checks_and_shares_inputs(monkeypatch, tmp_path):
   forwards = [s for s in timed if isinstance(s[0][0], dict)]  # (p, x) sets, not (cot, ..)
   by_model = {}
   for sets in forwards:
-    by_model.setdefault("wg" in sets[0][0], []).append([np.asarray(x) for _, x in sets])
+    by_model.setdefault("w_gate_up" in sets[0][0], []).append([np.asarray(x) for _, x in sets])
   assert sorted(map(len, by_model.values())) == [2, 5]  # peer: 2 impls; omnimoe: 2 + 3
   for same in by_model.values():  # every impl and what of a model: one pair of token sets
     for xs in same[1:]:

@@ -135,7 +135,8 @@ def test_router_gradients_reach_gates():
 
 
 def swiglu(x, p):
-  return (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+  gate_up = p["gate_up"]["kernel"]  # (d, 2, hidden): gate first
+  return (jax.nn.silu(x @ gate_up[:, 0]) * (x @ gate_up[:, 1])) @ p["down"]["kernel"]
 
 
 @pytest.mark.parametrize("weights_mode,activation", [("exp", "silu"), ("softmax", "silu"),
@@ -226,8 +227,8 @@ def test_coarse_moe_matches_per_token_loop():
   counts = np.zeros(e)
   for t in range(x.shape[0]):
     for i in np.argsort(-probs[t])[:k]:
-      gate = xs[t] @ w["w_gate"][i]
-      hid = gate / (1 + np.exp(-gate)) * (xs[t] @ w["w_up"][i])
+      gate = xs[t] @ w["w_gate_up"][i, :, 0]
+      hid = gate / (1 + np.exp(-gate)) * (xs[t] @ w["w_gate_up"][i, :, 1])
       expected[t] += probs[t, i] * (hid @ w["w_down"][i])
       counts[i] += 1
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)

@@ -114,8 +114,8 @@ def check_meshes():
     embed = state["params"]["embed"]["embedding"]
     assert embed.sharding.spec == P("tensor", "fsdp")
     assert embed.addressable_shards[0].data.shape == (256 // tensor, 32 // fsdp)
-    query = state["params"]["block_0"]["attn"]["query"]["kernel"]
-    assert query.sharding.spec == P("fsdp", "tensor", None)
+    qkv = state["params"]["block_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.sharding.spec == P("fsdp", None, "tensor", None)
     mu = state["opt_state"][1][0].mu["block_0"]["ffn"]["experts"]["up"]
     assert mu.sharding.spec == P(None, ("tensor", "fsdp"))
     if shape == (2, 2, 2):
@@ -153,6 +153,11 @@ def check_placements(state, logical_specs):
         leaf = leaves[f"['{block}']['ffn']['experts']['{table}']"]
         assert leaf.sharding.spec == P(None, ("tensor", "fsdp")), (name, block, table)
         assert leaf.addressable_shards[0].data.shape == (64, 32 // 4)
+    # gate and up in one (d, 2, F) kernel: F over tensor, so each device keeps the gate and
+    # up columns of its F-slice together
+    gate_up = leaves["['block_0']['ffn']['shared_mlp']['gate_up']['kernel']"]
+    assert gate_up.sharding.spec == P("fsdp", None, "tensor"), (name, gate_up.sharding.spec)
+    assert gate_up.addressable_shards[0].data.shape == (32 // 2, 2, gate_up.shape[2] // 2)
     output = leaves["['output']['kernel']"]  # (d, vocab): vocab over tensor
     assert output.sharding.spec == P("fsdp", "tensor"), (name, output.sharding.spec)
     assert output.addressable_shards[0].data.shape == (32 // 2, 256 // 2)
