@@ -11,7 +11,7 @@ from omnimoe import config as config_lib
 from omnimoe import experts as experts_lib
 from omnimoe import layers, params, reference
 from omnimoe import router as router_lib
-from omnimoe.model import TokenEmbedding, attention_impl, build_model
+from omnimoe.model import Attention, TokenEmbedding, attention_impl, build_model
 
 KINDS = ("omnimoe", "dense", "coarse_moe", "peer")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -212,6 +212,25 @@ def test_bank_reads_float32_tables_as_stored_when_pairs_are_fewer_than_rows(
     g, g_want = grads[name], grads_want[name]
     assert g.dtype == jnp.float32
     assert float(jnp.linalg.norm(g - g_want) / jnp.linalg.norm(g_want)) < 2e-2, name
+
+
+@pytest.mark.parametrize("build,path,fan_in", [
+    (lambda: layers.SharedMLP(512), ("gate_up", "kernel"), 256),
+    (lambda: layers.SharedMLP(512), ("down", "kernel"), 512),
+    (lambda: layers.CoarseMoE(8, 2, 0, 128, 0.0), ("w_gate_up",), 256),
+    (lambda: layers.CoarseMoE(8, 2, 0, 128, 0.0), ("w_down",), 128),
+    (lambda: Attention(4, 16, 1e4), ("qkv", "kernel"), 256),
+])
+def test_projections_start_at_their_fan_in_scale(build, path, fan_in):
+  """Kernels that stack projections ((d, 2, F) gate and up, (d, 3, H, h) q, k, v) must
+  draw each at fan-in d (LeCun), as separate kernels would, not at the stack's size."""
+  module, x = build(), jnp.ones((2, 4, 256))
+  kwargs = {"decode": False} if isinstance(module, Attention) else (
+      {} if isinstance(module, layers.SharedMLP) else {"train": False})
+  w = nn.unbox(module.init(jax.random.key(0), x, **kwargs)["params"])
+  for name in path:
+    w = w[name]
+  np.testing.assert_allclose(np.std(w) * math.sqrt(fan_in), 1.0, rtol=0.05)
 
 
 def test_coarse_moe_matches_per_token_loop():
