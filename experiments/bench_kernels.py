@@ -391,27 +391,32 @@ def part_stages(seed):
 # ----------------------------------------------------------------------------- sweep
 
 # (block_t, num_warps, merge) of the router sweep; 0 and "auto": what the default picks
-ROUTER_SWEEP_CONFIGS = [(0, 0, "auto"), (1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"),
-                        (2, 2, "grid"), (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"),
-                        (1, 1, "staircase"), (1, 2, "staircase"), (2, 1, "staircase"),
-                        (2, 2, "staircase"), (4, 2, "staircase")]
+ROUTER_SWEEP_CONFIGS = [  # (block_t, num_warps, merge, axis_topk)
+    *((bt, nw, merge, "argmax") for bt, nw, merge in [
+        (0, 0, "auto"), (1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"), (2, 2, "grid"),
+        (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"), (1, 1, "staircase"),
+        (1, 2, "staircase"), (2, 1, "staircase"), (2, 2, "staircase"), (4, 2, "staircase")]),
+    *((bt, nw, merge, "bisect") for bt, nw, merge in [
+        (0, 0, "auto"), (1, 1, "staircase"), (1, 2, "staircase"), (1, 4, "staircase"),
+        (2, 2, "staircase"), (2, 1, "grid"), (1, 2, "grid")])]
 
 
 def part_sweep(seed, kinds, cases):
   keys = key_iter(seed)
   out = {}
-  say("\n== sweep: router (block_t, num_warps, merge) -> ms (unrolled)")
+  say("\n== sweep: router (block_t, num_warps, merge, axis_topk) -> ms (unrolled)")
   for n_axis, k in ROUTER_SWEEP if "router" in kinds else []:
     lxs = [(log_probs(next(keys), T, n_axis), log_probs(next(keys), T, n_axis))
            for _ in range(4)]
     want = router_topk.cartesian_topk(*lxs[0], k)
-    for bt, nw, merge in ROUTER_SWEEP_CONFIGS:
-      cfg = router_topk.RouterConfig(block_t=bt, num_warps=nw, merge=merge)
+    for bt, nw, merge, axis_topk in ROUTER_SWEEP_CONFIGS:
+      cfg = router_topk.RouterConfig(block_t=bt, num_warps=nw, merge=merge,
+                                     axis_topk=axis_topk)
       fn = lambda a, b, cfg=cfg: router_topk.cartesian_topk(a, b, k, config=cfg)
       same = all(bool(jnp.array_equal(g, w)) for g, w in zip(fn(*lxs[0]), want))
       ms = guarded(f"router {cfg}", lambda: timeit_unrolled(fn, lxs))
-      out[f"router n={n_axis} k={k} bt={bt} nw={nw} merge={merge}"] = ms
-      say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw} {merge:9s}: {ms}"
+      out[f"router n={n_axis} k={k} bt={bt} nw={nw} merge={merge} axis_topk={axis_topk}"] = ms
+      say(f"  n={n_axis:5d} k={k:3d} bt={bt:2d} nw={nw} {merge:9s} {axis_topk:6s}: {ms}"
           f"{'' if same else '  DIFFERS from the default'}")
   token_cfgs = [(4, 64, 4, 2), (2, 128, 4, 2), (1, 256, 4, 2), (2, 256, 8, 2), (1, 512, 8, 2),
                 (4, 128, 8, 2), (8, 64, 8, 2), (4, 32, 4, 3), (1, 128, 4, 3), (16, 32, 8, 2)]

@@ -32,6 +32,7 @@ def check_exact(lx, ly, k, interpret, config=router_topk.RouterConfig()):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("axis_topk", router_topk.AXIS_TOPKS)
 @pytest.mark.parametrize("merge", router_topk.MERGES)
 @pytest.mark.parametrize("tokens,n_x,n_y,k,quantum", [
     (37, 3, 3, 1, None), (37, 3, 3, 9, 0.125),       # k = 1, k = N
@@ -39,11 +40,11 @@ def check_exact(lx, ly, k, interpret, config=router_topk.RouterConfig()):
     (19, 17, 17, 40, None), (11, 6, 9, 10, 0.25),    # k > n; rectangular grid
     (9, 64, 64, 16, 0.125), (7, 256, 256, 32, None),  # N = 65536, k = 32
 ])
-def test_matches_full_topk(tokens, n_x, n_y, k, quantum, merge, interpret):
+def test_matches_full_topk(tokens, n_x, n_y, k, quantum, merge, axis_topk, interpret):
   rng = np.random.default_rng(tokens * 1000 + n_x * 10 + k)
   lx, ly = bf.log_probs(rng, tokens, n_x, quantum), bf.log_probs(rng, tokens, n_y, quantum)
-  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(max_kernel_k=max(k, 32),
-                                                             merge=merge))
+  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(
+      max_kernel_k=max(k, 32), merge=merge, axis_topk=axis_topk))
 
 
 @pytest.mark.parametrize("n", [16, 12])  # 12: the row loads' lanes past n are clamped
@@ -53,8 +54,10 @@ def test_loads_stay_in_bounds(n):
   rng = np.random.default_rng(n)
   lx, ly = bf.log_probs(rng, 5, n, 0.25), bf.log_probs(rng, 5, n, 0.25)
   with bounds.checked():
-    check_exact(lx, ly, 12, True, router_topk.RouterConfig(merge="grid"))
-    check_exact(lx, ly, 32, True, router_topk.RouterConfig(merge="staircase"))
+    for axis_topk in router_topk.AXIS_TOPKS:
+      check_exact(lx, ly, 12, True, router_topk.RouterConfig(merge="grid", axis_topk=axis_topk))
+      check_exact(lx, ly, 32, True, router_topk.RouterConfig(merge="staircase",
+                                                             axis_topk=axis_topk))
 
 
 @pytest.mark.parametrize("k,n_x,n_y", [(1, 3, 3), (7, 4, 9), (32, 32, 32), (40, 17, 17),
@@ -118,13 +121,15 @@ def test_rounding_ties_outside_the_candidates_follow_the_reference(merge):
   assert not np.array_equal(np.asarray(got[1]), bf.full_topk(lx, ly, 3)[1])
 
 
+@pytest.mark.parametrize("axis_topk", router_topk.AXIS_TOPKS)
 @pytest.mark.parametrize("merge", router_topk.MERGES)
 @pytest.mark.parametrize("n_x,n_y,k", [(256, 256, 32), (17, 17, 40), (64, 64, 16), (6, 9, 10)])
-def test_kernel_lowers_to_triton(merge, n_x, n_y, k):
+def test_kernel_lowers_to_triton(merge, axis_topk, n_x, n_y, k):
   """The kernel (every merge, the staircase's fallback branch included; axes sharing one
-  loop or not) lowers to Triton IR for CUDA, on CPU too: catches what interpret mode
-  accepts and the Triton lowering lacks (e.g. slicing a register array)."""
-  config = router_topk.RouterConfig(merge=merge, max_kernel_k=max(k, 32))
+  loop or not; both per-axis methods, the barrier of "bisect" included) lowers to Triton
+  IR for CUDA, on CPU too: catches what interpret mode accepts and the Triton lowering
+  lacks (e.g. slicing a register array)."""
+  config = router_topk.RouterConfig(merge=merge, max_kernel_k=max(k, 32), axis_topk=axis_topk)
   fn = lambda a, b: router_topk.cartesian_topk(a, b, k, config=config, interpret=False)
   assert triton_kernels(fn, *[jax.ShapeDtypeStruct((7, n), jnp.float32) for n in (n_x, n_y)]) == 1
 
@@ -135,6 +140,8 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
       router_topk.cartesian_topk(lx, lx, k, config=router_topk.RouterConfig(merge="heap"),
                                  interpret=True)
+  with pytest.raises(ValueError, match="RouterConfig.axis_topk must be one of"):
+    router_topk.RouterConfig(axis_topk="sort")
   for field, value in [("block_t", -1), ("block_t", 3), ("num_warps", 6)]:
     with pytest.raises(ValueError, match=rf"RouterConfig.{field} must be 0 \(auto\) or a "
                                          rf"power of two, got {value}"):
@@ -175,7 +182,8 @@ def test_auto_config_picks_the_measured_merge():
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_minus_infinity_and_signed_zero(interpret):
+@pytest.mark.parametrize("axis_topk", router_topk.AXIS_TOPKS)
+def test_minus_infinity_and_signed_zero(axis_topk, interpret):
   """Masked logits (-inf) rank below every finite score; -0.0 ties with +0.0."""
   rng = np.random.default_rng(7)
   lx, ly = bf.log_probs(rng, 6, 12, 0.5), bf.log_probs(rng, 6, 12, 0.5)
@@ -183,14 +191,15 @@ def test_minus_infinity_and_signed_zero(interpret):
   lx[0, :] = -np.inf
   ly[1, :4] = -0.0
   ly[1, 4:6] = 0.0  # the grid's zeros are -0.0 (-quantum * 0)
-  check_exact(lx, ly, 20, interpret)
+  check_exact(lx, ly, 20, interpret, router_topk.RouterConfig(axis_topk=axis_topk))
 
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_million_experts_and_bf16_inputs(interpret):
   rng = np.random.default_rng(8)
   lx, ly = bf.log_probs(rng, 3, 1024), bf.log_probs(rng, 3, 1024)
-  check_exact(lx, ly, 32, interpret)
+  for axis_topk in router_topk.AXIS_TOPKS:
+    check_exact(lx, ly, 32, interpret, router_topk.RouterConfig(axis_topk=axis_topk))
   lx16, ly16 = (jnp.asarray(a, jnp.bfloat16) for a in (lx, ly))
   got = router_topk.cartesian_topk(lx16, ly16, 8, interpret=interpret)
   want = reference.cartesian_topk(lx16, ly16, 8)
@@ -207,7 +216,8 @@ def test_four_million_experts(interpret):
   rng = np.random.default_rng(2048)
   lx, ly = (np.concatenate([bf.log_probs(rng, 1, 2048), bf.log_probs(rng, 1, 2048, 0.125)])
             for _ in range(2))
-  check_exact(lx, ly, 32, interpret)
+  for axis_topk in router_topk.AXIS_TOPKS:
+    check_exact(lx, ly, 32, interpret, router_topk.RouterConfig(axis_topk=axis_topk))
 
 
 def test_large_k_falls_back_to_reference():

@@ -11,6 +11,10 @@ Design. One program owns `block_t` tokens and does all of their work in register
      both rows fit in registers. Scores are compared as order-preserving int32 keys
      (IEEE bits with the negative half flipped, -0.0 folded into +0.0), so that a
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
+     `axis_topk="bisect"` (`_axis_topk_bisect`) finds the same picks with ~3x fewer
+     integer operations per row element (a bisection for the count-th best key, then a
+     compaction and a rank); built for n = 1024, where the arg-max rounds' arithmetic
+     bounds the kernel; not yet timed on a GPU, so not the default (kernels_notes.md v12).
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
      the entries holding it (that is the tie rule), knocked out.
 That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
@@ -71,6 +75,9 @@ _SIGN_FLIP = np.int32(0x7FFFFFFF)
 
 
 MERGES = ("auto", "grid", "staircase")
+# Step 1's method: "argmax" (count rounds of an arg-max over the row) or "bisect" (the
+# count-th best key by bisection, then the picks compacted and ranked; `_axis_topk_bisect`).
+AXIS_TOPKS = ("argmax", "bisect")
 # "auto" merges the staircase from this k on, with one token per program (H200, T = 4096,
 # k = 32, kernel table: N = 65,536 0.088 -> 0.076 ms, N = 2^20 0.162 -> 0.151; at k = 16
 # the staircase lost, n = 256 0.031 -> 0.038; experiments/kernels_notes.md, v8b).
@@ -85,10 +92,14 @@ class RouterConfig:
   max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
   merge: str = "auto"   # step 2's candidates: "grid" (all k_x k_y), "staircase" or "auto"
   threshold: ThresholdConfig | None = None  # `router_threshold`'s launch; None: default
+  axis_topk: str = "argmax"  # step 1: "argmax" or "bisect" (AXIS_TOPKS)
 
   def __post_init__(self):
     if self.merge not in MERGES:
       raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {self.merge!r}")
+    if self.axis_topk not in AXIS_TOPKS:
+      raise ValueError(f"RouterConfig.axis_topk must be one of {AXIS_TOPKS}, got "
+                       f"{self.axis_topk!r}")
     common.check_pow2("RouterConfig.block_t", self.block_t, auto=True)
     common.check_pow2("RouterConfig.num_warps", self.num_warps, auto=True)
 
@@ -146,6 +157,66 @@ def _axes_topk(axes, rows, row_mask, count: int):
     results.append((plt.load(ref.at[rows[:, None], picks], mask=got,
                              other=0.0).astype(jnp.float32), picks))
   return results
+
+
+def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
+  """`_axes_topk` for one axis (same outputs) with fewer operations per row element.
+
+  The arg-max rounds cost ~7 integer operations per row element per round (the arg-max
+  reduction and the knock-out), `count` rounds: at n = 1024 the router is bound by this
+  arithmetic. Here, per token: theta, the count-th best key, by bisection over the int32
+  keys (a compare and a sum per element per step, ~32 steps; the bracket starts at the
+  row's min and max keys and the loop stops when every token's is closed); the picks are
+  the keys above theta and the first ties at it (lower index first, a cumsum), written
+  compacted in index order to `scratch` ((T, width) keys and ids, this call's own
+  outputs) and read back, `width` lanes a token; their best-first order comes from each
+  one's rank among the others (a width x width comparison). `barrier` orders the
+  program's scratch stores before its loads (a CTA barrier on the GPU; interpret mode
+  runs the program's steps in order and has no such primitive).
+  """
+  ref, n, width = axis
+  keys_scratch, ids_scratch = scratch
+  cols = common.iota(common.pow2(n))[None, :]
+  valid = cols < n
+  vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
+                  mask=live[:, None] & valid, other=0.0).astype(jnp.float32)
+  keys = jnp.where(valid, _ordered_key(vals), _INT_MIN)
+
+  # theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi]; the ceiling
+  # midpoint is computed without int32 overflow.
+  def step(carry):
+    lo, hi = carry
+    mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
+    enough = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True) >= count
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+  bracket = (jnp.min(jnp.where(valid, keys, _INT_MAX), axis=1, keepdims=True),
+             jnp.max(keys, axis=1, keepdims=True))
+  theta, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
+                            bracket)
+  gt, eq = keys > theta, keys == theta  # padding (INT_MIN) is below every real key
+  need = count - jnp.sum(gt.astype(jnp.int32), axis=1, keepdims=True)
+  picked = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= need))
+  slot = jnp.where(picked, jnp.cumsum(picked.astype(jnp.int32), axis=1) - 1, width)
+  dest, keep = (t[:, None], slot), live[:, None] & picked
+  plt.store(keys_scratch.at[dest], keys, mask=keep)
+  plt.store(ids_scratch.at[dest], jnp.broadcast_to(cols, keys.shape), mask=keep)
+  if barrier:
+    plt.debug_barrier()
+  slots = common.iota(width)[None, :]
+  got = live[:, None] & (slots < count)
+  src = (rows[:, None], slots)
+  ckeys = plt.load(keys_scratch.at[src], mask=got, other=_INT_MIN)
+  cids = plt.load(ids_scratch.at[src], mask=got, other=0)
+  # rank of slot s: the slots better than it (higher key, or equal key and lower slot,
+  # i.e. lower index); then pick r is the id of the slot ranked r
+  mine, other = ckeys[:, :, None], ckeys[:, None, :]
+  lower = slots[:, None, :] < slots[:, :, None]
+  rank = jnp.sum(((other > mine) | ((other == mine) & lower)).astype(jnp.int32), axis=2)
+  picks = jnp.max(jnp.where(rank[:, None, :] == slots[:, :, None], cids[:, None, :], 0),
+                  axis=2)
+  return (plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32),
+          picks)
 
 
 def _merge(keys, flat, k: int):
@@ -237,7 +308,10 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
   return padded(cells) + padded(border)
 
 
-def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, share_axes: bool):
+def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, share_axes: bool,
+                   axis_topk: str, barrier: bool):
+  if axis_topk == "bisect":
+    *refs, x_keys, x_ids, y_keys, y_ids = refs
   *stair_refs, scores_ref, idx_ref = refs
   tokens, n_x = lx_ref.shape
   n_y = ly_ref.shape[1]
@@ -245,7 +319,10 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, shar
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
   x_axis, y_axis = (lx_ref, n_x, wx), (ly_ref, n_y, wy)
-  if share_axes:
+  if axis_topk == "bisect":
+    rv, ri = _axis_topk_bisect(x_axis, t, rows, live, kx, (x_keys, x_ids), barrier)
+    cv, ci = _axis_topk_bisect(y_axis, t, rows, live, ky, (y_keys, y_ids), barrier)
+  elif share_axes:
     (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
   else:
     [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
@@ -307,14 +384,17 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
   rows = config.block_t * (common.pow2(lx.shape[1]) + common.pow2(ly.shape[1]))
   share_axes = min(k, lx.shape[1]) == min(k, ly.shape[1]) and rows <= 32 * 32 * num_warps
   kernel = functools.partial(_router_kernel, k=k, block_t=config.block_t, merge=config.merge,
-                             share_axes=share_axes)
-  return common.triton_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32),
-                 jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
-      grid=(common.cdiv(tokens, config.block_t),),
-      num_warps=num_warps,
-      num_stages=config.num_stages, interpret=interpret, name="cartesian_topk")(lx, ly, *stair)
+                             share_axes=share_axes, axis_topk=config.axis_topk,
+                             barrier=not interpret)
+  out_shape = [jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+               jax.ShapeDtypeStruct((tokens, k), jnp.int32)]
+  if config.axis_topk == "bisect":  # scratch: each axis' compacted keys and ids
+    for n in (lx.shape[1], ly.shape[1]):
+      out_shape += [jax.ShapeDtypeStruct((tokens, common.pow2(min(k, n))), jnp.int32)] * 2
+  return tuple(common.triton_call(
+      kernel, out_shape=tuple(out_shape), grid=(common.cdiv(tokens, config.block_t),),
+      num_warps=num_warps, num_stages=config.num_stages, interpret=interpret,
+      name="cartesian_topk")(lx, ly, *stair)[:2])
 
 
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
