@@ -138,7 +138,8 @@ def omnimoe_ffn(p, x, *, k, impl):
   n = ly.shape[1]  # re-gather the scores so that gradients reach the gates
   scores = (jnp.take_along_axis(lx, idx // n, axis=1)
             + jnp.take_along_axis(ly, idx % n, axis=1))
-  return benchlib.shared_mlp(p, x) + experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
+  routed = experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
+  return benchlib.shared_mlp(p, x) + routed
 
 
 def omnimoe_router(p, x, *, k, impl):

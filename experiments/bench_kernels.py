@@ -390,8 +390,9 @@ def part_stages(seed):
 
 # ----------------------------------------------------------------------------- sweep
 
-# (block_t, num_warps, merge) of the router sweep; 0 and "auto": what the default picks
-ROUTER_SWEEP_CONFIGS = [  # (block_t, num_warps, merge, axis_topk)
+# (block_t, num_warps, merge, axis_topk) of the router sweep; 0 and "auto": what the
+# default picks
+ROUTER_SWEEP_CONFIGS = [
     *((bt, nw, merge, "argmax") for bt, nw, merge in [
         (0, 0, "auto"), (1, 1, "grid"), (1, 2, "grid"), (2, 1, "grid"), (2, 2, "grid"),
         (4, 2, "grid"), (4, 4, "grid"), (8, 4, "grid"), (1, 1, "staircase"),
