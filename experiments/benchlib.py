@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omnimoe import layers
+from omnimoe import reference
 
 BF16 = jnp.bfloat16
 LOG = []
@@ -167,7 +167,7 @@ def tokens_in(key, tokens, d, dtype=BF16):
 def shared_mlp(p, x):
   """The shared SwiGLU MLP as `layers.SharedMLP` computes it, on a (d, 2, F) gate-and-up
   weight `w_gate_up` and a (F, d) `wd`."""
-  return layers.swiglu(jnp.einsum("td,dcf->tcf", x, p["w_gate_up"])) @ p["wd"]
+  return reference.swiglu(jnp.einsum("td,dcf->tcf", x, p["w_gate_up"])) @ p["wd"]
 
 
 def rel_err(got, want):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from omnimoe import config as config_lib
+from omnimoe import reference
 from omnimoe import router as router_lib
 from omnimoe.experts import BANK_NAME, AtomicExpertBank
 
@@ -34,11 +35,6 @@ def routed_aux(load: jax.Array, entropy: jax.Array, aux_loss=0.0) -> dict:
 
 def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
-
-
-def swiglu(gate_up: jax.Array) -> jax.Array:
-  """silu(gate) * up of a (..., 2, hidden) projection (gate first)."""
-  return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
 class SharedMLP(nn.Module):
@@ -64,7 +60,7 @@ class SharedMLP(nn.Module):
                              param_dtype=self.param_dtype, name=name,
                              kernel_init=nn.with_logical_partitioning(init, names))
 
-    h = swiglu(dense((2, self.hidden_dim), ("embed", None, "mlp"), "gate_up")(x))
+    h = reference.swiglu(dense((2, self.hidden_dim), ("embed", None, "mlp"), "gate_up")(x))
     return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
 
 
@@ -160,7 +156,8 @@ class CoarseMoE(nn.Module):
     # gate and up as one parameter, as in SharedMLP
     w_gate_up = expert_param("w_gate_up", (e, d, 2, h), ("moe_experts", "embed", None, "mlp"))
     w_down = expert_param("w_down", (e, h, d), ("moe_experts", "mlp", "embed"))
-    hidden = swiglu(jnp.einsum("td,edch->tech", tokens.astype(self.dtype), w_gate_up))
+    hidden = reference.swiglu(jnp.einsum("td,edch->tech", tokens.astype(self.dtype),
+                                         w_gate_up))
     hidden = hidden * combine[..., None].astype(self.dtype)
     y = jnp.einsum("teh,ehd->td", hidden, w_down).reshape(x.shape)
     if self.num_shared:

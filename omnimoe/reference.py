@@ -27,6 +27,12 @@ ACTIVATIONS = {
 EXPERT_ACTIVATIONS = (*ACTIVATIONS, "swiglu")
 
 
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """silu(gate) * up of a stacked (..., 2, hidden) projection (gate first): the SwiGLU MLPs'
+  activation (`layers.SharedMLP`, `layers.CoarseMoE`; the benchmarks' layers)."""
+  return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
 # The largest intermediate the oracle materialises at once (elements): a (T, k, d) gather
 # of table rows, or T candidate grids of k x k sums. Larger ones run in chunks (of pairs,
 # of tokens). Why: on one H200 (JAX 0.11.2) XLA programs whose intermediates passed 2^31
