@@ -129,34 +129,39 @@ def _key_to_float(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(key ^ ((key >> 31) & _SIGN_FLIP), jnp.float32)
 
 
+def _row_keys(ref, n: int, rows, row_mask):
+  """(cols (1, pow2(n)), keys (block_t, pow2(n))): the int32 keys of ref[rows, :n], INT_MIN
+  on the padding lanes (below every real key)."""
+  cols = common.iota(common.pow2(n))[None, :]
+  vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
+                  mask=row_mask[:, None] & (cols < n), other=0.0).astype(jnp.float32)
+  return cols, jnp.where(cols < n, _ordered_key(vals), _INT_MIN)
+
+
+def _picked_values(ref, rows, row_mask, picks, count: int):
+  """ref[rows, picks] as float32 (block_t, width), 0 past the `count` picks."""
+  got = row_mask[:, None] & (common.iota(picks.shape[1])[None, :] < count)
+  return plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32)
+
+
 def _axes_topk(axes, rows, row_mask, count: int):
   """For each axis (ref, n, width): the positions of the `count` best entries of each row
   of ref[rows, :n], best first, and their values. The axes share one loop of rounds, so
   their arg-max reductions in a round are independent and overlap."""
-  loaded = []
-  for ref, n, width in axes:
-    cols = common.iota(common.pow2(n))[None, :]
-    vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
-                    mask=row_mask[:, None] & (cols < n), other=0.0).astype(jnp.float32)
-    loaded.append((cols, common.iota(width)[None, :],
-                   jnp.where(cols < n, _ordered_key(vals), _INT_MIN)))
+  loaded = [(*_row_keys(ref, n, rows, row_mask), common.iota(width)[None, :])
+            for ref, n, width in axes]
 
   def round_(m, carry):
     out = []
-    for (cols, slots, _), (keys, picks) in zip(loaded, carry):
+    for (cols, _, slots), (keys, picks) in zip(loaded, carry):
       pick = lax.argmax(keys, 1, jnp.int32)[:, None]
       out.append((jnp.where(cols == pick, _INT_MIN, keys), jnp.where(slots == m, pick, picks)))
     return tuple(out)
 
   init = tuple((keys, jnp.zeros((rows.shape[0], slots.shape[1]), jnp.int32))
-               for _, slots, keys in loaded)
-  results = []
-  for (ref, _, _), (_, slots, _), (_, picks) in zip(axes, loaded,
-                                                    lax.fori_loop(0, count, round_, init)):
-    got = row_mask[:, None] & (slots < count)
-    results.append((plt.load(ref.at[rows[:, None], picks], mask=got,
-                             other=0.0).astype(jnp.float32), picks))
-  return results
+               for _, keys, slots in loaded)
+  return [(_picked_values(ref, rows, row_mask, picks, count), picks)
+          for (ref, _, _), (_, picks) in zip(axes, lax.fori_loop(0, count, round_, init))]
 
 
 def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
@@ -176,11 +181,7 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
   """
   ref, n, width = axis
   keys_scratch, ids_scratch = scratch
-  cols = common.iota(common.pow2(n))[None, :]
-  valid = cols < n
-  vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
-                  mask=live[:, None] & valid, other=0.0).astype(jnp.float32)
-  keys = jnp.where(valid, _ordered_key(vals), _INT_MIN)
+  cols, keys = _row_keys(ref, n, rows, live)
 
   # theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi]; the ceiling
   # midpoint is computed without int32 overflow.
@@ -190,7 +191,7 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
     enough = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True) >= count
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
-  bracket = (jnp.min(jnp.where(valid, keys, _INT_MAX), axis=1, keepdims=True),
+  bracket = (jnp.min(jnp.where(cols < n, keys, _INT_MAX), axis=1, keepdims=True),
              jnp.max(keys, axis=1, keepdims=True))
   theta, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
                             bracket)
@@ -215,8 +216,7 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
   rank = jnp.sum(((other > mine) | ((other == mine) & lower)).astype(jnp.int32), axis=2)
   picks = jnp.max(jnp.where(rank[:, None, :] == slots[:, :, None], cids[:, None, :], 0),
                   axis=2)
-  return (plt.load(ref.at[rows[:, None], picks], mask=got, other=0.0).astype(jnp.float32),
-          picks)
+  return _picked_values(ref, rows, live, picks, count), picks
 
 
 def _merge(keys, flat, k: int):
