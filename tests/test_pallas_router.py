@@ -140,7 +140,7 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="RouterConfig.merge must be one of"):
       router_topk.cartesian_topk(lx, lx, k, config=router_topk.RouterConfig(merge="heap"),
                                  interpret=True)
-  with pytest.raises(ValueError, match="RouterConfig.axis_topk must be one of"):
+  with pytest.raises(ValueError, match="RouterConfig.axis_topk must be 'auto' or one of"):
     router_topk.RouterConfig(axis_topk="sort")
   for field, value in [("block_t", -1), ("block_t", 3), ("num_warps", 6)]:
     with pytest.raises(ValueError, match=rf"RouterConfig.{field} must be 0 \(auto\) or a "
@@ -170,15 +170,18 @@ def test_threshold_config_reaches_the_threshold_search():
     router_topk.cartesian_topk(jnp.asarray(lx), jnp.asarray(ly), k, config=bad, interpret=True)
 
 
-def test_auto_config_picks_the_measured_merge():
+def test_auto_config_picks_the_measured_merge_and_axis_topk():
   """'auto' merges the staircase (one token a program) from STAIRCASE_MIN_K on, the whole
-  grid (two tokens) below; explicit fields are kept."""
-  k = router_topk.STAIRCASE_MIN_K
+  grid (two tokens) below; it bisects rows from BISECT_MIN_N on, takes arg-max rounds
+  below; explicit fields are kept."""
+  k, n = router_topk.STAIRCASE_MIN_K, router_topk.BISECT_MIN_N
   auto = router_topk.RouterConfig()
-  assert (auto.resolved(k).merge, auto.resolved(k).block_t) == ("staircase", 1)
-  assert (auto.resolved(k - 1).merge, auto.resolved(k - 1).block_t) == ("grid", 2)
-  fixed = router_topk.RouterConfig(merge="grid", block_t=4)
-  assert fixed.resolved(k) == fixed
+  assert (auto.resolved(k, n).merge, auto.resolved(k, n).block_t) == ("staircase", 1)
+  assert (auto.resolved(k - 1, n).merge, auto.resolved(k - 1, n).block_t) == ("grid", 2)
+  assert auto.resolved(k, n).axis_topk == "bisect"
+  assert auto.resolved(k, n - 1).axis_topk == "argmax"
+  fixed = router_topk.RouterConfig(merge="grid", block_t=4, axis_topk="argmax")
+  assert fixed.resolved(k, n) == fixed
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -14,7 +14,7 @@ import pytest
 
 from omnimoe import ops, reference
 from omnimoe.pallas import router_threshold, router_topk
-from tests import brute_force as bf
+from tests import bounds, brute_force as bf
 from tests.triton_lowering import triton_kernels
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
@@ -62,6 +62,7 @@ def check_exact(lx, ly, k, interpret, sorted_too=True, config=router_threshold.T
 
   theta, cut = router_threshold.threshold(a, b, k, config=config, interpret=interpret)
   assert theta.dtype == jnp.float32 and cut.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(theta, np.float64), want_s[:, -1])  # k-th best
   want = np.zeros(sums.shape, bool)
   np.put_along_axis(want, want_i, True, axis=1)
   np.testing.assert_array_equal(members(lx, ly, theta, cut), want)
@@ -121,6 +122,16 @@ def test_minus_infinity_and_signed_zero(k, interpret):
   ly[1, 4:6] = 0.0  # the grid's zeros are -0.0 (-quantum * 0)
   ly[2, 5:] = -np.inf
   check_exact(lx, ly, k, interpret)
+
+
+def test_exact_count_closes_the_search_in_the_last_row():
+  """A midpoint that exactly k sums reach ends the bisection early; here the k-th best
+  sum is in the last row at column 0 (the cut row must stay that row: every load and
+  store in range, whether or not the early close happens first)."""
+  lx = np.array([[-3.0, -0.5]], np.float32)
+  ly = np.array([[0.48, 0.5, 0.49, -2.0, -4.0]], np.float32)
+  with bounds.checked():
+    check_exact(lx, ly, 3, True)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -13,8 +13,8 @@ Design. One program owns `block_t` tokens and does all of their work in register
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
      `axis_topk="bisect"` (`_axis_topk_bisect`) finds the same picks with ~3x fewer
      integer operations per row element (a bisection for the count-th best key, then a
-     compaction and a rank); built for n = 1024, where the arg-max rounds' arithmetic
-     bounds the kernel; not yet timed on a GPU, so not the default (kernels_notes.md v12).
+     compaction and a rank): the default "auto" takes it from n = 256 on
+     (`BISECT_MIN_N`, measured), where the arg-max rounds' arithmetic bounds the kernel.
   2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
      the entries holding it (that is the tie rule), knocked out.
 That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
@@ -78,6 +78,11 @@ MERGES = ("auto", "grid", "staircase")
 # Step 1's method: "argmax" (count rounds of an arg-max over the row) or "bisect" (the
 # count-th best key by bisection, then the picks compacted and ranked; `_axis_topk_bisect`).
 AXIS_TOPKS = ("argmax", "bisect")
+# "auto" bisects from this row length on (larger of the two axes). H100, T = 4096, k = 32,
+# default launch shapes: n = 1024 0.122 -> 0.102 ms, n = 256 0.057 -> 0.045; at n = 64,
+# k = 16 the arg-max rounds won, 0.023 vs 0.025; n = 128 not measured (kernels_notes.md,
+# v12; `bench_kernels.py --parts sweep --sweep router`).
+BISECT_MIN_N = 256
 # "auto" merges the staircase from this k on, with one token per program (H200, T = 4096,
 # k = 32, kernel table: N = 65,536 0.088 -> 0.076 ms, N = 2^20 0.162 -> 0.151; at k = 16
 # the staircase lost, n = 256 0.031 -> 0.038; experiments/kernels_notes.md, v8b).
@@ -92,24 +97,28 @@ class RouterConfig:
   max_kernel_k: int = MAX_KERNEL_K  # larger k: `router_threshold`
   merge: str = "auto"   # step 2's candidates: "grid" (all k_x k_y), "staircase" or "auto"
   threshold: ThresholdConfig | None = None  # `router_threshold`'s launch; None: default
-  axis_topk: str = "argmax"  # step 1: "argmax" or "bisect" (AXIS_TOPKS)
+  axis_topk: str = "auto"  # step 1: "argmax", "bisect" (AXIS_TOPKS) or "auto"
 
   def __post_init__(self):
     if self.merge not in MERGES:
       raise ValueError(f"RouterConfig.merge must be one of {MERGES}, got {self.merge!r}")
-    if self.axis_topk not in AXIS_TOPKS:
-      raise ValueError(f"RouterConfig.axis_topk must be one of {AXIS_TOPKS}, got "
-                       f"{self.axis_topk!r}")
+    if self.axis_topk not in ("auto", *AXIS_TOPKS):
+      raise ValueError(f"RouterConfig.axis_topk must be 'auto' or one of {AXIS_TOPKS}, "
+                       f"got {self.axis_topk!r}")
     common.check_pow2("RouterConfig.block_t", self.block_t, auto=True)
     common.check_pow2("RouterConfig.num_warps", self.num_warps, auto=True)
 
-  def resolved(self, k: int) -> RouterConfig:
-    """The config with "auto" and block_t = 0 replaced by what they pick at this k."""
+  def resolved(self, k: int, n: int) -> RouterConfig:
+    """The config with "auto" and block_t = 0 replaced by what they pick at this k and
+    row length n (the larger axis)."""
     merge = self.merge
     if merge == "auto":
       merge = "staircase" if k >= STAIRCASE_MIN_K else "grid"
+    axis_topk = self.axis_topk
+    if axis_topk == "auto":
+      axis_topk = "bisect" if n >= BISECT_MIN_N else "argmax"
     block_t = self.block_t or (1 if merge == "staircase" else 2)
-    return dataclasses.replace(self, merge=merge, block_t=block_t)
+    return dataclasses.replace(self, merge=merge, block_t=block_t, axis_topk=axis_topk)
 
 
 def _ordered_key(v: jax.Array) -> jax.Array:
@@ -170,26 +179,33 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
   The arg-max rounds cost ~7 integer operations per row element per round (the arg-max
   reduction and the knock-out), `count` rounds: at n = 1024 the router is bound by this
   arithmetic. Here, per token: theta, the count-th best key, by bisection over the int32
-  keys (a compare and a sum per element per step, ~32 steps; the bracket starts at the
-  row's min and max keys and the loop stops when every token's is closed); the picks are
-  the keys above theta and the first ties at it (lower index first, a cumsum), written
-  compacted in index order to `scratch` ((T, width) keys and ids, this call's own
-  outputs) and read back, `width` lanes a token; their best-first order comes from each
-  one's rank among the others (a width x width comparison). `barrier` orders the
-  program's scratch stores before its loads (a CTA barrier on the GPU; interpret mode
-  runs the program's steps in order and has no such primitive).
+  keys (a compare and a sum per element per step; the bracket starts at the row's min
+  and max keys and closes early at a key that exactly `count` keys reach; the loop stops
+  when every token's is closed); the picks are the keys above theta and the first ties at
+  it (lower index first, a cumsum), written compacted in index order to `scratch`
+  ((T, width) keys and ids, this call's own outputs) and read back, `width` lanes a
+  token; their best-first order comes from each one's rank among the others (a width x
+  width comparison). `barrier` orders the program's scratch stores before its loads (a
+  CTA barrier on the GPU; interpret mode runs the program's steps in order and has no
+  such primitive).
   """
   ref, n, width = axis
   keys_scratch, ids_scratch = scratch
   cols, keys = _row_keys(ref, n, rows, live)
 
   # theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi]; the ceiling
-  # midpoint is computed without int32 overflow.
+  # midpoint is computed without int32 overflow. A midpoint that exactly count keys reach
+  # closes the bracket early: the picks are then the keys >= it (below, gt plus all of eq),
+  # the same set. For log-softmax rows of random normal logits that is after 8 steps on
+  # average instead of 23-24 (n = 64..1024; a numpy replay of this loop, 200 rows each):
+  # the gap between the count-th and the next key is wide in int32 keys.
   def step(carry):
     lo, hi = carry
     mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-    enough = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True) >= count
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+    reach = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True)
+    enough = reach >= count
+    return jnp.where(enough, mid, lo), jnp.where(reach == count, mid,
+                                                 jnp.where(enough, hi, mid - 1))
 
   bracket = (jnp.min(jnp.where(cols < n, keys, _INT_MAX), axis=1, keepdims=True),
              jnp.max(keys, axis=1, keepdims=True))
@@ -416,4 +432,5 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
     threshold = config.threshold or router_threshold.ThresholdConfig()
     return router_threshold.cartesian_topk(lx, ly, k, sorted=sorted, config=threshold,
                                            interpret=interpret)
-  return _cartesian_topk(lx, ly, k, config.resolved(k), common.resolve_interpret(interpret))
+  config = config.resolved(k, max(lx.shape[1], ly.shape[1]))
+  return _cartesian_topk(lx, ly, k, config, common.resolve_interpret(interpret))
