@@ -79,9 +79,10 @@ MERGES = ("auto", "grid", "staircase")
 # count-th best key by bisection, then the picks compacted and ranked; `_axis_topk_bisect`).
 AXIS_TOPKS = ("argmax", "bisect")
 # "auto" bisects from this row length on (larger of the two axes). H100, T = 4096, k = 32,
-# default launch shapes: n = 1024 0.122 -> 0.102 ms, n = 256 0.057 -> 0.045; at n = 64,
-# k = 16 the arg-max rounds won, 0.023 vs 0.025; n = 128 not measured (kernels_notes.md,
-# v12; `bench_kernels.py --parts sweep --sweep router`).
+# default launch shapes, arg-max rounds -> bisection: n = 1024 0.125 -> 0.088 ms, n = 256
+# 0.058 -> 0.040; at n = 64, k = 16 the two are within the spread of repeated launches
+# (0.018-0.025 ms each); n = 128 not measured (kernels_notes.md, v12;
+# `bench_kernels.py --parts sweep --sweep router`).
 BISECT_MIN_N = 256
 # "auto" merges the staircase from this k on, with one token per program (H200, T = 4096,
 # k = 32, kernel table: N = 65,536 0.088 -> 0.076 ms, N = 2^20 0.162 -> 0.151; at k = 16
