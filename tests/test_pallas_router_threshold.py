@@ -125,9 +125,10 @@ def test_minus_infinity_and_signed_zero(k, interpret):
 
 
 def test_exact_count_closes_the_search_in_the_last_row():
-  """A midpoint that exactly k sums reach ends the bisection early; here the k-th best
-  sum is in the last row at column 0 (the cut row must stay that row: every load and
-  store in range, whether or not the early close happens first)."""
+  """A midpoint that exactly k sums reach ends the bisection early. Here it does so from
+  above the 2nd best sum, so eq counts sums that are not ties, and the k-th best sum is
+  in the last row at column 0: the cut must stay in that row (before the fix it pointed
+  one row past it and the emit stored out of range)."""
   lx = np.array([[-3.0, -0.5]], np.float32)
   ly = np.array([[0.48, 0.5, 0.49, -2.0, -4.0]], np.float32)
   with bounds.checked():

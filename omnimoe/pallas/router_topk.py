@@ -26,7 +26,7 @@ outside them in; the default "auto" takes it from k = 32 on (`STAIRCASE_MIN_K`, 
 XLA's `lax.top_k` with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096,
 n=1024, k=32, DESIGN.md section 3); the published Triton kernel takes the top-k of all N
 sums (59.5 ms at N=2^20). Rows are padded to a power of two (Triton's array sizes) and
-masked. Timings: experiments/RESULTS.md (kernel table) and kernels_notes.md (v8b). Two
+masked. Timings: experiments/RESULTS.md (kernel table) and kernels_notes.md (v8b, v12). Two
 tokens per program on one warp was the fastest of 7 launch shapes for the grid merge (the
 arg-max reductions then never leave the warp); the staircase runs faster with one.
 
