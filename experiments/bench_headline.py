@@ -254,13 +254,12 @@ def crossover(args, device, tag):
     with open(os.path.join(args.out, f"crossover-{tag}.json"), "w") as f:
       json.dump(rows, f, indent=1)
 
-  parts = dict(experts=_crossover_experts, router=_crossover_router, decode=_crossover_decode)
   names = args.crossover_parts.split(",")
-  if not set(names) <= set(parts):
-    raise ValueError(f"--crossover-parts: unknown {sorted(set(names) - set(parts))}; "
-                     f"choose from {','.join(parts)}")
+  if not set(names) <= set(CROSSOVER_PARTS):
+    raise ValueError(f"--crossover-parts: unknown {sorted(set(names) - set(CROSSOVER_PARTS))}; "
+                     f"choose from {','.join(CROSSOVER_PARTS)}")
   for name in names:
-    parts[name](keys, record)
+    CROSSOVER_PARTS[name](keys, record)
 
 
 def _crossover_experts(keys, record):
@@ -329,6 +328,10 @@ def _crossover_decode(keys, record):
                     fwd_ms=got[0], rel_err=got[1], chosen=chosen),
                f"decode {path:6s} T={tokens} k={k} (auto: {chosen}) err {fmt(got[1], '.1e')}")
 
+
+# --crossover-parts: name -> part (the help text and the check read the names from here)
+CROSSOVER_PARTS = dict(experts=_crossover_experts, router=_crossover_router,
+                       decode=_crossover_decode)
 
 # (n per axis, k) cases and ThresholdConfig fields swept by --router-configs.
 ROUTER_CONFIG_TOKENS = 4096
@@ -535,8 +538,9 @@ def main():
   parser.add_argument("--crossover", action="store_true",
                       help="instead of the sweep, time the competing expert-op paths and "
                       "router kernels where the dispatch rules switch")
-  parser.add_argument("--crossover-parts", default="experts,router,decode",
-                      help="with --crossover: comma-separated subset of experts,router,decode")
+  parser.add_argument("--crossover-parts", default=",".join(CROSSOVER_PARTS),
+                      help="with --crossover: comma-separated subset of "
+                      + ",".join(CROSSOVER_PARTS))
   parser.add_argument("--router-configs", action="store_true",
                       help="instead of the sweep, time the router's stages and its "
                       "threshold-search launch parameters")

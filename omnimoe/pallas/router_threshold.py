@@ -31,11 +31,11 @@ rows (rows stay in id order, which is what the tie rule and the emit order need)
      then the least of those k sums (each row's last kept one), and all k are kept (the
      tie step below keeps every sum counted in eq, cut row r its last row with any).
      Otherwise, at the end gt_i = c_i(key(theta) + 1), eq_i = c_i(key(theta)) - gt_i,
-     and the m = k - sum(gt) ties to keep are the first m in ascending flat id: the cut row r is
-     where the running sum of eq reaches m, and within row r the tied columns are found in
-     *column id* order (a cumsum over the unsorted ly row), not in sorted order: two
-     different ly values can round to the same sum, so a row's tied run of the sorted list
-     need not be in ascending j. The kept set is then exactly
+     and the m = k - sum(gt) ties to keep are the first m in ascending flat id: the cut
+     row r is where the running sum of eq reaches m, and within row r the tied columns
+     are found in *column id* order (a cumsum over the unsorted ly row), not in sorted
+     order: two different ly values can round to the same sum, so a row's tied run of the
+     sorted list need not be in ascending j. The kept set is then exactly
         fl(lx_i + ly_j) > theta  or  (fl(lx_i + ly_j) == theta and i * n_y + j <= cut),
      the rule `threshold` returns (this stage alone, for the tests and the stage timings
      of experiments/bench_headline.py). The kernel also writes each row's running total
