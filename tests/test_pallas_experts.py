@@ -93,8 +93,8 @@ UNCLAMPED = {  # a clamp or mask taken out: (module, its text, the text without,
     # the guard sees it: the access and the function)
     "expert-ids": (expert_tokens, "return jnp.where(valid, e, 0), exists, valid",
                    "return e, exists, valid", "load", "_gather_tile"),
-    "columns": (expert_tokens, "experts[:, :, None], jnp.minimum(cols, d - 1)",
-                "experts[:, :, None], cols", "load", "_gather_tile"),
+    "columns": (common, "raw if size % width == 0 else jnp.minimum(raw, size - 1)", "raw",
+                "load", "_gather_tile"),
     "token-rows": (common, "return t, t < tokens, jnp.minimum(t, tokens - 1)",
                    "return t, t < tokens, t", "load", "_pair_experts"),
     "store-columns": (expert_tokens, "mask=live[:, None] & (cols < d))",
@@ -118,7 +118,8 @@ def module_copy(monkeypatch, module, old: str, new: str):
 @pytest.mark.parametrize("unclamped", UNCLAMPED)
 def test_bounds_guard_sees_a_missing_clamp(unclamped, monkeypatch):
   """The guard is not vacuous: with one clamp of the token forward taken out (a copy of
-  the module; the token-block helper patched into expert_tokens), or the column mask of
+  the module; for the token-block and lane helpers, a copy of `common` patched into
+  expert_tokens), or the column mask of
   its output store, the bad-id case still gives the right values in interpret mode (the
   gathers clamp, the scatter drops), and the guard reports the accesses."""
   module, old, new, op, site = UNCLAMPED[unclamped]

@@ -79,6 +79,20 @@ def iota(size: int, offset=0):
   return offset + jnp.arange(size, dtype=jnp.int32)
 
 
+def lanes(width: int, size: int, tile=0):
+  """Lanes `tile * width + [0, width)` of an axis of length `size`: (raw, for_loads, inside).
+
+  `for_loads` is clamped into the axis (the clamp-and-mask convention of `token_block`)
+  only where a lane can pass its end, i.e. unless `width` divides `size` (callers run
+  tiles 0 .. ceil(size / width) - 1). Elsewhere the clamp would change no index and cost
+  bandwidth: a min() hides the lanes' contiguity from Triton's alignment analysis, which
+  then loads them one element a thread instead of in 16-byte vectors.
+  """
+  raw = iota(width, tile * width)
+  for_loads = raw if size % width == 0 else jnp.minimum(raw, size - 1)
+  return raw, for_loads, raw < size
+
+
 def activation_with_grad(name: str, s: jax.Array) -> tuple[jax.Array, jax.Array]:
   """act(s) and act'(s), elementwise, from the reference's activation by forward-mode AD."""
   return jax.jvp(reference.ACTIVATIONS[name], (s,), (jnp.ones_like(s),))

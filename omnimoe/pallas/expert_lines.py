@@ -165,11 +165,6 @@ def _line_tiles(line, line_size: int, block_e: int, num_experts: int):
           for j in range(common.cdiv(line_size, block_e))]
 
 
-def _columns(c, block_d: int, d: int):
-  cols = common.iota(block_d, c * block_d)
-  return cols, jnp.minimum(cols, d - 1), cols < d
-
-
 def _rows(table_ref, e, ok, cols, in_d, cdt):
   """The (block_e, block_d) tile table[e, cols] in the product dtype, zero where masked."""
   return plt.load(table_ref.at[e[:, None], cols[None, :]], mask=ok[:, None] & in_d[None, :],
@@ -188,7 +183,7 @@ def _scores(vec_ref, table_ref, t, live, tiles, block_d: int, steps, cdt):
   d = vec_ref.shape[1]
 
   def step(c, accs):
-    _, cols, in_d = _columns(c, block_d, d)
+    _, cols, in_d = common.lanes(block_d, d, c)
     v = plt.load(vec_ref.at[t[:, None], cols[None, :]], mask=live[:, None] & in_d[None, :],
                  other=0.0).astype(cdt)
     return tuple(acc + common.dot(v, _rows(table_ref, e, ok, cols, in_d, cdt).T)
@@ -207,7 +202,7 @@ def _combine_atomic(coefs, tiles, table_ref, out_ref, spare, block_d: int, steps
   d = table_ref.shape[1]
 
   def step(c, carry):
-    raw, cols, in_d = _columns(c, block_d, d)
+    raw, cols, in_d = common.lanes(block_d, d, c)
     acc = jnp.zeros((spare.shape[0], block_d), jnp.float32)
     for coef, (e, ok) in zip(coefs, tiles):
       acc = acc + common.dot(coef, _rows(table_ref, e, ok, cols, in_d, cdt))
@@ -282,7 +277,7 @@ def _line_product_kernel(line_start_ref, inc_token_ref, coef_ref, vec_ref, out_r
   c, j, line = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lo, hi = line_start_ref[line], line_start_ref[line + 1]
   pos, e, ok = _experts(line, j, line_size, config.block_e, num_experts)
-  raw, cols, in_d = _columns(c, config.block_d, d)
+  raw, cols, in_d = common.lanes(config.block_d, d, c)
   cdt = common.mma_dtype(coef_ref.dtype, vec_ref.dtype)
   last = coef_ref.shape[0] - 1
 

@@ -5,8 +5,9 @@ This file holds no kernel: it wires the stages together and is independent of th
 backend the kernels are written for.
 
   forward   XLA gathers in chunks of 8 pairs, or one gather for few pairs (`_xla_forward`,
-            `forward_chunk`; measured faster than the token kernel expert_tokens.forward,
-            which config.forward_impl="kernel" picks): y, and s kept for backward
+            `forward_chunk`; the token kernel expert_tokens.forward, which
+            config.forward_impl="kernel" picks, is as fast alone but not in the layer's
+            forward, below): y, and s kept for backward
   backward  expert_tokens.token_backward  token-centric: dx, dweights, per-pair ds and a
             expert_tables.table_gradients expert-centric: bucketing, then dU, dV
                                           as tensor-core segment sums
@@ -17,9 +18,12 @@ per pair; the (N, d) gradients are cheapest where a program owns its experts (ea
 gradient row written once, no scatter). The sort (here a cheaper bucketing) exists only
 in the backward, where the gradients need it. The module docstrings give the details;
 experiments/kernels_notes.md gives the measured numbers. On one H100 (bf16, T=4096,
-d=1024, N=65536, k=32): forward 0.172 ms, forward+backward 0.823 ms (v4; the kernel
-forward: 0.281 / 0.897; plain XLA gathers: 0.589 / 3.417 ms; published Triton: 1.06 /
-4.75 ms).
+d=1024, N=65536, k=32), device time: forward 0.159 ms, forward+backward 0.554 ms (v13;
+plain XLA gathers: 0.560 / 3.241 ms; published Triton: 1.06 / 4.75 ms). With the kernel
+forward: 0.156 / 0.534 ms alone, but the op's forward at N = 2^20 is 0.214 against
+0.198 and the layer's 0.394 against 0.389 ms (N = 2^20: 0.536 against 0.516), so the XLA
+forward stays the default; the layer's fwd+bwd (1.153 against 1.177 ms) and the training
+step (~1.5 %) would gain from the kernel (RESULTS.md, "Vectorised row gathers").
 
 Density: this file serves k ~ 16..128, where each table row serves a few tokens. Where
 k is a sizeable fraction of N (the paper's headline regime, k in the thousands),
@@ -51,8 +55,8 @@ PATHS = ("tokens", "dense", "lines")
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  forward: TokenConfig = TokenConfig(block_t=0, block_d=64, num_warps=4, num_stages=2)
-  backward: TokenConfig = TokenConfig(block_t=0, block_d=32, num_warps=4, num_stages=3)
+  forward: TokenConfig = TokenConfig()
+  backward: TokenConfig = TokenConfig()
   tables: TableConfig = TableConfig()
   forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
   xla_forward_chunk: int = 0  # pairs per token one XLA gather fusion takes; 0: `forward_chunk`
@@ -119,11 +123,13 @@ def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
   as `expert_tokens.forward` returns them.
 
   Why: XLA fuses each table gather of a few pairs per token into its einsum and streams
-  the rows at ~3 TB/s, faster than the token kernel's ~2.0 TB/s of pair gathers. H100,
-  bf16, T = 4096, d = 1024, N = 65536 (experiments/kernels_notes.md, v4): k = 32 0.172 ms
-  in chunks of 8, 0.182 in chunks of 16, kernel 0.281, one unchunked XLA fusion 0.59 (at
-  k = 32 it no longer fuses the gather); k = 16 0.097 / 0.102 / kernel 0.152 (8 tokens
-  per program). The backward stays on the kernels (it needs no (N, d) scatter here).
+  the rows at ~3.4 TB/s (some hit L2). The token kernel matches it alone since its row
+  loads are 16-byte vectors (v13: 0.156 against 0.159 ms device time, H100, bf16,
+  T = 4096, d = 1024, N = 65536, k = 32; before, at ~2.0 TB/s, 0.26), but not at
+  N = 2^20 or inside the layer (module docstring). Chunk size (v4, host-timed): k = 32
+  0.172 ms in chunks of 8, 0.182 in chunks of 16, one unchunked XLA fusion 0.59 (at
+  k = 32 it no longer fuses the gather); k = 16 0.097 / 0.102. The backward stays on
+  the kernels (it needs no (N, d) scatter here).
   """
   f32 = jnp.float32
   valid, safe = reference.valid_ids(indices, up.shape[0])

@@ -28,8 +28,10 @@ in registers (a 128 x 128 bucket tile spilled and ran 2.6x its write floor at N=
 and in between just enough for ~16 pairs per bucket (each pair costs 2 * bucket_size * d
 flops per table in the one-hot product). At the default launch (4 warps, 256 columns) the
 register cap is the minimum: 16 experts whatever the density, for every d >= 256.
-Measured on one H100 (bf16, T=4096, d=1024, k=32): 0.35 ms at N=65536 including bucketing
-(write floor 0.09 ms), ~2.4 ms at N=2^20 (floor 1.5 ms: the dense gradients are 4.3 GB).
+Measured on one H100 (bf16, T=4096, d=1024, k=32), device time: 0.20 ms at N=65536
+including bucketing and the gathers into bucket order (the kernel 0.165; write floor
+0.09 ms), 1.85 ms at N=2^20 (floor 1.5 ms: the dense gradients are 4.3 GB); 0.31 and
+2.17 ms for the kernel before its row gathers were 16-byte loads (v13, `common.lanes`).
 Details: experiments/kernels_notes.md.
 
 Equivalent JAX code:
@@ -107,8 +109,7 @@ def _table_grad_kernel(starts_ref, token_ref, expert_ref, ds_ref, a_ref, x_ref, 
   b, c = pl.program_id(0), pl.program_id(1)
   lo, hi = starts_ref[b], starts_ref[b + 1]
   experts = common.iota(bucket_size, b * bucket_size)
-  cols = common.iota(block_d, c * block_d)[None, :]
-  cols_c = jnp.minimum(cols, d - 1)
+  cols, cols_c, in_d = (v[None, :] for v in common.lanes(block_d, d, c))
   cdt = common.mma_dtype(x_ref.dtype, dy_ref.dtype)
 
   def chunk(i, accs):
@@ -118,7 +119,7 @@ def _table_grad_kernel(starts_ref, token_ref, expert_ref, ds_ref, a_ref, x_ref, 
     e = plt.load(expert_ref.at[p], mask=live, other=-1)
     hit = (experts[:, None] == e[None, :]) & live[None, :]
     rows = plt.load(token_ref.at[p], mask=live, other=0)[:, None]
-    mask = live[:, None] & (cols < d)
+    mask = live[:, None] & in_d
 
     def product(coef_ref, vec_ref):
       coef = plt.load(coef_ref.at[p], mask=live, other=0.0)
@@ -131,7 +132,7 @@ def _table_grad_kernel(starts_ref, token_ref, expert_ref, ds_ref, a_ref, x_ref, 
   zeros = jnp.zeros((bucket_size, block_d), jnp.float32)
   acc_u, acc_v = lax.fori_loop(0, (hi - lo + block_p - 1) // block_p, chunk, (zeros, zeros))
   out = (experts[:, None], cols)
-  mask = (experts < num_experts)[:, None] & (cols < d)
+  mask = (experts < num_experts)[:, None] & in_d
   plt.store(du_ref.at[out], acc_u.astype(du_ref.dtype), mask=mask)
   plt.store(dv_ref.at[out], acc_v.astype(dv_ref.dtype), mask=mask)
 

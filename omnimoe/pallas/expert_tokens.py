@@ -13,9 +13,11 @@ than the gathers. The gather excess is small where it matters: at N = 2^20 nearl
 pair has its own expert (unique rows ~ pairs), at N = 4096 both tables sit in L2 (16 MB),
 and at N = 65536 (two pairs per used row on average) the gathers read 2x the unique
 rows. The sort is kept for where it is unavoidable, the (N, d) weight gradients
-(`expert_tables`). Measured on one H100 (bf16, T=4096, d=1024, N=65536, k=32): forward
-0.27 ms, dx/dweights 0.25 ms, each 537 MB of pair gathers at ~2.0 TB/s (copy rate
-2.9 TB/s); the best of 10 launch shapes was 4 tokens x 32 pairs x 64 columns per step.
+(`expert_tables`). Measured on one H100 (bf16, T=4096, d=1024, N=65536, k=32), device
+time: forward 0.157 ms, dx/dweights 0.157 ms, each 537 MB of pair gathers at ~3.4 TB/s
+(some rows hit L2; copy rate 2.9 TB/s); the best of 14 launch shapes was 2 tokens x 32
+pairs x 64 columns on 2 warps. Until v13 the row loads were not vectorised (a clamp on
+the column index hid its contiguity from Triton, `common.lanes`): 0.26 and 0.24 ms.
 Details and what is left: experiments/kernels_notes.md.
 
 One program owns `block_t` tokens and all their k pairs. Phase 1 streams d in tiles of
@@ -56,10 +58,10 @@ from omnimoe.pallas import common
 
 @dataclasses.dataclass(frozen=True)
 class TokenConfig:
-  block_t: int = 0      # tokens per program; 0: `PAIRS_PER_PROGRAM` pairs (`resolve`)
+  block_t: int = 0      # tokens per program; 0: `PAIRS_PER_WARP` pairs a warp (`resolve`)
   block_d: int = 64     # hidden-dimension tile
-  num_warps: int = 4
-  num_stages: int = 2
+  num_warps: int = 2
+  num_stages: int = 3
 
   def __post_init__(self):
     common.check_pow2("TokenConfig.block_t", self.block_t, auto=True)
@@ -67,42 +69,45 @@ class TokenConfig:
     common.check_pow2("TokenConfig.num_warps", self.num_warps)
 
 
-# A program's phase-1 accumulator and phase-2 tile are (pairs x block_d) float32: the sweep
-# at k = 32 found 128 pairs x 64 columns best (4 tokens). A fixed token count halves the
-# pairs in flight at k = 16 (4 x 16 = 64), so the block holds a constant number of pairs.
-PAIRS_PER_PROGRAM = 128
+# A program's phase-1 accumulator and phase-2 tile are (pairs x block_d) float32, spread
+# over its warps. H100, bf16, T = 4096 and 16,384, N = 65,536, k = 32, 14 launch shapes
+# (kernels_notes.md, v13): best 2 tokens (64 pairs) x 64 columns on 2 warps, for the
+# backward and the forward kernel alike (4 tokens on 4 warps: 13 % slower). A fixed token
+# count would halve the pairs in flight at k = 16, so the block holds a constant number of
+# pairs per warp.
+PAIRS_PER_WARP = 32
 
 
 def resolve(config: TokenConfig, k: int) -> TokenConfig:
-  """`config` with block_t = PAIRS_PER_PROGRAM // pow2(k) (>= 1) where it is 0."""
+  """`config` with block_t = PAIRS_PER_WARP num_warps // pow2(k) (>= 1) where it is 0."""
   if config.block_t:
     return config
-  return dataclasses.replace(config, block_t=max(1, PAIRS_PER_PROGRAM // common.pow2(k)))
+  pairs = PAIRS_PER_WARP * config.num_warps
+  return dataclasses.replace(config, block_t=max(1, pairs // common.pow2(k)))
 
 
 def _pair_experts(idx_ref, rows, live, num_experts: int):
   """Clamped expert ids (BT, K), the pairs that exist, and the pairs that count."""
   k = idx_ref.shape[1]
-  slots = common.iota(common.pow2(k))[None, :]
-  exists = live[:, None] & (slots < k)
-  e = plt.load(idx_ref.at[rows[:, None], jnp.minimum(slots, k - 1)], mask=exists, other=-1)
+  _, slots, in_k = common.lanes(common.pow2(k), k)
+  exists = live[:, None] & in_k[None, :]
+  e = plt.load(idx_ref.at[rows[:, None], slots[None, :]], mask=exists, other=-1)
   valid = exists & (e >= 0) & (e < num_experts)
   return jnp.where(valid, e, 0), exists, valid
 
 
 def _load_pairs(rows, valid, *refs):
   """ref[t, j] of every pair (BT, K) float32, for each (T, k) ref; 0 where not valid."""
-  slots = jnp.minimum(common.iota(valid.shape[1]), refs[0].shape[1] - 1)[None, :]
+  slots = common.lanes(valid.shape[1], refs[0].shape[1])[1][None, :]
   return [plt.load(ref.at[rows[:, None], slots], mask=valid, other=0.0).astype(jnp.float32)
           for ref in refs]
 
 
 def _gather_tile(table_ref, experts, valid, c: int, block_d: int):
   """Tile c of the table rows of every pair: (BT, K, block_d) float32, zero where masked."""
-  d = table_ref.shape[1]
-  cols = common.iota(block_d, c * block_d)[None, None, :]
-  return plt.load(table_ref.at[experts[:, :, None], jnp.minimum(cols, d - 1)],
-                  mask=valid[:, :, None] & (cols < d), other=0.0).astype(jnp.float32)
+  _, cols, in_d = common.lanes(block_d, table_ref.shape[1], c)
+  return plt.load(table_ref.at[experts[:, :, None], cols[None, None, :]],
+                  mask=valid[:, :, None] & in_d[None, None, :], other=0.0).astype(jnp.float32)
 
 
 def _gather_dot(vec_ref, table_ref, rows, live, experts, valid, block_d: int):
@@ -110,9 +115,9 @@ def _gather_dot(vec_ref, table_ref, rows, live, experts, valid, block_d: int):
   d = vec_ref.shape[1]
 
   def tile(c, acc):
-    cols = common.iota(block_d, c * block_d)[None, :]
-    v = plt.load(vec_ref.at[rows[:, None], jnp.minimum(cols, d - 1)],
-                 mask=live[:, None] & (cols < d), other=0.0).astype(jnp.float32)
+    _, cols, in_d = common.lanes(block_d, d, c)
+    v = plt.load(vec_ref.at[rows[:, None], cols[None, :]],
+                 mask=live[:, None] & in_d[None, :], other=0.0).astype(jnp.float32)
     return acc + v[:, None, :] * _gather_tile(table_ref, experts, valid, c, block_d)
 
   acc = jnp.zeros(experts.shape + (block_d,), jnp.float32)

@@ -141,7 +141,13 @@ def _key_to_float(key: jax.Array) -> jax.Array:
 
 def _row_keys(ref, n: int, rows, row_mask):
   """(cols (1, pow2(n)), keys (block_t, pow2(n))): the int32 keys of ref[rows, :n], INT_MIN
-  on the padding lanes (below every real key)."""
+  on the padding lanes (below every real key).
+
+  The column index is clamped even where n is a power of two, unlike `common.lanes`: the
+  row then loads one element a thread, and that layout measured faster downstream (the
+  vector load made the kernel ~10 % slower at n = 1024; kernels_notes.md, v13). The
+  threshold router's row loads are clamped the same way (not timed vectorised).
+  """
   cols = common.iota(common.pow2(n))[None, :]
   vals = plt.load(ref.at[rows[:, None], jnp.minimum(cols, n - 1)],  # clamp and mask
                   mask=row_mask[:, None] & (cols < n), other=0.0).astype(jnp.float32)
