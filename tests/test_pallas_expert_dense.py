@@ -110,7 +110,8 @@ def test_choose_path_and_bad_configs():
   assert choose(4096, 32, 65536) == "tokens"          # the released code's examples
   assert choose(4096, 128, 2 ** 20) == "tokens"
   assert choose(4096, 16, 4096) == "tokens"            # the measured crossovers
-  assert choose(4096, 32, 4096) == "dense"
+  assert choose(4096, 32, 4096) == "tokens"
+  assert choose(4096, 64, 4096) == "dense"
   assert choose(4096, 128, 320 * 320) == "tokens"
   assert choose(4096, 160, 320 * 320) == "dense"
   assert choose(4096, 512, 2 ** 20) == "tokens"

@@ -79,12 +79,14 @@ class ExpertConfig:
 
 # Break-even N / k of the two paths, by k: dense costs ~T N (GEMMs over the whole grid),
 # tokens ~T k c(k) where the measured per-pair cost c(k) grows with k. Measured fwd+bwd,
-# H200, bf16, T = 4096, d = 1024 (experiments/RESULTS.md, "Path crossover"): N = 4096:
-# tokens wins at k = 16, dense at 32; N = 102400: tokens at 128, dense at 160; N = 2^20:
-# tokens at 512, dense at 2048. (Measured before the dense path's grids went bf16 with
-# pair-only elementwise work, which made it 2-25 % faster: the rule errs, if anything,
-# toward the token kernels.)
-DENSE_BREAK_EVEN = ((64, 160), (128, 350), (None, 640))  # (k up to, N / k ratio)
+# H100, bf16, T = 4096, d = 1024, after the token and table kernels' 16-byte row loads
+# (experiments/RESULTS.md, "Path crossover", v13): N = 4096: tokens wins at k = 16,
+# ties at 32 (0.340 against 0.343 ms; forward 0.096 against 0.126), dense at 64 (0.360
+# against 0.649), so the first break-even sits between N / k = 64 and 128 (90, their
+# geometric mean); N = 102,400: a tie at k = 128 (7.14 / 7.10), dense from 160; N = 2^20:
+# tokens at 512, dense at 2048. (On one H200 before v13 dense already won at N = 4096,
+# k = 32: the first ratio was 160.)
+DENSE_BREAK_EVEN = ((64, 90), (128, 350), (None, 640))  # (k up to, N / k ratio)
 
 
 def choose_path(tokens: int, k: int, num_experts: int) -> str:
