@@ -135,6 +135,22 @@ def test_bounds_guard_sees_a_missing_clamp(unclamped, monkeypatch):
   assert {v.op for v in found} == {op} and site in {v.site.split()[-1] for v in found}
 
 
+@pytest.mark.parametrize("width,size,tile,clamped", [
+    (256, 1024, 3, False), (32, 32, 0, False), (128, 96, 0, True), (64, 1536 + 32, 24, True),
+    (512, 320, 0, True)])
+def test_lanes_clamp_only_where_a_lane_can_pass_the_end(width, size, tile, clamped):
+  """`common.lanes` emits its clamp (a min, which costs the row gathers their 16-byte
+  vector loads on the GPU, kernels_notes.md v13) only where the width does not divide the
+  axis; the load lanes are always inside it, and `inside` marks the real ones."""
+  fn = lambda t: common.lanes(width, size, t)
+  primitives = {e.primitive.name for e in jax.make_jaxpr(fn)(tile).eqns}
+  assert ("min" in primitives) == clamped
+  raw, for_loads, inside = (np.asarray(v) for v in fn(tile))
+  np.testing.assert_array_equal(raw, tile * width + np.arange(width))
+  np.testing.assert_array_equal(inside, raw < size)
+  np.testing.assert_array_equal(for_loads, np.minimum(raw, size - 1))
+
+
 # The token kernels at the issue's shapes; forward_impl="kernel" so that every kernel of
 # the path runs (the XLA forward is no kernel; the backward is the same either way).
 TOKENS_KERNEL_FORWARD = expert_ops.ExpertConfig(path="tokens", forward_impl="kernel")
@@ -142,8 +158,8 @@ TOKENS_KERNEL_FORWARD = expert_ops.ExpertConfig(path="tokens", forward_impl="ker
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_token_path_at_d_1536(interpret):
-  """d = 1536 at the default launch: 24 forward tiles of 64 columns, 48 backward tiles of
-  32, 6 table tiles of 256 (bucket of 16 experts); few tokens, few experts, float32."""
+  """d = 1536 at the default launch: 24 forward and 24 backward tiles of 64 columns, 6
+  table tiles of 256 (bucket of 16 experts); few tokens, few experts, float32."""
   rng = np.random.default_rng(1536)
   args, idx, dy = expert_inputs(rng, 6, 1536, 40, 4)
   idx[0, :] = idx[1, 0]
