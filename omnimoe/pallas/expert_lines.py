@@ -6,9 +6,9 @@ shapes (T = 4096, k = 4096, N = 102,400, d = 1024, bf16, router ids) this op tak
 19.5 ms forward and 49.3 ms forward+backward, several times the whole grid as XLA
 GEMMs (`expert_dense`, whose docstring has its figures; `expert_ops.choose_path` picks
 it instead); the incidence build alone takes 1.7 ms. On one H100 with the row gathers as
-16-byte loads (kernels_notes.md, v13): forward 15.0 ms against `expert_dense`'s 3.06. The estimates below are what the design aimed at;
-closing the gap (row gathers by pointer arrays rather than TMA, 64 x 64 tiles, atomics)
-is open work.
+16-byte loads (kernels_notes.md, v13): forward 15.0 ms against `expert_dense`'s 3.06.
+The estimates below are what the design aimed at; closing the gap (row gathers by
+pointer arrays rather than TMA, 64 x 64 tiles, atomics) is open work.
 
 Why (DESIGN.md sections 2 and 3b). The token-centric kernels gather two table rows per
 pair: at the paper's headline setting (T = 4096, d = 1024, N = 102,400 = 320 x 320,
