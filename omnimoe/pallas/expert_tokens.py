@@ -72,9 +72,9 @@ class TokenConfig:
 # A program's phase-1 accumulator and phase-2 tile are (pairs x block_d) float32, spread
 # over its warps. H100, bf16, T = 4096 and 16,384, N = 65,536, k = 32, 14 launch shapes
 # (kernels_notes.md, v13): best 2 tokens (64 pairs) x 64 columns on 2 warps, for the
-# backward and the forward kernel alike (4 tokens on 4 warps: 13 % slower). A fixed token
-# count would halve the pairs in flight at k = 16, so the block holds a constant number of
-# pairs per warp.
+# backward and the forward kernel alike (4 tokens on 4 warps: 11-13 % slower). A fixed
+# token count would halve the pairs in flight at k = 16, so the block holds a constant
+# number of pairs per warp.
 PAIRS_PER_WARP = 32
 
 
