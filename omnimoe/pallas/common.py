@@ -101,8 +101,9 @@ def activation_with_grad(name: str, s: jax.Array) -> tuple[jax.Array, jax.Array]
 def token_block(block_t: int, tokens: int):
   """This program's token ids t, which are real (t < tokens), and t clamped for loads.
 
-  Convention in every kernel here: loads clamp their indices into range *and* mask;
-  stores mask and keep the raw index. (On GPU a masked lane touches no memory; in
+  Convention in every kernel here: loads clamp their indices into range *and* mask
+  (where an index can leave the range at all: `lanes`); stores mask and keep the raw
+  index. (On GPU a masked lane touches no memory; in
   interpret mode a masked store lane still takes part in the scatter, so a clamped index
   could collide with a live lane, while an out-of-range one is dropped.)
   """
