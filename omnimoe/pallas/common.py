@@ -103,9 +103,9 @@ def token_block(block_t: int, tokens: int):
 
   Convention in every kernel here: loads clamp their indices into range *and* mask
   (where an index can leave the range at all: `lanes`); stores mask and keep the raw
-  index. (On GPU a masked lane touches no memory; in
-  interpret mode a masked store lane still takes part in the scatter, so a clamped index
-  could collide with a live lane, while an out-of-range one is dropped.)
+  index. (On GPU a masked lane touches no memory; in interpret mode a masked store lane
+  still takes part in the scatter, so a clamped index could collide with a live lane,
+  while an out-of-range one is dropped.)
   """
   t = iota(block_t, pl.program_id(0) * block_t)
   return t, t < tokens, jnp.minimum(t, tokens - 1)
