@@ -97,7 +97,7 @@ UNCLAMPED = {  # a clamp or mask taken out: (module, its text, the text without,
                 "load", "_gather_tile"),
     "token-rows": (common, "return t, t < tokens, jnp.minimum(t, tokens - 1)",
                    "return t, t < tokens, t", "load", "_pair_experts"),
-    "store-columns": (expert_tokens, "mask=live[:, None] & (cols < d))",
+    "store-columns": (expert_tokens, "mask=live[:, None] & in_d[None, :])",
                       "mask=live[:, None])", "store", "tile"),
 }
 

@@ -129,11 +129,11 @@ def _gather_combine(coef, table_ref, out_ref, t, live, experts, valid, block_d: 
   d = out_ref.shape[1]
 
   def tile(c, carry):
-    cols = common.iota(block_d, c * block_d)[None, :]
+    cols, _, in_d = common.lanes(block_d, d, c)
     out = jnp.sum(coef[:, :, None] * _gather_tile(table_ref, experts, valid, c, block_d),
                   axis=1)
-    plt.store(out_ref.at[t[:, None], cols], out.astype(out_ref.dtype),
-              mask=live[:, None] & (cols < d))
+    plt.store(out_ref.at[t[:, None], cols[None, :]], out.astype(out_ref.dtype),
+              mask=live[:, None] & in_d[None, :])
     return carry
 
   lax.fori_loop(0, common.cdiv(d, block_d), tile, 0)
