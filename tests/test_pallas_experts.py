@@ -42,9 +42,12 @@ def check_against_brute_force(args, idx, dy, interpret, config, tol, unique=Fals
                         unique_indices=unique)
   y, vjp = jax.vjp(lambda *a: f(*a, jnp.asarray(idx)), *args)
   grads = vjp(dy)
-  assert y.dtype == args[0].dtype and y.shape == args[0].shape
   args64 = [np.asarray(a, np.float64) for a in args]
-  assert bf.rel_err(y, bf.atomic_experts(*args64, idx)) < tol
+  want_y = bf.atomic_experts(*args64, idx)
+  # the forward alone and the custom VJP's forward rule (they may run different forwards)
+  for got in (f(*args, jnp.asarray(idx)), y):
+    assert got.dtype == args[0].dtype and got.shape == args[0].shape
+    assert bf.rel_err(got, want_y) < tol
   want = bf.atomic_experts_grads(*args64, idx, np.asarray(dy, np.float64))
   for name, a, g, w in zip(("dx", "dup", "ddown", "dw"), args, grads, want):
     assert g.dtype == a.dtype and g.shape == a.shape, name
@@ -201,13 +204,15 @@ def test_token_path_at_four_million_experts(interpret):
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("config", [
     expert_ops.ExpertConfig(path="tokens", forward_impl="kernel"),
+    expert_ops.ExpertConfig(path="tokens", forward_impl="xla", xla_forward_chunk=2),
+    expert_ops.ExpertConfig(path="tokens", forward_impl="xla"),
     expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
-    expert_ops.ExpertConfig(path="tokens"),
-], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "xla-forward-one-gather"])
+], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "xla-forward-one-gather",
+        "auto-forward"])
 def test_config_variants(config, interpret):
-  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), and the
-  XLA forward in chunks of 2, 2, 1 pairs and as one gather (auto: 185 pairs), under the
-  kernels' backward."""
+  """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), the
+  XLA forward in chunks of 2, 2, 1 pairs and as one gather (auto: 185 pairs), and "auto"
+  (XLA alone, the kernel under vjp), each under the kernels' backward."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
@@ -225,7 +230,7 @@ def test_forward_chunk_is_one_gather_for_few_pairs():
 
 BAD_CONFIGS = [
     (expert_ops.ExpertConfig, dict(forward_impl="XLA"),
-     r"ExpertConfig.forward_impl must be one of \('xla', 'kernel'\), got 'XLA'"),
+     r"ExpertConfig.forward_impl must be one of \('auto', 'xla', 'kernel'\), got 'XLA'"),
     (expert_ops.ExpertConfig, dict(xla_forward_chunk=-1),
      r"ExpertConfig.xla_forward_chunk must be 0 \(auto\) or an integer >= 1, got -1"),
     (expert_ops.ExpertConfig, dict(xla_forward_chunk=2.0),
@@ -347,10 +352,12 @@ def test_lines_path_through_the_op(interpret):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("path,forward_impl,fwd_kernels,grad_kernels", [
-    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("lines", "xla", 2, 4)])
+    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("tokens", "auto", 0, 4),
+    ("lines", "xla", 2, 4)])
 def test_kernels_lower_to_triton(path, forward_impl, fwd_kernels, grad_kernels, dtype):
   """Every Pallas path of the op, forward and gradients, lowers to Triton IR for CUDA
-  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count."""
+  (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count
+  ("auto": the XLA forward alone, the kernel one under grad)."""
   config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl)
   f = lambda *a: expert_ops.atomic_experts(*a, config=config, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))

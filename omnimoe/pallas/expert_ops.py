@@ -4,10 +4,11 @@ Reference: `omnimoe.reference.atomic_experts` (values) and its autodiff (gradien
 This file holds no kernel: it wires the stages together and is independent of the
 backend the kernels are written for.
 
-  forward   XLA gathers in chunks of 8 pairs, or one gather for few pairs (`_xla_forward`,
-            `forward_chunk`; the token kernel expert_tokens.forward, which
-            config.forward_impl="kernel" picks, is as fast alone but not in the layer's
-            forward, below): y, and s kept for backward
+  forward   alone (inference, evaluation): XLA gathers in chunks of 8 pairs, or one
+            gather for few pairs (`_xla_forward`, `forward_chunk`); where the backward
+            follows (the custom VJP's forward rule): the token kernel
+            expert_tokens.forward (config.forward_impl, "auto" below): y, and s kept
+            for backward
   backward  expert_tokens.token_backward  token-centric: dx, dweights, per-pair ds and a
             expert_tables.table_gradients expert-centric: bucketing, then dU, dV
                                           as tensor-core segment sums
@@ -18,12 +19,17 @@ per pair; the (N, d) gradients are cheapest where a program owns its experts (ea
 gradient row written once, no scatter). The sort (here a cheaper bucketing) exists only
 in the backward, where the gradients need it. The module docstrings give the details;
 experiments/kernels_notes.md gives the measured numbers. On one H100 (bf16, T=4096,
-d=1024, N=65536, k=32), device time: forward 0.159 ms, forward+backward 0.554 ms (v13;
-plain XLA gathers: 0.560 / 3.241 ms; published Triton: 1.06 / 4.75 ms). With the kernel
-forward: 0.156 / 0.534 ms alone, but the op's forward at N = 2^20 is 0.214 against
-0.198 and the layer's 0.394 against 0.389 ms (N = 2^20: 0.536 against 0.516), so the XLA
-forward stays the default; the layer's fwd+bwd (1.153 against 1.177 ms) and the training
-step (~1.5 %) would gain from the kernel (RESULTS.md, "Vectorised row gathers").
+d=1024, N=65536, k=32), device time: forward 0.159 ms, forward+backward 0.534 ms (v13;
+plain XLA gathers: 0.560 / 3.241 ms; published Triton: 1.06 / 4.75 ms).
+
+Which forward (`forward_impl`): alone, the XLA gathers win or tie (op N = 65536 0.159
+against the kernel's 0.156 ms, N = 2^20 0.198 against 0.214; layer 0.389 against 0.394,
+N = 2^20 0.516 against 0.536), while the kernel wins wherever the backward follows (op
+fwd+bwd 0.552 -> 0.534, layer 1.178 -> 1.152, training step 61.2 -> 60.0 ms; RESULTS.md,
+"Vectorised row gathers", item 7). So "auto", the default, runs the XLA forward where
+the forward runs alone and the kernel in the custom VJP's forward rule (under grad,
+vjp or linearize). The two sum in different orders: a loss taken under grad and the
+same loss evaluated alone can differ in the last bits.
 
 Density: this file serves k ~ 16..128, where each table row serves a few tokens. Where
 k is a sizeable fraction of N (the paper's headline regime, k in the thousands),
@@ -49,7 +55,7 @@ from omnimoe.pallas import common, expert_dense, expert_lines, expert_tables, ex
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
-FORWARD_IMPLS = ("xla", "kernel")
+FORWARD_IMPLS = ("auto", "xla", "kernel")
 PATHS = ("tokens", "dense", "lines")
 
 
@@ -58,7 +64,9 @@ class ExpertConfig:
   forward: TokenConfig = TokenConfig()
   backward: TokenConfig = TokenConfig()
   tables: TableConfig = TableConfig()
-  forward_impl: str = "xla"  # "xla": `_xla_forward`; "kernel": expert_tokens.forward
+  # "xla": `_xla_forward`; "kernel": expert_tokens.forward; "auto": the XLA forward alone,
+  # the kernel under differentiation (module docstring)
+  forward_impl: str = "auto"
   xla_forward_chunk: int = 0  # pairs per token one XLA gather fusion takes; 0: `forward_chunk`
   path: str = "auto"  # "auto": `choose_path`; "tokens": this file; "dense"; "lines"
   dense: expert_dense.DenseConfig = expert_dense.DenseConfig()
@@ -145,8 +153,9 @@ def _xla_forward(x, up, down, weights, indices, activation, chunk: int):
   return y.astype(x.dtype), jnp.concatenate(s, axis=1)
 
 
-def _forward(x, up, down, weights, indices, activation, config, interpret):
-  if config.forward_impl == "xla":
+def _forward(x, up, down, weights, indices, activation, config, interpret, impl: str):
+  """y and s by `impl`, "xla" or "kernel"."""
+  if impl == "xla":
     return _xla_forward(x, up, down, weights, indices, activation,
                         forward_chunk(config, *indices.shape))
   return expert_tokens.forward(x, up, down, weights, indices, activation=activation,
@@ -155,11 +164,13 @@ def _forward(x, up, down, weights, indices, activation, config, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _atomic_experts(x, up, down, weights, indices, activation, config, interpret):
-  return _forward(x, up, down, weights, indices, activation, config, interpret)[0]
+  impl = "xla" if config.forward_impl == "auto" else config.forward_impl
+  return _forward(x, up, down, weights, indices, activation, config, interpret, impl)[0]
 
 
 def _fwd(x, up, down, weights, indices, activation, config, interpret):
-  y, s = _forward(x, up, down, weights, indices, activation, config, interpret)
+  impl = "kernel" if config.forward_impl == "auto" else config.forward_impl
+  y, s = _forward(x, up, down, weights, indices, activation, config, interpret, impl)
   return y, (x, up, down, weights, indices, s)
 
 
