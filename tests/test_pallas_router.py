@@ -91,12 +91,14 @@ def staircase_positions(lx, ly, idx):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("axis_topk", router_topk.AXIS_TOPKS)
 @pytest.mark.parametrize("seed,shape", [(0, (10, 8, 17)), (3, (10, 3, 7)), (7, (11, 8, 22))])
-def test_staircase_merge_falls_back_on_ties(seed, shape, interpret):
+def test_staircase_merge_falls_back_on_ties(seed, shape, axis_topk, interpret):
   """Sums that round together (lx near -1e8, float32 spacing 8): some token's top k holds
   a cell outside the staircase that enters by the tie rule, which only the whole-grid
-  merge finds; the staircase merge must notice (its border check) and fall back. (Seeds
-  found by search: without the fallback each of them fails.)"""
+  merge finds; the staircase merge must notice (its border check) and fall back, with the
+  picks in registers (arg-max rounds) or read back from memory (bisection). (Seeds found
+  by search: without the fallback each of them fails.)"""
   rng = np.random.default_rng(seed)
   n_x, n_y = int(rng.integers(3, 12)), int(rng.integers(3, 12))
   k = int(rng.integers(3, min(32, n_x * n_y)))
@@ -104,7 +106,8 @@ def test_staircase_merge_falls_back_on_ties(seed, shape, interpret):
   lx, ly = bf.rounding_ties(rng, 4, n_x, n_y, levels=4)
   _, want_i = bf.full_topk(lx, ly, k)
   assert np.any(staircase_positions(lx, ly, want_i) > k)  # the data does what it is for
-  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(merge="staircase"))
+  check_exact(lx, ly, k, interpret, router_topk.RouterConfig(merge="staircase",
+                                                             axis_topk=axis_topk))
 
 
 @pytest.mark.parametrize("merge", router_topk.MERGES)

@@ -23,6 +23,9 @@ the two rows and writing 2k numbers, and no sort (Triton has none).
 (i + 1)(j + 1) <= k only (`staircase`: 119 instead of 1024 lanes at k = 32), with a
 border check that falls back to the whole grid where a float tie could let a cell
 outside them in; the default "auto" takes it from k = 32 on (`STAIRCASE_MIN_K`, measured).
+The cells' values and ids are gathered from each axis' picks, which step 1 writes best
+first to a (T, width) scratch output (Triton has no register gather: read out of
+registers lane by lane, as before v14, they cost a third of the router at n = 1024).
 XLA's `lax.top_k` with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096,
 n=1024, k=32, DESIGN.md section 3); the published Triton kernel takes the top-k of all N
 sums (59.5 ms at N=2^20). Rows are padded to a power of two (Triton's array sizes) and
@@ -180,8 +183,9 @@ def _axes_topk(axes, rows, row_mask, count: int):
           for (ref, _, _), (_, picks) in zip(axes, lax.fori_loop(0, count, round_, init))]
 
 
-def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
-  """`_axes_topk` for one axis (same outputs) with fewer operations per row element.
+def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, best, barrier: bool):
+  """`_axes_topk` for one axis (the same picks, written best first to `best`: (T, width)
+  int32 keys and ids, read back by `_best_lists`) with fewer operations per row element.
 
   The arg-max rounds cost ~7 integer operations per row element per round (the arg-max
   reduction and the knock-out), `count` rounds: at n = 1024 the router is bound by this
@@ -191,8 +195,8 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
   when every token's is closed); the picks are the keys above theta and the first ties at
   it (lower index first, a cumsum), written compacted in index order to `scratch`
   ((T, width) keys and ids, this call's own outputs) and read back, `width` lanes a
-  token; their best-first order comes from each one's rank among the others (a width x
-  width comparison). `barrier` orders the program's scratch stores before its loads (a
+  token; each goes to its rank among the others in `best` (a width x width comparison).
+  `barrier` orders the program's scratch stores before its loads (a
   CTA barrier on the GPU; interpret mode runs the program's steps in order and has no
   such primitive).
   """
@@ -233,13 +237,12 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, barrier: bool):
   ckeys = plt.load(keys_scratch.at[src], mask=got, other=_INT_MIN)
   cids = plt.load(ids_scratch.at[src], mask=got, other=0)
   # rank of slot s: the slots better than it (higher key, or equal key and lower slot,
-  # i.e. lower index); then pick r is the id of the slot ranked r
+  # i.e. lower index); the slot's key and id go to position rank of the best-first lists
   mine, other = ckeys[:, :, None], ckeys[:, None, :]
   lower = slots[:, None, :] < slots[:, :, None]
   rank = jnp.sum(((other > mine) | ((other == mine) & lower)).astype(jnp.int32), axis=2)
-  picks = jnp.max(jnp.where(rank[:, None, :] == slots[:, :, None], cids[:, None, :], 0),
-                  axis=2)
-  return _picked_values(ref, rows, live, picks, count), picks
+  plt.store(best[0].at[t[:, None], rank], ckeys, mask=got)
+  plt.store(best[1].at[t[:, None], rank], cids, mask=got)
 
 
 def _merge(keys, flat, k: int):
@@ -269,40 +272,36 @@ def _grid_candidates(rv, ri, cv, ci, kx: int, ky: int, n_y: int):
   return keys.reshape(block_t, wx * wy), flat.reshape(block_t, wx * wy)
 
 
-def _take_lanes(reads):
-  """[vals[:, pos] for (vals, pos, fill) in reads]: register arrays (block_t, w) of one
-  width w read at lane positions pos (L,), fill where pos < 0. Triton has no register
-  gather: each source lane is read out by a masked max over w and spread to the lanes
-  that want it, w steps of O(w + L) work (a one-hot (block_t, L, w) array would hold L w
-  values per token in registers). All reads share the w steps: their reductions in a step
-  are independent, so the dependent chain is w reductions, not w per read."""
-  lanes = common.iota(reads[0][0].shape[1])[None, :]
-
-  def spread(p, outs):
-    return tuple(
-        jnp.where(pos[None, :] == p,
-                  jnp.max(jnp.where(lanes == p, vals, fill), axis=1, keepdims=True), out)
-        for (vals, pos, fill), out in zip(reads, outs))
-
-  init = tuple(jnp.full((vals.shape[0], pos.shape[0]), fill, vals.dtype)
-               for vals, pos, fill in reads)
-  return lax.fori_loop(0, lanes.shape[1], spread, init)
+def _read_lists(refs, rows, live, pos):
+  """refs[r][rows, pos] for each of the (T, width) int32 refs (best-first keys or ids),
+  (block_t, L) each for positions pos (L,); 0 (the key of 0.0) where pos < 0: padding."""
+  at = (rows[:, None], jnp.maximum(pos, 0)[None, :])
+  mask = live[:, None] & (pos >= 0)[None, :]
+  return [plt.load(ref.at[at], mask=mask, other=0) for ref in refs]
 
 
-def _staircase_candidates(rv, ri, cv, ci, cells, border, n_y: int):
+def _best_lists(best, rows, live, count: int, width: int):
+  """The first `count` entries of best-first lists (keys, ids refs) as (values float32,
+  ids), (block_t, width) registers, 0 past them (what `_axes_topk` returns)."""
+  lanes = common.iota(width)
+  keys, ids = _read_lists(best, rows, live, jnp.where(lanes < count, lanes, -1))
+  return _key_to_float(keys), ids
+
+
+def _staircase_candidates(x_best, y_best, rows, live, cells, border, n_y: int):
   """Keys and flat ids of the staircase cells, and the border cells' keys (INT_MIN, below
-  every float's key, where a position is -1: padding). The row side's and the column
-  side's reads each share one loop (one loop in all when both lists have one width)."""
-  row_reads = [(ri, cells[0], 0), (rv, cells[0], -jnp.inf), (rv, border[0], -jnp.inf)]
-  col_reads = [(ci, cells[1], 0), (cv, cells[1], -jnp.inf), (cv, border[1], -jnp.inf)]
-  if rv.shape[1] == cv.shape[1]:
-    got = _take_lanes(row_reads + col_reads)
-  else:
-    got = _take_lanes(row_reads) + _take_lanes(col_reads)
-  row_id, row_v, border_row_v, col_id, col_v, border_col_v = got
-  key = lambda v, pos: jnp.where((pos >= 0)[None, :], _ordered_key(v), _INT_MIN)
-  return (key(row_v + col_v, cells[0]), row_id * n_y + col_id,
-          key(border_row_v + border_col_v, border[0]))
+  every float's key, where a position is -1: padding), gathered from the two axes'
+  best-first lists in memory (Triton has no register gather)."""
+  def key(pos, row_key, col_key):
+    sums = _key_to_float(row_key) + _key_to_float(col_key)
+    return jnp.where((pos >= 0)[None, :], _ordered_key(sums), _INT_MIN)
+
+  row_key, row_id = _read_lists(x_best, rows, live, cells[0])
+  col_key, col_id = _read_lists(y_best, rows, live, cells[1])
+  [border_row], [border_col] = (_read_lists(best[:1], rows, live, pos)
+                                for best, pos in ((x_best, border[0]), (y_best, border[1])))
+  return (key(cells[0], row_key, col_key), row_id * n_y + col_id,
+          key(border[0], border_row, border_col))
 
 
 @functools.cache
@@ -331,32 +330,54 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
   return padded(cells) + padded(border)
 
 
+def _lists_per_axis(merge: str, axis_topk: str) -> int:
+  """(T, width) int32 scratch outputs the kernel takes per axis: the bisection's compacted
+  keys and ids, and the best-first keys and ids the bisection writes and the staircase
+  gathers from."""
+  return 2 * (axis_topk == "bisect") + 2 * (axis_topk == "bisect" or merge == "staircase")
+
+
 def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, share_axes: bool,
                    axis_topk: str, barrier: bool):
-  if axis_topk == "bisect":
-    *refs, x_keys, x_ids, y_keys, y_ids = refs
-  *stair_refs, scores_ref, idx_ref = refs
+  per_axis = _lists_per_axis(merge, axis_topk)
+  *stair_refs, scores_ref, idx_ref = refs[:len(refs) - 2 * per_axis]
+  x_scratch, y_scratch = refs[len(refs) - 2 * per_axis:][:per_axis], refs[len(refs) - per_axis:]
   tokens, n_x = lx_ref.shape
   n_y = ly_ref.shape[1]
   kx, ky = min(k, n_x), min(k, n_y)
   wx, wy = common.pow2(kx), common.pow2(ky)
   t, live, rows = common.token_block(block_t, tokens)
   x_axis, y_axis = (lx_ref, n_x, wx), (ly_ref, n_y, wy)
+  # x_best, y_best: each axis' picks best first, in memory (keys, ids), where the
+  # bisection writes them or the staircase gathers from them
+  x_best, y_best = x_scratch[-2:], y_scratch[-2:]
   if axis_topk == "bisect":
-    rv, ri = _axis_topk_bisect(x_axis, t, rows, live, kx, (x_keys, x_ids), barrier)
-    cv, ci = _axis_topk_bisect(y_axis, t, rows, live, ky, (y_keys, y_ids), barrier)
-  elif share_axes:
-    (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
+    _axis_topk_bisect(x_axis, t, rows, live, kx, x_scratch[:2], x_best, barrier)
+    _axis_topk_bisect(y_axis, t, rows, live, ky, y_scratch[:2], y_best, barrier)
+    picks = lambda: (*_best_lists(x_best, rows, live, kx, wx),
+                     *_best_lists(y_best, rows, live, ky, wy))
   else:
-    [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
-                              _axes_topk([y_axis], rows, live, ky))
-  whole_grid = lambda: _merge(*_grid_candidates(rv, ri, cv, ci, kx, ky, n_y), k)
+    if share_axes:
+      (rv, ri), (cv, ci) = _axes_topk([x_axis, y_axis], rows, live, kx)
+    else:
+      [(rv, ri)], [(cv, ci)] = (_axes_topk([x_axis], rows, live, kx),
+                                _axes_topk([y_axis], rows, live, ky))
+    picks = lambda: (rv, ri, cv, ci)
+    if merge == "staircase":
+      for (v, i), best, w, count in (((rv, ri), x_best, wx, kx), ((cv, ci), y_best, wy, ky)):
+        slots = common.iota(w)[None, :]
+        for ref, val in zip(best, (_ordered_key(v), i)):
+          plt.store(ref.at[t[:, None], slots], val, mask=live[:, None] & (slots < count))
+  if barrier and per_axis:
+    plt.debug_barrier()  # the best-first lists are in memory before any gather
+  whole_grid = lambda: _merge(*_grid_candidates(*picks(), kx, ky, n_y), k)
   if merge == "grid":
     best_key, best_idx = whole_grid()
   else:
     cells, border = ([plt.load(r.at[common.iota(r.shape[0])]) for r in pair]
                      for pair in (stair_refs[:2], stair_refs[2:]))
-    keys, flat, border_key = _staircase_candidates(rv, ri, cv, ci, cells, border, n_y)
+    keys, flat, border_key = _staircase_candidates(x_best, y_best, rows, live, cells, border,
+                                                   n_y)
     best_key, best_idx = _merge(keys, flat, k)
     theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
                     axis=1, keepdims=True)
@@ -411,9 +432,9 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
                              barrier=not interpret)
   out_shape = [jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                jax.ShapeDtypeStruct((tokens, k), jnp.int32)]
-  if config.axis_topk == "bisect":  # scratch: each axis' compacted keys and ids
-    for n in (lx.shape[1], ly.shape[1]):
-      out_shape += [jax.ShapeDtypeStruct((tokens, common.pow2(min(k, n))), jnp.int32)] * 2
+  for n in (lx.shape[1], ly.shape[1]):  # scratch: `_lists_per_axis`
+    out_shape += [jax.ShapeDtypeStruct((tokens, common.pow2(min(k, n))), jnp.int32)
+                  ] * _lists_per_axis(config.merge, config.axis_topk)
   return tuple(common.triton_call(
       kernel, out_shape=tuple(out_shape), grid=(common.cdiv(tokens, config.block_t),),
       num_warps=num_warps, num_stages=config.num_stages, interpret=interpret,
