@@ -77,11 +77,11 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
     k: experts per token, a Python int with 1 <= k <= n_x * n_y.
     sorted: True (default): scores in descending order, equal scores by ascending expert
       id. False: the same set in whatever order the implementation finds cheapest (as
-      torch.topk's switch); the Pallas path for k > 32 then skips its final sort and
+      torch.topk's switch); the Pallas path for k > 64 then skips its final sort and
       returns rows ascending, within a row by descending ly (see
       `omnimoe.pallas.router_threshold`). The XLA path always sorts.
     impl: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere). Pallas: a fused kernel
-      for k <= 32, a threshold search (`router_threshold`) for k in the thousands.
+      for k <= 64, a threshold search (`router_threshold`) for k in the thousands.
   Returns:
     scores (T, k) float32 and indices (T, k) int32, the flat expert ids `i * n_y + j`:
     the k largest float32 sums, ties broken toward the lower expert id. Scores are

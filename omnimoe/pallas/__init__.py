@@ -1,6 +1,6 @@
 """Pallas GPU kernels (Triton lowering) behind `omnimoe.ops` with impl="pallas".
 
-  router_topk       fused product-key top-k (`cartesian_topk`) for k <= MAX_KERNEL_K (32)
+  router_topk       fused product-key top-k (`cartesian_topk`) for k <= MAX_KERNEL_K (64)
   router_threshold  exact top-k for larger k (thousands): threshold search + bounded emit
                     (`cartesian_topk`; `threshold`, the search alone, for tests and timings)
   expert_ops        atomic experts with a custom VJP (`atomic_experts`), picking a path by

@@ -6,8 +6,9 @@ among equal float32 sums `fl(lx[t, i] + ly[t, j])` the lower flat id `i * n_y + 
 also in the reference's order; `sorted=False` returns the same set in the kernel's order
 (below), which is all the expert op needs.
 
-Why not the fused kernel (`router_topk`, k <= MAX_KERNEL_K): it ranks a k_x x k_y
-candidate grid in registers, O(k n + k^3) per token; and XLA's exact `lax.top_k` over all
+Why not the fused kernel (`router_topk`, k <= MAX_KERNEL_K): it ranks k x k candidates
+(at best ~k ln k of them) by a width x width comparison in registers, O(k^2) and more
+per token, measured slower from k = 128 on; and XLA's exact `lax.top_k` over all
 N = 102,400 sums takes 29 ms at T = 4096, k = 4096 (DESIGN.md section 3b). Here no token
 ever holds its N sums; the cost is O(n log n) to sort one axis plus O(n_x log n_y) per
 bisection step plus O(k log n_x) to emit, per token.

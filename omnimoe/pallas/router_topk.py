@@ -4,7 +4,9 @@ Reference: `omnimoe.reference.cartesian_topk` (same outputs, same tie rule: scor
 descending order, equal scores by ascending flat expert id `i * n_y + j`; per-axis ties
 by lower index). Exactness of the product-key search is argued there.
 
-Design. One program owns `block_t` tokens and does all of their work in registers:
+Design. One program owns `block_t` tokens and does all of their work in registers,
+with a few (T, width) scratch outputs where a value must move between lanes (Triton has
+no register gather):
   1. per-axis top-k of `lx` and `ly`: `min(k, n)` rounds of an arg-max over the row
      (Triton's arg-max breaks ties to the lower index, our per-axis rule), the winner
      knocked out after each round; both axes in one loop where their counts agree and
@@ -12,26 +14,27 @@ Design. One program owns `block_t` tokens and does all of their work in register
      (IEEE bits with the negative half flipped, -0.0 folded into +0.0), so that a
      knocked-out or padded entry (INT_MIN) sorts below every real score, -inf included.
      `axis_topk="bisect"` (`_axis_topk_bisect`) finds the same picks with ~3x fewer
-     integer operations per row element (a bisection for the count-th best key, then a
-     compaction and a rank): the default "auto" takes it from n = 256 on
+     integer operations per row element (`_select`: a bisection for the count-th best
+     key, then a compaction and a rank): the default "auto" takes it from n = 256 on
      (`BISECT_MIN_N`, measured), where the arg-max rounds' arithmetic bounds the kernel.
-  2. the k_x x k_y candidate sums, k rounds of: max key, then the lowest flat id among
-     the entries holding it (that is the tie rule), knocked out.
-That is O(k n + k^3) compare-and-select work per token, no memory traffic beyond reading
-the two rows and writing 2k numbers, and no sort (Triton has none).
+  2. the k best of the k_x x k_y candidate sums by `_select` too (ties at the k-th sum
+     to the lowest flat ids: the tie rule), each written to its rank's output slot.
+That is O(k n) compare-and-select work per token for the arg-max rounds, or
+O(n + k^2) a bisection step, no memory traffic beyond reading the two rows, the scratch
+round trips and writing 2k numbers, and no sort (Triton has none).
 `merge="staircase"` runs step 2 on the ~k ln k candidates at best-first positions
 (i + 1)(j + 1) <= k only (`staircase`: 119 instead of 1024 lanes at k = 32), with a
 border check that falls back to the whole grid where a float tie could let a cell
-outside them in; the default "auto" takes it from k = 32 on (`STAIRCASE_MIN_K`, measured).
+outside them in; the default "auto" takes it from k = 16 on (`STAIRCASE_MIN_K`, measured).
 The cells' values and ids are gathered from each axis' picks, which step 1 writes best
-first to a (T, width) scratch output (Triton has no register gather: read out of
-registers lane by lane, as before v14, they cost a third of the router at n = 1024).
+first to scratch (read out of registers lane by lane, as before v14, they cost over a
+quarter of the router at n = 1024, k = 32).
 XLA's `lax.top_k` with k > 16 sorts whole rows (0.56 ms for the two axes at T=4096,
 n=1024, k=32, DESIGN.md section 3); the published Triton kernel takes the top-k of all N
 sums (59.5 ms at N=2^20). Rows are padded to a power of two (Triton's array sizes) and
-masked. Timings: experiments/RESULTS.md (kernel table) and kernels_notes.md (v8b, v12). Two
-tokens per program on one warp was the fastest of 7 launch shapes for the grid merge (the
-arg-max reductions then never leave the warp); the staircase runs faster with one.
+masked. Timings: experiments/RESULTS.md (kernel table) and kernels_notes.md (v8b, v12,
+v14). Two tokens per program on one warp was the fastest of 7 launch shapes for the grid
+merge when it ran k rounds of arg-max (before v14); the staircase runs faster with one.
 
 k above `MAX_KERNEL_K` goes to `router_threshold` (threshold search + bounded emit,
 O(n log n + k) per token, for k in the thousands; its launch: `RouterConfig.threshold`);
@@ -67,10 +70,12 @@ from omnimoe.pallas import common
 if TYPE_CHECKING:  # router_threshold imports this module's helpers
   from omnimoe.pallas.router_threshold import ThresholdConfig
 
-# The fused kernel's k^3 merge loses to the threshold search from k = 48 (n = 320) or 64
-# (n = 1024) on, and wins by 2.3-3.4x at k = 32 (H200, T = 4096 and 40960:
-# experiments/RESULTS.md, "Path crossover"; `--crossover` in experiments/bench_headline.py).
-MAX_KERNEL_K = 32
+# Up to here the fused kernel beats the threshold search. H100, T = 4096, device time
+# of host-timed launches, threshold -> fused (staircase merge by selection, v14): k = 64
+# n = 1024 0.479 -> 0.183 ms, n = 320 0.177 -> 0.121, n = 256 0.127 -> 0.110; k = 128,
+# n = 1024 0.509 against 0.625 (kernels_notes.md, v14). Before v14 (k rounds of arg-max
+# in the merge) the threshold search won from k = 48 on (RESULTS.md, "Path crossover").
+MAX_KERNEL_K = 64
 MAX_KERNEL_N = 16384
 _INT_MIN = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
@@ -87,10 +92,11 @@ AXIS_TOPKS = ("argmax", "bisect")
 # (0.018-0.025 ms each); n = 128 not measured (kernels_notes.md, v12;
 # `bench_kernels.py --parts sweep --sweep router`).
 BISECT_MIN_N = 256
-# "auto" merges the staircase from this k on, with one token per program (H200, T = 4096,
-# k = 32, kernel table: N = 65,536 0.088 -> 0.076 ms, N = 2^20 0.162 -> 0.151; at k = 16
-# the staircase lost, n = 256 0.031 -> 0.038; experiments/kernels_notes.md, v8b).
-STAIRCASE_MIN_K = 32
+# "auto" merges the staircase from this k on, with one token per program; the whole grid
+# (two tokens a program) below, where it is not measured. H100, T = 4096, grid ->
+# staircase, both merging by selection (v14): k = 16 n = 1024 0.102 -> 0.050 ms, n = 256
+# 0.023 -> 0.019, n = 64 0.019 -> 0.018; k = 32 measured in v8b (kernels_notes.md).
+STAIRCASE_MIN_K = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,33 +189,19 @@ def _axes_topk(axes, rows, row_mask, count: int):
           for (ref, _, _), (_, picks) in zip(axes, lax.fori_loop(0, count, round_, init))]
 
 
-def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, best, barrier: bool):
-  """`_axes_topk` for one axis (the same picks, written best first to `best`: (T, width)
-  int32 keys and ids, read back by `_best_lists`) with fewer operations per row element.
+def _kth_key(keys, count: int):
+  """theta (block_t, 1): each row's count-th best int32 key (padding: INT_MIN, below every
+  real key; each row holds >= count real ones), by bisection.
 
-  The arg-max rounds cost ~7 integer operations per row element per round (the arg-max
-  reduction and the knock-out), `count` rounds: at n = 1024 the router is bound by this
-  arithmetic. Here, per token: theta, the count-th best key, by bisection over the int32
-  keys (a compare and a sum per element per step; the bracket starts at the row's min
-  and max keys and closes early at a key that exactly `count` keys reach; the loop stops
-  when every token's is closed); the picks are the keys above theta and the first ties at
-  it (lower index first, a cumsum), written compacted in index order to `scratch`
-  ((T, width) keys and ids, this call's own outputs) and read back, `width` lanes a
-  token; each goes to its rank among the others in `best` (a width x width comparison).
-  `barrier` orders the program's scratch stores before its loads (a
-  CTA barrier on the GPU; interpret mode runs the program's steps in order and has no
-  such primitive).
+  theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi] that starts at
+  the row's least and greatest real keys; the ceiling midpoint is computed without int32
+  overflow; the loop stops when every row's bracket is closed. A midpoint that exactly
+  count keys reach closes the bracket early: the picks are then the keys >= it (`_select`
+  takes gt plus all of eq), the same set. For log-softmax rows of random normal logits
+  that is after 8 steps on average instead of 23-24 (n = 64..1024; a numpy replay of this
+  loop, 200 rows each): the gap between the count-th and the next key is wide in int32
+  keys.
   """
-  ref, n, width = axis
-  keys_scratch, ids_scratch = scratch
-  cols, keys = _row_keys(ref, n, rows, live)
-
-  # theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi]; the ceiling
-  # midpoint is computed without int32 overflow. A midpoint that exactly count keys reach
-  # closes the bracket early: the picks are then the keys >= it (below, gt plus all of eq),
-  # the same set. For log-softmax rows of random normal logits that is after 8 steps on
-  # average instead of 23-24 (n = 64..1024; a numpy replay of this loop, 200 rows each):
-  # the gap between the count-th and the next key is wide in int32 keys.
   def step(carry):
     lo, hi = carry
     mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
@@ -218,48 +210,84 @@ def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, best, barrier: b
     return jnp.where(enough, mid, lo), jnp.where(reach == count, mid,
                                                  jnp.where(enough, hi, mid - 1))
 
-  bracket = (jnp.min(jnp.where(cols < n, keys, _INT_MAX), axis=1, keepdims=True),
+  bracket = (jnp.min(jnp.where(keys == _INT_MIN, _INT_MAX, keys), axis=1, keepdims=True),
              jnp.max(keys, axis=1, keepdims=True))
   theta, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
                             bracket)
-  gt, eq = keys > theta, keys == theta  # padding (INT_MIN) is below every real key
+  return theta
+
+
+def _lowest_ids(ids, eq, need):
+  """eq & (id among the `need` lowest ids of the eq lanes), per row: a bisection for the
+  need-th lowest id (ids are distinct and >= 0 within a row)."""
+  def step(carry):
+    lo, hi = carry
+    mid = (lo + hi) >> 1
+    enough = jnp.sum((eq & (ids <= mid)).astype(jnp.int32), axis=1, keepdims=True) >= need
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  bracket = (jnp.min(jnp.where(eq, ids, _INT_MAX), axis=1, keepdims=True),
+             jnp.max(jnp.where(eq, ids, -1), axis=1, keepdims=True))
+  phi, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
+                          bracket)
+  return eq & (ids <= phi)
+
+
+def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: bool):
+  """The `count` best (key, id) of each row, ties at the count-th key to the lowest ids.
+
+  Per token: theta, the count-th best key (`_kth_key`); the picks are the keys above it
+  and as many of the keys equal to it as are still needed, lowest ids first (a second
+  bisection, `_lowest_ids`, run only where some row has more ties than it needs); they
+  are written compacted in lane order to `scratch` ((T, width) keys and ids, outputs of
+  the call) and read back, `width` >= count lanes a token; each one's rank, its place in
+  best-first order (key descending, id ascending), counts the picks better than it (a
+  width x width comparison). `barrier` orders the program's scratch stores before its
+  loads (a CTA barrier on the GPU; interpret mode runs a program's steps in order and has
+  no such primitive). Why no k rounds of arg-max: each round costs a few operations per
+  candidate, the bisection a compare and a sum per step, ~8 steps (`_kth_key`).
+
+  Returns (keys, ids, rank, got) (block_t, width) in compacted order, got marking the
+  count picks of the live tokens, and theta (block_t, 1).
+  """
+  theta = _kth_key(keys, count)
+  gt, eq = keys > theta, keys == theta
   need = count - jnp.sum(gt.astype(jnp.int32), axis=1, keepdims=True)
-  picked = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= need))
+  surplus = jnp.max(jnp.sum(eq.astype(jnp.int32), axis=1, keepdims=True) - need)
+  ties = lax.cond(surplus > 0, lambda: _lowest_ids(ids, eq, need).astype(jnp.int32),
+                  lambda: eq.astype(jnp.int32))
+  picked = gt | (ties > 0)
   slot = jnp.where(picked, jnp.cumsum(picked.astype(jnp.int32), axis=1) - 1, width)
   dest, keep = (t[:, None], slot), live[:, None] & picked
-  plt.store(keys_scratch.at[dest], keys, mask=keep)
-  plt.store(ids_scratch.at[dest], jnp.broadcast_to(cols, keys.shape), mask=keep)
+  for ref, val in zip(scratch, (keys, ids)):
+    plt.store(ref.at[dest], val, mask=keep)
   if barrier:
     plt.debug_barrier()
   slots = common.iota(width)[None, :]
   got = live[:, None] & (slots < count)
-  src = (rows[:, None], slots)
-  ckeys = plt.load(keys_scratch.at[src], mask=got, other=_INT_MIN)
-  cids = plt.load(ids_scratch.at[src], mask=got, other=0)
-  # rank of slot s: the slots better than it (higher key, or equal key and lower slot,
-  # i.e. lower index); the slot's key and id go to position rank of the best-first lists
-  mine, other = ckeys[:, :, None], ckeys[:, None, :]
-  lower = slots[:, None, :] < slots[:, :, None]
-  rank = jnp.sum(((other > mine) | ((other == mine) & lower)).astype(jnp.int32), axis=2)
-  plt.store(best[0].at[t[:, None], rank], ckeys, mask=got)
-  plt.store(best[1].at[t[:, None], rank], cids, mask=got)
+  ckeys, cids = (plt.load(ref.at[rows[:, None], slots], mask=got, other=fill)
+                 for ref, fill in zip(scratch, (_INT_MIN, 0)))
+  better = ((ckeys[:, None, :] > ckeys[:, :, None])
+            | ((ckeys[:, None, :] == ckeys[:, :, None]) & (cids[:, None, :] < cids[:, :, None])))
+  rank = jnp.sum(better.astype(jnp.int32), axis=2)
+  return (ckeys, cids, rank, got), theta
 
 
-def _merge(keys, flat, k: int):
-  """The k best (key, flat id) of each row, best first: k rounds of max key, then the
-  lowest flat id holding it (the tie rule), knocked out."""
-  slots = common.iota(common.pow2(k))[None, :]
+def _axis_topk_bisect(axis, t, rows, live, count: int, scratch, best, barrier: bool):
+  """`_axes_topk` for one axis (the same picks, written best first to `best`: (T, width)
+  int32 keys and ids, read back by `_best_lists`) with fewer operations per row element:
+  `_select` over the row's keys and column ids (ties: lower index first).
 
-  def round_(m, carry):
-    keys, best_key, best_idx = carry
-    top = jnp.max(keys, axis=1, keepdims=True)
-    pick = jnp.min(jnp.where(keys == top, flat, _INT_MAX), axis=1, keepdims=True)
-    return (jnp.where(flat == pick, _INT_MIN, keys), jnp.where(slots == m, top, best_key),
-            jnp.where(slots == m, pick, best_idx))
-
-  zeros = jnp.zeros((keys.shape[0], slots.shape[1]), jnp.int32)
-  _, best_key, best_idx = lax.fori_loop(0, k, round_, (keys, zeros, zeros))
-  return best_key, best_idx
+  The arg-max rounds cost ~7 integer operations per row element per round (the arg-max
+  reduction and the knock-out), `count` rounds: at n = 1024 the router is bound by this
+  arithmetic; the bisection costs ~2 a step, ~8 steps.
+  """
+  ref, n, width = axis
+  cols, keys = _row_keys(ref, n, rows, live)
+  (ckeys, cids, rank, got), _ = _select(keys, jnp.broadcast_to(cols, keys.shape), count,
+                                        width, t, rows, live, scratch, barrier)
+  for ref, val in zip(best, (ckeys, cids)):
+    plt.store(ref.at[t[:, None], rank], val, mask=got)
 
 
 def _grid_candidates(rv, ri, cv, ci, kx: int, ky: int, n_y: int):
@@ -333,14 +361,14 @@ def staircase(kx: int, ky: int, k: int) -> tuple[np.ndarray, ...]:
 def _lists_per_axis(merge: str, axis_topk: str) -> int:
   """(T, width) int32 scratch outputs the kernel takes per axis: the bisection's compacted
   keys and ids, and the best-first keys and ids the bisection writes and the staircase
-  gathers from."""
+  gathers from. The merge takes two more, its own compacted keys and ids."""
   return 2 * (axis_topk == "bisect") + 2 * (axis_topk == "bisect" or merge == "staircase")
 
 
 def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, share_axes: bool,
                    axis_topk: str, barrier: bool):
   per_axis = _lists_per_axis(merge, axis_topk)
-  *stair_refs, scores_ref, idx_ref = refs[:len(refs) - 2 * per_axis]
+  *stair_refs, scores_ref, idx_ref, merge_keys, merge_ids = refs[:len(refs) - 2 * per_axis]
   x_scratch, y_scratch = refs[len(refs) - 2 * per_axis:][:per_axis], refs[len(refs) - per_axis:]
   tokens, n_x = lx_ref.shape
   n_y = ly_ref.shape[1]
@@ -370,25 +398,29 @@ def _router_kernel(lx_ref, ly_ref, *refs, k: int, block_t: int, merge: str, shar
           plt.store(ref.at[t[:, None], slots], val, mask=live[:, None] & (slots < count))
   if barrier and per_axis:
     plt.debug_barrier()  # the best-first lists are in memory before any gather
-  whole_grid = lambda: _merge(*_grid_candidates(*picks(), kx, ky, n_y), k)
+
+  def whole_grid():
+    if barrier:
+      plt.debug_barrier()  # a staircase merge's loads of the merge scratch are done
+    return _select(*_grid_candidates(*picks(), kx, ky, n_y), k, common.pow2(k), t, rows, live,
+                   (merge_keys, merge_ids), barrier)[0]
+
   if merge == "grid":
-    best_key, best_idx = whole_grid()
+    best = whole_grid()
   else:
     cells, border = ([plt.load(r.at[common.iota(r.shape[0])]) for r in pair]
                      for pair in (stair_refs[:2], stair_refs[2:]))
     keys, flat, border_key = _staircase_candidates(x_best, y_best, rows, live, cells, border,
                                                    n_y)
-    best_key, best_idx = _merge(keys, flat, k)
-    theta = jnp.max(jnp.where(common.iota(best_key.shape[1]) == k - 1, best_key, _INT_MIN),
-                    axis=1, keepdims=True)
+    best, theta = _select(keys, flat, k, common.pow2(k), t, rows, live,
+                          (merge_keys, merge_ids), barrier)
     # theta is a real cell's key, so padded border lanes (INT_MIN) never match it.
     tie = jnp.max(((border_key == theta) & live[:, None]).astype(jnp.int32)) > 0
-    best_key, best_idx = lax.cond(tie, whole_grid, lambda: (best_key, best_idx))
-  slots = common.iota(best_key.shape[1])[None, :]
-  out = (t[:, None], slots)
-  mask = live[:, None] & (slots < k)
-  plt.store(scores_ref.at[out], _key_to_float(best_key), mask=mask)
-  plt.store(idx_ref.at[out], best_idx, mask=mask)
+    best = lax.cond(tie, whole_grid, lambda: best)
+  best_key, best_idx, rank, got = best
+  out = (t[:, None], rank)
+  plt.store(scores_ref.at[out], _key_to_float(best_key), mask=got)
+  plt.store(idx_ref.at[out], best_idx, mask=got)
 
 
 def _num_warps(config: RouterConfig, n: int, k: int) -> int:
@@ -432,7 +464,9 @@ def _cartesian_topk(lx, ly, k: int, config: RouterConfig, interpret: bool):
                              barrier=not interpret)
   out_shape = [jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                jax.ShapeDtypeStruct((tokens, k), jnp.int32)]
-  for n in (lx.shape[1], ly.shape[1]):  # scratch: `_lists_per_axis`
+  # scratch: the merge's compacted picks, then each axis' (`_lists_per_axis`)
+  out_shape += [jax.ShapeDtypeStruct((tokens, common.pow2(k)), jnp.int32)] * 2
+  for n in (lx.shape[1], ly.shape[1]):
     out_shape += [jax.ShapeDtypeStruct((tokens, common.pow2(min(k, n))), jnp.int32)
                   ] * _lists_per_axis(config.merge, config.axis_topk)
   return tuple(common.triton_call(
