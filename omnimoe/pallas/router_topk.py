@@ -242,9 +242,9 @@ def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: 
   where some row has more ties than it needs (often so for gates computed in bfloat16:
   14 % of the rows at n = 256, 31 % at n = 1024 in the layer benchmark): by a cumsum
   where the ids ascend with the lanes (a row's columns), else by a second bisection
-  (`_lowest_ids`; the staircase's cells are in no id order); they
-  are written compacted in lane order to `scratch` ((T, width) keys and ids, outputs of
-  the call) and read back, `width` >= count lanes a token; each one's rank, its place in
+  (`_lowest_ids`; the staircase's cells are in no id order); they are written compacted
+  in lane order to `scratch` ((T, width) keys and ids, outputs of the call) and read
+  back, `width` >= count lanes a token; each one's rank, its place in
   best-first order (key descending, id ascending), counts the picks better than it (a
   width x width comparison). `barrier` orders the program's scratch stores before its
   loads (a CTA barrier on the GPU; interpret mode runs a program's steps in order and has
