@@ -97,6 +97,8 @@ BISECT_MIN_N = 256
 # staircase, both merging by selection (v14): k = 16 n = 1024 0.102 -> 0.050 ms, n = 256
 # 0.023 -> 0.019, n = 64 0.019 -> 0.018; k = 32 measured in v8b (kernels_notes.md).
 STAIRCASE_MIN_K = 16
+# `_kth_key`'s plain bisection steps before it moves its bracket ends onto real keys.
+_PLAIN_STEPS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,31 +202,57 @@ def _kth_key(keys, count: int):
   takes gt plus all of eq), the same set. For log-softmax rows of random normal logits
   that is after 8 steps on average instead of 23-24 (n = 64..1024; a numpy replay of this
   loop, 200 rows each): the gap between the count-th and the next key is wide in int32
-  keys.
+  keys. Where the count-th key ties with the next (bfloat16 gates: ~20 % of the rows, and
+  ~40 % of the staircase merges at k = 32) no midpoint closes early and plain steps narrow
+  the bracket to one int32 value; so after `_PLAIN_STEPS` each step also moves the bracket
+  end it sets onto a real key (the least key >= mid, the greatest below it), which closes
+  it within a few steps once one key is left inside, at two reductions a step instead of
+  one. A numpy replay of this loop (300 rows each, reductions per row, plain -> this):
+  bfloat16 log-softmax rows n = 256 / 1024, k = 32: 10.6 -> 9.1, 12.0 -> 9.9; float32
+  rows 8.1 -> 8.2, 8.6 -> 8.6; the k = 32 staircase merge on bfloat16 rows 11.6 -> 10.0
+  (with `_lowest_ids` 16.6 -> 11.7 at n = 256, 19.0 -> 11.9 at n = 1024), on float32 rows
+  unchanged (7.4, 7.2). Not yet timed on a GPU (experiments/kernels_notes.md, v15).
   """
   def step(carry):
-    lo, hi = carry
+    lo, hi, steps = carry
     mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-    reach = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True)
+    reach_keys = keys >= mid
+    reach = jnp.sum(reach_keys.astype(jnp.int32), axis=1, keepdims=True)
     enough = reach >= count
-    return jnp.where(enough, mid, lo), jnp.where(reach == count, mid,
-                                                 jnp.where(enough, hi, mid - 1))
+
+    def plain():
+      return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    def snapped():
+      above = jnp.min(jnp.where(reach_keys, keys, _INT_MAX), axis=1, keepdims=True)
+      below = jnp.max(jnp.where(reach_keys, _INT_MIN, keys), axis=1, keepdims=True)
+      return jnp.where(enough, above, lo), jnp.where(enough, hi, below)
+
+    lo, hi = lax.cond(steps < _PLAIN_STEPS, plain, snapped)
+    return lo, jnp.where(reach == count, lo, hi), steps + 1
 
   bracket = (jnp.min(jnp.where(keys == _INT_MIN, _INT_MAX, keys), axis=1, keepdims=True),
-             jnp.max(keys, axis=1, keepdims=True))
-  theta, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
-                            bracket)
+             jnp.max(keys, axis=1, keepdims=True), jnp.int32(0))
+  theta, _, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0,
+                               step, bracket)
   return theta
 
 
 def _lowest_ids(ids, eq, need):
   """eq & (id among the `need` lowest ids of the eq lanes), per row: a bisection for the
-  need-th lowest id (ids are distinct and >= 0 within a row)."""
+  need-th lowest id phi (ids are distinct and >= 0 within a row) whose bracket ends are
+  always ids of eq lanes (each step moves the end it sets onto the nearest such id), so it
+  takes ~log2(#eq lanes) steps, not log2 of the ids' range (up to 20 at N = 2^20), at
+  three reductions a step instead of one: in the replay of `_kth_key`'s docstring, steps
+  per k = 32 merge on bfloat16 rows 5.0 -> 0.55 at n = 256, 7.4 -> 0.65 at n = 1024."""
   def step(carry):
     lo, hi = carry
     mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # the floor midpoint, without overflow
-    enough = jnp.sum((eq & (ids <= mid)).astype(jnp.int32), axis=1, keepdims=True) >= need
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    low = eq & (ids <= mid)
+    enough = jnp.sum(low.astype(jnp.int32), axis=1, keepdims=True) >= need
+    at_most = jnp.max(jnp.where(low, ids, -1), axis=1, keepdims=True)
+    above = jnp.min(jnp.where(eq & ~low, ids, _INT_MAX), axis=1, keepdims=True)
+    return jnp.where(enough, lo, above), jnp.where(enough, at_most, hi)
 
   bracket = (jnp.min(jnp.where(eq, ids, _INT_MAX), axis=1, keepdims=True),
              jnp.max(jnp.where(eq, ids, -1), axis=1, keepdims=True))
