@@ -191,9 +191,10 @@ def _axes_topk(axes, rows, row_mask, count: int):
           for (ref, _, _), (_, picks) in zip(axes, lax.fori_loop(0, count, round_, init))]
 
 
-def _kth_key(keys, count: int):
+def _kth_key(keys, count):
   """theta (block_t, 1): each row's count-th best int32 key (padding: INT_MIN, below every
-  real key; each row holds >= count real ones), by bisection.
+  real key; each row holds >= count real ones; count an int or a (block_t, 1) array), by
+  bisection.
 
   theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi] that starts at
   the row's least and greatest real keys; the ceiling midpoint is computed without int32
@@ -209,9 +210,10 @@ def _kth_key(keys, count: int):
   it within a few steps once one key is left inside, at two reductions a step instead of
   one. A numpy replay of this loop (300 rows each, reductions per row, plain -> this):
   bfloat16 log-softmax rows n = 256 / 1024, k = 32: 10.6 -> 9.1, 12.0 -> 9.9; float32
-  rows 8.1 -> 8.2, 8.6 -> 8.6; the k = 32 staircase merge on bfloat16 rows 11.6 -> 10.0
-  (with `_lowest_ids` 16.6 -> 11.7 at n = 256, 19.0 -> 11.9 at n = 1024), on float32 rows
-  unchanged (7.4, 7.2). Not yet timed on a GPU (experiments/kernels_notes.md, v15).
+  rows 8.1 -> 8.2, 8.6 -> 8.6; the k = 32 staircase merge on bfloat16 rows 11.6 -> 10.0,
+  on float32 rows unchanged (7.4, 7.2); with its tie step (`_select`) 15.3 -> 10.2 at
+  n = 256 and 20.3 -> 11.5 at n = 1024 (600 merges each, against a plain bisection over
+  the tied ids). Not yet timed on a GPU (experiments/kernels_notes.md, v15).
   """
   def step(carry):
     lo, hi, steps = carry
@@ -238,29 +240,6 @@ def _kth_key(keys, count: int):
   return theta
 
 
-def _lowest_ids(ids, eq, need):
-  """eq & (id among the `need` lowest ids of the eq lanes), per row: a bisection for the
-  need-th lowest id phi (ids are distinct and >= 0 within a row) whose bracket ends are
-  always ids of eq lanes (each step moves the end it sets onto the nearest such id), so it
-  takes ~log2(#eq lanes) steps, not log2 of the ids' range (up to 20 at N = 2^20), at
-  three reductions a step instead of one: in the replay of `_kth_key`'s docstring, steps
-  per k = 32 merge on bfloat16 rows 5.0 -> 0.55 at n = 256, 7.4 -> 0.65 at n = 1024."""
-  def step(carry):
-    lo, hi = carry
-    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # the floor midpoint, without overflow
-    low = eq & (ids <= mid)
-    enough = jnp.sum(low.astype(jnp.int32), axis=1, keepdims=True) >= need
-    at_most = jnp.max(jnp.where(low, ids, -1), axis=1, keepdims=True)
-    above = jnp.min(jnp.where(eq & ~low, ids, _INT_MAX), axis=1, keepdims=True)
-    return jnp.where(enough, lo, above), jnp.where(enough, at_most, hi)
-
-  bracket = (jnp.min(jnp.where(eq, ids, _INT_MAX), axis=1, keepdims=True),
-             jnp.max(jnp.where(eq, ids, -1), axis=1, keepdims=True))
-  phi, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
-                          bracket)
-  return eq & (ids <= phi)
-
-
 def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: bool,
             ids_in_lane_order: bool = False):
   """The `count` best (key, id) of each row, ties at the count-th key to the lowest ids.
@@ -269,10 +248,11 @@ def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: 
   and as many of the keys equal to it as are still needed, lowest ids first, found only
   where some row has more ties than it needs (often so for gates computed in bfloat16:
   14 % of the rows at n = 256, 31 % at n = 1024 in the layer benchmark): by a cumsum
-  where the ids ascend with the lanes (a row's columns), else by a second bisection
-  (`_lowest_ids`; the staircase's cells are in no id order); they are written compacted
-  in lane order to `scratch` ((T, width) keys and ids, outputs of the call) and read
-  back, `width` >= count lanes a token; each one's rank, its place in
+  where the ids ascend with the lanes (a row's columns), else (the staircase's cells are
+  in no id order) by `_kth_key` once more, on the tied lanes' negated ids (distinct, so
+  it mostly closes early; the need-th best of them is the need-th lowest id); they are
+  written compacted in lane order to `scratch` ((T, width) keys and ids, outputs of the
+  call) and read back, `width` >= count lanes a token; each one's rank, its place in
   best-first order (key descending, id ascending), counts the picks better than it (a
   width x width comparison). `barrier` orders the program's scratch stores before its
   loads (a CTA barrier on the GPU; interpret mode runs a program's steps in order and has
@@ -289,7 +269,7 @@ def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: 
   if ids_in_lane_order:
     first_ties = lambda: eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= need)
   else:
-    first_ties = lambda: _lowest_ids(ids, eq, need)
+    first_ties = lambda: eq & (-ids >= _kth_key(jnp.where(eq, -ids, _INT_MIN), need))
   ties = lax.cond(surplus > 0, lambda: first_ties().astype(jnp.int32),
                   lambda: eq.astype(jnp.int32))
   picked = gt | (ties > 0)
