@@ -97,8 +97,6 @@ BISECT_MIN_N = 256
 # staircase, both merging by selection (v14): k = 16 n = 1024 0.102 -> 0.050 ms, n = 256
 # 0.023 -> 0.019, n = 64 0.019 -> 0.018; k = 32 measured in v8b (kernels_notes.md).
 STAIRCASE_MIN_K = 16
-# `_kth_key`'s plain bisection steps before it moves its bracket ends onto real keys.
-_PLAIN_STEPS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +189,9 @@ def _axes_topk(axes, rows, row_mask, count: int):
           for (ref, _, _), (_, picks) in zip(axes, lax.fori_loop(0, count, round_, init))]
 
 
-def _kth_key(keys, count):
+def _kth_key(keys, count: int):
   """theta (block_t, 1): each row's count-th best int32 key (padding: INT_MIN, below every
-  real key; each row holds >= count real ones; count an int or a (block_t, 1) array), by
-  bisection.
+  real key; each row holds >= count real ones), by bisection.
 
   theta = max v with #(keys >= v) >= count, on the closed bracket [lo, hi] that starts at
   the row's least and greatest real keys; the ceiling midpoint is computed without int32
@@ -203,41 +200,37 @@ def _kth_key(keys, count):
   takes gt plus all of eq), the same set. For log-softmax rows of random normal logits
   that is after 8 steps on average instead of 23-24 (n = 64..1024; a numpy replay of this
   loop, 200 rows each): the gap between the count-th and the next key is wide in int32
-  keys. Where the count-th key ties with the next (bfloat16 gates: ~20 % of the rows, and
-  ~40 % of the staircase merges at k = 32) no midpoint closes early and plain steps narrow
-  the bracket to one int32 value; so after `_PLAIN_STEPS` each step also moves the bracket
-  end it sets onto a real key (the least key >= mid, the greatest below it), which closes
-  it within a few steps once one key is left inside, at two reductions a step instead of
-  one. A numpy replay of this loop (300 rows each, reductions per row, plain -> this):
-  bfloat16 log-softmax rows n = 256 / 1024, k = 32: 10.6 -> 9.1, 12.0 -> 9.9; float32
-  rows 8.1 -> 8.2, 8.6 -> 8.6; the k = 32 staircase merge on bfloat16 rows 11.6 -> 10.0,
-  on float32 rows unchanged (7.4, 7.2); with its tie step (`_select`) 15.3 -> 10.2 at
-  n = 256 and 20.3 -> 11.5 at n = 1024 (600 merges each, against a plain bisection over
-  the tied ids). Not yet timed on a GPU (experiments/kernels_notes.md, v15).
+  keys.
   """
   def step(carry):
-    lo, hi, steps = carry
+    lo, hi = carry
     mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-    reach_keys = keys >= mid
-    reach = jnp.sum(reach_keys.astype(jnp.int32), axis=1, keepdims=True)
+    reach = jnp.sum((keys >= mid).astype(jnp.int32), axis=1, keepdims=True)
     enough = reach >= count
-
-    def plain():
-      return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-    def snapped():
-      above = jnp.min(jnp.where(reach_keys, keys, _INT_MAX), axis=1, keepdims=True)
-      below = jnp.max(jnp.where(reach_keys, _INT_MIN, keys), axis=1, keepdims=True)
-      return jnp.where(enough, above, lo), jnp.where(enough, hi, below)
-
-    lo, hi = lax.cond(steps < _PLAIN_STEPS, plain, snapped)
-    return lo, jnp.where(reach == count, lo, hi), steps + 1
+    return jnp.where(enough, mid, lo), jnp.where(reach == count, mid,
+                                                 jnp.where(enough, hi, mid - 1))
 
   bracket = (jnp.min(jnp.where(keys == _INT_MIN, _INT_MAX, keys), axis=1, keepdims=True),
-             jnp.max(keys, axis=1, keepdims=True), jnp.int32(0))
-  theta, _, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0,
-                               step, bracket)
+             jnp.max(keys, axis=1, keepdims=True))
+  theta, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
+                            bracket)
   return theta
+
+
+def _lowest_ids(ids, eq, need):
+  """eq & (id among the `need` lowest ids of the eq lanes), per row: a bisection for the
+  need-th lowest id (ids are distinct and >= 0 within a row)."""
+  def step(carry):
+    lo, hi = carry
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # the floor midpoint, without overflow
+    enough = jnp.sum((eq & (ids <= mid)).astype(jnp.int32), axis=1, keepdims=True) >= need
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  bracket = (jnp.min(jnp.where(eq, ids, _INT_MAX), axis=1, keepdims=True),
+             jnp.max(jnp.where(eq, ids, -1), axis=1, keepdims=True))
+  phi, _ = lax.while_loop(lambda c: jnp.max((c[0] < c[1]).astype(jnp.int32)) > 0, step,
+                          bracket)
+  return eq & (ids <= phi)
 
 
 def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: bool,
@@ -248,11 +241,10 @@ def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: 
   and as many of the keys equal to it as are still needed, lowest ids first, found only
   where some row has more ties than it needs (often so for gates computed in bfloat16:
   14 % of the rows at n = 256, 31 % at n = 1024 in the layer benchmark): by a cumsum
-  where the ids ascend with the lanes (a row's columns), else (the staircase's cells are
-  in no id order) by `_kth_key` once more, on the tied lanes' negated ids (distinct, so
-  it mostly closes early; the need-th best of them is the need-th lowest id); they are
-  written compacted in lane order to `scratch` ((T, width) keys and ids, outputs of the
-  call) and read back, `width` >= count lanes a token; each one's rank, its place in
+  where the ids ascend with the lanes (a row's columns), else by a second bisection
+  (`_lowest_ids`; the staircase's cells are in no id order); they are written compacted
+  in lane order to `scratch` ((T, width) keys and ids, outputs of the call) and read
+  back, `width` >= count lanes a token; each one's rank, its place in
   best-first order (key descending, id ascending), counts the picks better than it (a
   width x width comparison). `barrier` orders the program's scratch stores before its
   loads (a CTA barrier on the GPU; interpret mode runs a program's steps in order and has
@@ -269,7 +261,7 @@ def _select(keys, ids, count: int, width: int, t, rows, live, scratch, barrier: 
   if ids_in_lane_order:
     first_ties = lambda: eq & (jnp.cumsum(eq.astype(jnp.int32), axis=1) <= need)
   else:
-    first_ties = lambda: eq & (-ids >= _kth_key(jnp.where(eq, -ids, _INT_MIN), need))
+    first_ties = lambda: _lowest_ids(ids, eq, need)
   ties = lax.cond(surplus > 0, lambda: first_ties().astype(jnp.int32),
                   lambda: eq.astype(jnp.int32))
   picked = gt | (ties > 0)
