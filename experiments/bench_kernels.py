@@ -42,6 +42,7 @@ from experiments import benchlib
 from experiments.benchlib import (BF16, LOG, fwd_bwd, guarded, key_iter, log_probs, rel_err, say,
                                   timeit, timeit_unrolled)
 from omnimoe import ops, reference
+from omnimoe import router as router_lib
 from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert_tokens,
                             router_topk)
 
@@ -212,8 +213,12 @@ def init_layer(key, n_experts):
 
 def gates(p, x):
   """Row and column log-probabilities (T, n) each, float32; kept as two matmuls (one
-  (d, 2n) matmul measured no faster in the layer, run v4-1)."""
-  return tuple(jax.nn.log_softmax((x @ r).astype(jnp.float32), axis=-1)
+  (d, 2n) matmul measured no faster in the layer, run v4-1).
+
+  The GEMM is the model's (`router.gate_logits`: bf16 operands, float32 logits, a bf16
+  backward); bf16-rounded logits would tie at the k-th key in a third of the rows, which
+  the model never feeds the top-k (RESULTS.md, "The router on the model's gates")."""
+  return tuple(jax.nn.log_softmax(router_lib.gate_logits(x, r, x.dtype), axis=-1)
                for r in (p["rx"], p["ry"]))
 
 

@@ -97,7 +97,7 @@ class OmniMoELayer(nn.Module):
     tokens = _flatten(x)
     weights, indices, stats = router_lib.CartesianRouter(
         self.num_experts, self.top_k, self.routing_weights, self.router_norm, self.impl,
-        self.param_dtype, name="router")(tokens, train=train)
+        self.param_dtype, self.dtype, name="router")(tokens, train=train)
     routed = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
                               self.param_dtype, unique_indices=True,  # one top-k per token
                               name=BANK_NAME)(tokens, weights, indices)
