@@ -63,7 +63,6 @@ from experiments import benchlib
 from experiments.benchlib import (BF16, fwd_bwd, guarded, key_iter, peak_gib, say, timeit,
                                   timeit_unrolled)
 from omnimoe import ops, reference
-from omnimoe import router as router_lib
 
 N_AXIS = 320
 N = N_AXIS * N_AXIS
@@ -99,7 +98,7 @@ def init(key, peer: bool):
 def router_log_probs(p, x):
   """(lx, ly) float32: gates, BatchNorm with batch statistics (no affine), log-softmax."""
   def axis(gate):
-    logits = router_lib.gate_logits(x, gate, x.dtype)  # as the model's router
+    logits = ops.gate_logits(x, gate, x.dtype)  # as the model's router
     mean = logits.mean(0)
     var = jnp.mean(jnp.square(logits - mean), 0)
     return jax.nn.log_softmax((logits - mean) * jax.lax.rsqrt(var + BN_EPS), axis=-1)

@@ -42,7 +42,6 @@ from experiments import benchlib
 from experiments.benchlib import (BF16, LOG, fwd_bwd, guarded, key_iter, log_probs, rel_err, say,
                                   timeit, timeit_unrolled)
 from omnimoe import ops, reference
-from omnimoe import router as router_lib
 from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert_tokens,
                             router_topk)
 
@@ -215,10 +214,10 @@ def gates(p, x):
   """Row and column log-probabilities (T, n) each, float32; kept as two matmuls (one
   (d, 2n) matmul measured no faster in the layer, run v4-1).
 
-  The GEMM is the model's (`router.gate_logits`: bf16 operands, float32 logits, a bf16
+  The GEMM is the model's (`ops.gate_logits`: bf16 operands, float32 logits, a bf16
   backward); bf16-rounded logits would tie at the k-th key in a third of the rows, which
   the model never feeds the top-k (RESULTS.md, "The router on the model's gates")."""
-  return tuple(jax.nn.log_softmax(router_lib.gate_logits(x, r, x.dtype), axis=-1)
+  return tuple(jax.nn.log_softmax(ops.gate_logits(x, r, x.dtype), axis=-1)
                for r in (p["rx"], p["ry"]))
 
 
@@ -344,7 +343,44 @@ def part_table(seed, ceil, device, path, profile=0, only=None):
         for row in res["pallas"].get(f"{stage}_kernels", []):
           say(f"      {stage:7s} {row['ms_per_call']:8.4f} x{row['launches_per_call']:.0f} "
               f"{row['kernel'][:70]}")
+  for line in target_lines(rows):
+    say(line)
   return rows
+
+
+def target_lines(rows):
+  """Issue "Pallas kernels"' targets (k = 32) judged on one run's table rows: host-timed
+  medians, device times in parentheses; a target whose rows were not timed says so."""
+  def get(what, impl, n, stage):
+    row = next((r for r in rows if (r["what"], r["impl"], r["experts"], r["k"])
+                == (what, impl, n, 32)), {})
+    return row.get(f"{stage}_ms"), row.get(f"{stage}_device_ms")
+
+  def ratio(a, b):  # (host, device) of a / b; None where a figure is missing
+    return tuple(x / y if x is not None and y else None for x, y in zip(a, b))
+
+  def judge(label, figures, bound, unit, at_least=False):
+    host, device = figures
+    if host is None:
+      return f"  {label}: not timed in this run"
+    met = host >= bound if at_least else host <= bound
+    dev = f" ({device:.3f}{unit} device)" if device is not None else ""
+    return (f"  {label} {'>=' if at_least else '<='} {bound}{unit}: {host:.3f}{unit}{dev} "
+            f"{'met' if met else 'MISSED'}")
+
+  lines = ['\n== targets (issue "Pallas kernels", k = 32)']
+  for what, n, stage, bound in (("router", 2 ** 20, "fwd", 0.2), ("expert", 65536, "fwd", 0.35),
+                                ("expert", 65536, "fwd_bwd", 1.2), ("layer", 65536, "fwd", 0.33),
+                                ("layer", 65536, "fwd_bwd", 1.1)):
+    label = f"{what} N={'2^20' if n == 2 ** 20 else n} {stage}"
+    lines.append(judge(label, get(what, "pallas", n, stage), bound, " ms"))
+  for stage in ("fwd", "fwd_bwd"):
+    ours = get("layer", "pallas", 65536, stage)
+    lines.append(judge(f"layer N=65536 {stage}, plain XLA / pallas",
+                       ratio(get("layer", "xla", 65536, stage), ours), 3, "x", at_least=True))
+    lines.append(judge(f"layer N=2^20 / N=65536 {stage}",
+                       ratio(get("layer", "pallas", 2 ** 20, stage), ours), 1.25, "x"))
+  return lines
 
 
 # ----------------------------------------------------------------------------- stages

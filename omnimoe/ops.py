@@ -3,6 +3,7 @@
   cartesian_topk(lx, ly, k)                  -> (scores (T, k) f32, indices (T, k) i32)
   atomic_experts(x, up, down, weights, indices, *, activation="silu", gate=None, impl=None)
                                              -> (T, d)
+  gate_logits(x, gate, dtype)                -> (T, n) f32: the router's gate GEMM
 
 `impl` is "xla" (the plain-jnp oracle in `omnimoe.reference`) or "pallas" (the kernels in
 `omnimoe.pallas`); None picks Pallas on GPU and XLA elsewhere. Inputs are checked here,
@@ -171,3 +172,43 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
     return expert_ops.atomic_experts(x, up, down, weights, indices, activation=activation,
                                      unique_indices=unique_indices)
   return reference.atomic_experts(x, up, down, weights, indices, activation, gate)
+
+
+@jax.custom_vjp
+def _float32_logits(x: jax.Array, gate: jax.Array) -> jax.Array:
+  return jnp.dot(x, gate, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_fwd(x, gate):
+  return _float32_logits(x, gate), (x, gate)
+
+
+def _float32_logits_bwd(residuals, g):
+  x, gate = residuals
+  g = g.astype(x.dtype)  # the backward of a layer computing in x.dtype
+  dx = jnp.dot(g, gate.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  dgate = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(gate.dtype)
+  return dx, dgate
+
+
+_float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
+
+
+def gate_logits(x: jax.Array, gate: jax.Array, dtype) -> jax.Array:
+  """(T, n) float32 logits `x @ gate`, the operands in `dtype`, float32 accumulation.
+
+  The logits are never rounded to `dtype`: bf16-rounded log-probabilities tie at the k-th
+  sum in a third of the rows, which changes nothing in the maths but costs the top-k kernel
+  a tie-break. The backward is a `dtype` layer's (cotangent rounded to `dtype`, GEMMs on
+  `dtype` operands), so with bf16 the gates cost what any bf16 layer costs, not a float32
+  GEMM's 2-4x; with float32 it is plain autodiff.
+  """
+  _check_rank("x", x, 2, "T, d")
+  _check_rank("gate", gate, 2, "d, n")
+  if x.shape[1] != gate.shape[0]:
+    raise ValueError(f"x (T, d) and gate (d, n) disagree on d: {x.shape} vs {gate.shape}")
+  for name, a in (("x", x), ("gate", gate)):
+    _check_float(name, a)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+  return _float32_logits(x.astype(dtype), gate.astype(dtype))

@@ -40,38 +40,6 @@ def grid_entropy(lx: jax.Array, ly: jax.Array) -> jax.Array:
   return jnp.mean(axis_entropy(lx) + axis_entropy(ly))
 
 
-@jax.custom_vjp
-def _float32_logits(x: jax.Array, gate: jax.Array) -> jax.Array:
-  return jnp.dot(x, gate, preferred_element_type=jnp.float32)
-
-
-def _float32_logits_fwd(x, gate):
-  return _float32_logits(x, gate), (x, gate)
-
-
-def _float32_logits_bwd(residuals, g):
-  x, gate = residuals
-  g = g.astype(x.dtype)  # the backward of a layer computing in x.dtype
-  dx = jnp.dot(g, gate.T, preferred_element_type=jnp.float32).astype(x.dtype)
-  dgate = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(gate.dtype)
-  return dx, dgate
-
-
-_float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
-
-
-def gate_logits(x: jax.Array, gate: jax.Array, dtype: Any) -> jax.Array:
-  """(T, n) float32 logits `x @ gate`, the operands in `dtype`, float32 accumulation.
-
-  The logits are never rounded to `dtype`: bf16-rounded log-probabilities tie at the k-th
-  sum in a third of the rows, which changes nothing in the maths but costs the top-k kernel
-  a tie-break. The backward is a `dtype` layer's (cotangent rounded to `dtype`, GEMMs on
-  `dtype` operands), so with bf16 the gates cost what any bf16 layer costs, not a float32
-  GEMM's 2-4x; with float32 it is plain autodiff.
-  """
-  return _float32_logits(x.astype(dtype), gate.astype(dtype))
-
-
 def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
                  impl: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Top-k experts of the grid `lx[:, i] + ly[:, j]` and their routing weights.
@@ -103,7 +71,7 @@ class CartesianRouter(nn.Module):
   """Routes each token to k of N = n * n atomic experts.
 
   Gates `Rx, Ry: (d, n)` (no bias); the GEMM runs on `dtype` operands like the rest of
-  the layer, but its logits stay float32 (`gate_logits`), since top-k selection is
+  the layer, but its logits stay float32 (`ops.gate_logits`), since top-k selection is
   sensitive to rounding (with `dtype` float32 on GPU, JAX's default matmul precision runs
   the GEMM in TF32, as everywhere else in the model; wrap the call in
   `jax.default_matmul_precision("highest")` for full float32 products). With
@@ -131,7 +99,7 @@ class CartesianRouter(nn.Module):
     log_probs = []
     for axis in ("x", "y"):
       gate = self.param(f"gate_{axis}", init, (x.shape[-1], n), self.param_dtype)
-      logits = gate_logits(x, gate, self.dtype)
+      logits = ops.gate_logits(x, gate, self.dtype)
       if self.norm == "batchnorm":
         logits = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False,
                               momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32,

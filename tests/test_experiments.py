@@ -116,6 +116,30 @@ def test_bench_kernels_table_gives_both_impls_the_same_inputs(monkeypatch, tmp_p
   assert len({first_keys[what, "xla", n, k].tobytes() for what, n, k in cases}) == 6
 
 
+def test_bench_kernels_target_lines_judge_one_run():
+  """Issue "Pallas kernels"' targets from table rows: bounds in both directions, a bound met
+  exactly, ratios between rows of the same run, and targets whose rows are missing."""
+  from experiments import bench_kernels
+
+  def row(what, impl, n, fwd, fwd_bwd=None):
+    return dict(what=what, impl=impl, experts=n, k=32, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                fwd_device_ms=fwd and fwd * 0.9, fwd_bwd_device_ms=fwd_bwd and fwd_bwd * 0.9)
+  rows = [row("router", "pallas", 2 ** 20, 0.25), row("expert", "pallas", 65536, 0.35, 1.3),
+          row("layer", "pallas", 65536, 0.3, 1.0), row("layer", "xla", 65536, 0.6, 3.5),
+          row("layer", "pallas", 2 ** 20, 0.36, None), row("layer", "pallas", 4096, 0.1, 0.1)]
+  lines = bench_kernels.target_lines(rows)[1:]
+  verdicts = [line.split(":")[0].strip() + " -> " + line.split()[-1] for line in lines]
+  assert verdicts == [
+      "router N=2^20 fwd <= 0.2 ms -> MISSED", "expert N=65536 fwd <= 0.35 ms -> met",
+      "expert N=65536 fwd_bwd <= 1.2 ms -> MISSED", "layer N=65536 fwd <= 0.33 ms -> met",
+      "layer N=65536 fwd_bwd <= 1.1 ms -> met",
+      "layer N=65536 fwd, plain XLA / pallas >= 3x -> MISSED",  # 2x
+      "layer N=2^20 / N=65536 fwd <= 1.25x -> met",  # 1.2x
+      "layer N=65536 fwd_bwd, plain XLA / pallas >= 3x -> met",  # 3.5x
+      "layer N=2^20 / N=65536 fwd_bwd -> run"]  # "not timed in this run"
+  assert "2.000x (2.000x device)" in lines[5] and "0.250 ms (0.225 ms device)" in lines[0]
+
+
 def _tiny_headline(monkeypatch):
   """bench_headline at toy sizes on the CPU (the Pallas kernels in interpret mode), every
   timing replaced by one call; returns the module and the (p, x) pairs each forward

@@ -114,3 +114,39 @@ def test_cartesian_topk_under_jit():
   want_s, want_i = bf.full_topk(np.asarray(lx), np.asarray(ly), 6)
   np.testing.assert_array_equal(np.asarray(idx), want_i)
   np.testing.assert_allclose(np.asarray(scores), want_s, rtol=0, atol=0)
+
+
+def test_gate_logits_keep_float32_logits_and_run_a_bf16_backward():
+  """bf16 operands, float32 logits (not rounded to bf16), the backward of a bf16 layer."""
+  x = 3.0 * jax.random.normal(jax.random.key(5), (37, 20)).astype(jnp.bfloat16)
+  gate = jax.random.normal(jax.random.key(6), (20, 9))
+  probe = jax.random.normal(jax.random.key(7), (37, 9))  # a non-constant cotangent
+  logits, vjp = jax.vjp(lambda x, g: ops.gate_logits(x, g, jnp.bfloat16), x, gate)
+  x32, gate16 = x.astype(jnp.float32), gate.astype(jnp.bfloat16).astype(jnp.float32)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, x32 @ gate16, rtol=1e-6, atol=1e-6)
+  rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)
+  assert np.any(np.asarray(logits) != np.asarray(rounded))
+  dx, dgate = vjp(probe)
+  probe16 = probe.astype(jnp.bfloat16).astype(jnp.float32)
+  assert dx.dtype == jnp.bfloat16 and dgate.dtype == jnp.float32
+  np.testing.assert_allclose(dx.astype(jnp.float32), probe16 @ gate16.T, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dgate, x32.T @ probe16, rtol=1e-2, atol=1e-2)  # bf16-rounded
+  dots = [e for e in jax.make_jaxpr(vjp)(probe).eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  # float32 operands: plain autodiff.
+  want = jax.vjp(lambda x, g: x @ g, x32, gate)[1](probe)
+  got = jax.vjp(lambda x, g: ops.gate_logits(x, g, jnp.float32), x32, gate)[1](probe)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x,gate,dtype,match", [
+    (jnp.ones((2, 3, 4)), jnp.ones((4, 5)), jnp.float32, "x must have rank 2"),
+    (jnp.ones((3, 4)), jnp.ones((5, 5)), jnp.float32, "disagree on d"),
+    (jnp.ones((3, 4), jnp.int32), jnp.ones((4, 5)), jnp.float32, "x must be a floating"),
+    (jnp.ones((3, 4)), jnp.ones((4, 5)), jnp.int8, "dtype must be a floating"),
+])
+def test_gate_logits_rejects_bad_input(x, gate, dtype, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    ops.gate_logits(x, gate, dtype)

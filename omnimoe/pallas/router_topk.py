@@ -22,7 +22,7 @@ no register gather):
      Rows that tie at the k-th key cannot close the bisection early: on bf16-rounded
      log-probs (a third of the rows tie) the router is ~1.5x slower at k = 32 than on
      float32 ones (n = 1024: 0.089 against 0.056 ms on one H100), which is one reason
-     `router.gate_logits` keeps the model's logits float32 (kernels_notes.md, v16).
+     `ops.gate_logits` keeps the model's logits float32 (kernels_notes.md, v16).
 That is O(k n) compare-and-select work per token for the arg-max rounds, or
 O(n + k^2) a bisection step, no memory traffic beyond reading the two rows, the scratch
 round trips and writing 2k numbers, and no sort (Triton has none).
