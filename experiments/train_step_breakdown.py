@@ -88,6 +88,13 @@ def main(_) -> None:
   for kind, r in rows.items():
     say(f"| {kind} | {r['step']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
         f"{r['optimizer']:.2f} | {r['tokens_per_s']:,.0f} |")
+  if "dense" in rows:  # issue "launch.py": OmniMoE's tokens/s >= 0.85x dense's
+    for kind, r in rows.items():
+      if kind != "dense":
+        ratio = r["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+        verdict = (f" (target >= 0.85x: {'met' if ratio >= 0.85 else 'MISSED'})"
+                   if kind == "omnimoe" else "")
+        say(f"{kind} / dense tokens/s: {ratio:.3f}x{verdict}")
   for kind, r in rows.items():
     for kernel in r.get("kernels", []):
       say(f"{kind:8s} {kernel['ms_per_call']:8.3f} ms {kernel['launches_per_call']:5.0f}x "

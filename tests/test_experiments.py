@@ -24,6 +24,8 @@ def test_train_step_breakdown_times_each_kind(tmp_path):
     assert r["step"] > r["forward"] and r["step"] > r["optimizer"]
     assert isinstance(r["kernels"], list)  # device kernels: none on the CPU backend
   assert "| omnimoe |" in proc.stdout and "| dense |" in proc.stdout
+  ratio = rows["omnimoe"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+  assert f"omnimoe / dense tokens/s: {ratio:.3f}x (target >= 0.85x: " in proc.stdout
   for kind in rows:  # the compiled step, to look the profiled kernels up in
     assert "ENTRY" in (tmp_path / f"train-step-{kind}.hlo.txt").read_text()
 
