@@ -150,3 +150,17 @@ def test_gate_logits_keep_float32_logits_and_run_a_bf16_backward():
 def test_gate_logits_rejects_bad_input(x, gate, dtype, match):
   with pytest.raises((ValueError, TypeError), match=match):
     ops.gate_logits(x, gate, dtype)
+
+
+def test_readme_ops_example_runs():
+  """README's "The ops" example, as written there, runs and gives what its comments say."""
+  import os
+  import re
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+  (block,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+  scope = {}
+  exec(block, scope)  # noqa: S102 - our own README
+  T, d, k = scope["T"], scope["d"], scope["k"]
+  assert scope["y"].shape == (T, d) and scope["idx"].shape == (T, k)
+  assert scope["idx"].dtype == jnp.int32 and np.all(np.diff(scope["scores"], axis=1) <= 0)
+  assert np.all(np.isfinite(scope["y"])) and np.any(scope["y"] != 0)
