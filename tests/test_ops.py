@@ -6,6 +6,7 @@ import pytest
 
 from omnimoe import ops
 from tests import brute_force as bf
+from tests.conftest import REPO
 
 
 def make_inputs(tokens=11, d=24, n_experts=16, k=3, seed=0):
@@ -156,8 +157,8 @@ def test_readme_ops_example_runs():
   """README's "The ops" example, as written there, runs and gives what its comments say."""
   import os
   import re
-  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-  (block,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+  with open(os.path.join(REPO, "README.md")) as f:
+    (block,) = re.findall(r"```python\n(.*?)```", f.read(), re.S)
   scope = {}
   exec(block, scope)  # noqa: S102 - our own README
   T, d, k = scope["T"], scope["d"], scope["k"]
