@@ -63,6 +63,7 @@ from experiments import benchlib
 from experiments.benchlib import (BF16, fwd_bwd, guarded, key_iter, peak_gib, say, timeit,
                                   timeit_unrolled)
 from omnimoe import ops, reference
+from omnimoe import router as router_lib
 
 N_AXIS = 320
 N = N_AXIS * N_AXIS
@@ -133,12 +134,9 @@ def experts(x, p, weights, indices, impl, activation, unique):
 
 def omnimoe_ffn(p, x, *, k, impl):
   """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score))."""
-  lx, ly = router_log_probs(p, x)
-  scores, idx = top_k(lx, ly, k, impl)
-  n = ly.shape[1]  # re-gather the scores so that gradients reach the gates
-  scores = (jnp.take_along_axis(lx, idx // n, axis=1)
-            + jnp.take_along_axis(ly, idx % n, axis=1))
-  routed = experts(x, p, jnp.exp(scores), idx, impl, "silu", unique=True)
+  weights, idx = router_lib.select_pairs(*router_log_probs(p, x), k, "exp",  # the model's
+                                         "pallas" if impl == "pallas" else "xla")
+  routed = experts(x, p, weights, idx, impl, "silu", unique=True)
   return benchlib.shared_mlp(p, x) + routed
 
 

@@ -42,6 +42,7 @@ from experiments import benchlib
 from experiments.benchlib import (BF16, LOG, fwd_bwd, guarded, key_iter, log_probs, rel_err, say,
                                   timeit, timeit_unrolled)
 from omnimoe import ops, reference
+from omnimoe import router as router_lib
 from omnimoe.pallas import (bucketing, common, expert_ops, expert_tables, expert_tokens,
                             router_topk)
 
@@ -224,13 +225,11 @@ def gates(p, x):
 def layer(p, x, *, k, impl, config=None):
   """Shared SwiGLU MLP + Cartesian router (log-softmax gates) + atomic experts; a
   `config` calls the Pallas expert op with it (block-size variants)."""
-  lx, ly = gates(p, x)
-  scores, idx = ops.cartesian_topk(lx, ly, k, impl=impl)
+  weights, idx = router_lib.select_pairs(*gates(p, x), k, "exp", impl)  # the model's
   if config is None:
-    y = ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx, impl=impl)
+    y = ops.atomic_experts(x, p["up"], p["down"], weights, idx, impl=impl)
   else:
-    y = expert_ops.atomic_experts(x, p["up"], p["down"], jnp.exp(scores), idx,
-                                  config=config)
+    y = expert_ops.atomic_experts(x, p["up"], p["down"], weights, idx, config=config)
   return benchlib.shared_mlp(p, x) + y
 
 

@@ -44,22 +44,21 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
                  impl: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Top-k experts of the grid `lx[:, i] + ly[:, j]` and their routing weights.
 
-  The op only chooses the indices; the scores are re-gathered from `lx`, `ly` here, so
-  gradients reach the gates whatever the op's implementation (a Pallas top-k need not be
-  differentiable) at a cost of O(T k).
+  Gradients reach the gates through the op's scores on either implementation (the
+  Pallas kernels only select; their custom JVP gathers the tangents at the chosen ids).
+  A token's k experts are a set (the expert bank sums over them), so the op is asked for
+  them unsorted: for k above the fused kernel's (`router_topk.MAX_KERNEL_K`) the Pallas
+  path then skips its final (T, k) sort.
 
   Args:
     lx, ly: (T, n) row and column log-probabilities (float32).
     routing_weights: 'exp' (g = exp(score) = p_x(i) p_y(j), the released code) or
       'softmax' (softmax over the k selected scores, the paper).
   Returns:
-    weights (T, k) float32, indices (T, k) int32 (flat ids i * n + j).
+    weights (T, k) float32, indices (T, k) int32 (flat ids i * n + j), a token's k in the
+    implementation's order (best first for k <= MAX_KERNEL_K and on XLA).
   """
-  n = ly.shape[-1]
-  _, indices = ops.cartesian_topk(jax.lax.stop_gradient(lx), jax.lax.stop_gradient(ly), k,
-                                  impl=impl)
-  scores = (jnp.take_along_axis(lx, indices // n, axis=-1)
-            + jnp.take_along_axis(ly, indices % n, axis=-1))
+  scores, indices = ops.cartesian_topk(lx, ly, k, sorted=False, impl=impl)
   if routing_weights == "exp":
     weights = jnp.exp(scores)
   else:

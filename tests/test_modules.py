@@ -12,6 +12,8 @@ from omnimoe import experts as experts_lib
 from omnimoe import layers, params, reference
 from omnimoe import router as router_lib
 from omnimoe.model import Attention, TokenEmbedding, attention_impl, build_model
+from omnimoe.pallas import router_topk
+from tests import jaxprs
 
 KINDS = ("omnimoe", "dense", "coarse_moe", "peer")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -117,18 +119,47 @@ def test_batchnorm_running_stats_update_and_are_used_in_eval():
   np.testing.assert_allclose(w, w_ref, **TOL)
 
 
-def test_router_gradients_reach_gates():
-  x = normal(4, (23, 12))
-  router = router_lib.CartesianRouter(25, 3, "softmax", "none")
+@pytest.mark.parametrize("impl", ["xla", "pallas"])  # pallas: interpret mode on the CPU
+def test_router_gradients_reach_gates(impl):
+  """The weights' gradient in the gates equals the brute-force router's (full top-k over
+  the N scores, differentiated by JAX)."""
+  n, k, x = 5, 3, normal(4, (23, 12))
+  router = router_lib.CartesianRouter(n * n, k, "softmax", "none", impl=impl)
   variables = init(router, x)
+  coef = normal(6, (k,))
 
-  def loss(v):
-    w, _, _ = router.apply(v, x, train=False)
-    return jnp.sum(w * jnp.arange(3.0))
+  def loss(p):
+    w, _, _ = router.apply({"params": p}, x, train=False)
+    return jnp.sum(w * coef)
 
-  grads = nn.unbox(jax.grad(loss)(variables)["params"])
+  def brute_loss(p):
+    return jnp.sum(brute_force_route(x, nn.unbox(p), n, k, "softmax")[0] * coef)
+
+  grads, want = (nn.unbox(jax.grad(f)(variables["params"])) for f in (loss, brute_loss))
   for a in "xy":
-    assert np.all(np.isfinite(grads[f"gate_{a}"])) and np.any(grads[f"gate_{a}"] != 0)
+    assert np.any(want[f"gate_{a}"] != 0)
+    np.testing.assert_allclose(grads[f"gate_{a}"], want[f"gate_{a}"], **TOL)
+
+
+def test_router_takes_its_experts_unsorted_past_the_fused_kernel():
+  """Above `router_topk.MAX_KERNEL_K` the Pallas top-k (threshold search) sorts its (T, k)
+  output only when asked to; the router asks for the set, so its program holds no sort of
+  k-wide rows, and still routes each token to the brute-force top k (here in interpret
+  mode on the CPU)."""
+  n, k, x = 11, router_topk.MAX_KERNEL_K + 6, normal(5, (13, 16))
+  router = router_lib.CartesianRouter(n * n, k, "exp", "none", impl="pallas")
+  variables = init(router, x)
+  w, idx, _ = router.apply(variables, x, train=False)
+  w_ref, idx_ref, _, _ = brute_force_route(x, nn.unbox(variables["params"]), n, k, "exp")
+  by_id, ref_by_id = np.argsort(idx, axis=1), np.argsort(idx_ref, axis=1)
+  np.testing.assert_array_equal(np.take_along_axis(idx, by_id, 1),
+                                np.take_along_axis(idx_ref, ref_by_id, 1))
+  np.testing.assert_allclose(np.take_along_axis(w, by_id, 1),
+                             np.take_along_axis(w_ref, ref_by_id, 1), **TOL)
+  traced = jax.make_jaxpr(lambda v: router.apply(v, x, train=False))(variables)
+  row_sorts = [e for e in jaxprs.equations(traced)
+               if e.primitive.name == "sort" and e.invars[0].aval.shape[-1] == k]
+  assert not row_sorts
 
 
 # ----------------------------------------------------------------------------- FFN blocks

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.extend import core as jax_core
 
 from omnimoe import checkpoint as checkpoint_lib
 from omnimoe import config as config_lib
 from omnimoe import data, metrics, sharding, train
 from omnimoe.config import ConfigError
+from tests import jaxprs
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -377,17 +377,8 @@ def test_coarse_moe_aux_loss_enters_the_objective(tiny_config):
 
 def _dot_operand_dtypes(jaxpr) -> list:
   """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(tuple(v.aval.dtype for v in eqn.invars))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          out += _dot_operand_dtypes(sub.jaxpr)
-        elif isinstance(sub, jax_core.Jaxpr):
-          out += _dot_operand_dtypes(sub)
-  return out
+  return [tuple(v.aval.dtype for v in eqn.invars) for eqn in jaxprs.equations(jaxpr)
+          if eqn.primitive.name == "dot_general"]
 
 
 def test_bfloat16_train_step_computes_in_bfloat16(tiny_config):
