@@ -100,7 +100,7 @@ def _scatter_pairs(values, ids, num_experts: int, dtype, unique: bool):
   return grid.add(values.astype(dtype), mode="drop")
 
 
-def _grid_dot(a, b, dtype):
+def grid_dot(a, b, dtype):
   """a @ b with float32 accumulation, written in `dtype` (the (rows, N) grids in bf16 for
   bf16 inputs: half the traffic of float32 grids); float32 operands in full precision."""
   highest = lax.Precision.HIGHEST if a.dtype == F32 else None
@@ -110,7 +110,7 @@ def _grid_dot(a, b, dtype):
 def _forward_block(x, up, down, weights, indices, plan: _Plan):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   valid, safe, drop = _pair_ids(indices, up.shape[0])
-  s = _grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
+  s = grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
   s_pairs = jnp.take_along_axis(s, safe, axis=1).astype(F32)
   act = reference.ACTIVATIONS[plan.activation]
   a_pairs = jnp.where(valid, act(s_pairs) * weights.astype(F32), 0)
@@ -146,7 +146,7 @@ def _backward_block(b, up, down, plan: _Plan, cdt, a=None):
   xb, wb, ib, sb, dyb = b
   num_experts = up.shape[0]
   valid, safe, drop = _pair_ids(ib, num_experts)
-  da = _grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
+  da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
   h, dh = common.activation_with_grad(plan.activation, sb)
   da_pairs = jnp.where(valid, jnp.take_along_axis(da, safe, axis=1).astype(F32), 0)
   w = wb.astype(F32)
@@ -166,8 +166,8 @@ def _bwd(plan, residuals, dy):
     # skipping a float32 (N, d) accumulator and its cast (~2.5 GB of traffic at the headline).
     (ds, a), per_token = _backward_block([b[0] for b in blocks], up, down, plan, cdt,
                                          kept_a)
-    dup = _grid_dot(ds.T, blocks[0][0].astype(cdt), up.dtype)
-    ddown = _grid_dot(a.T, blocks[4][0].astype(cdt), down.dtype)
+    dup = grid_dot(ds.T, blocks[0][0].astype(cdt), up.dtype)
+    ddown = grid_dot(a.T, blocks[4][0].astype(cdt), down.dtype)
     dx, dw = (p[None] for p in per_token)
   else:
     def block(grads, b):

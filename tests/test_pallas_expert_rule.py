@@ -1,0 +1,88 @@
+"""The dense-regime atomic experts routed by the top-k's membership rule (theta, cut)
+against float64 brute force on the pairs of the full N-way top-k, with weights
+exp(score). The rule comes from the threshold router (Pallas interpret mode on CPU); the
+op itself is XLA. Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimoe.pallas import expert_dense, expert_rule, router_threshold
+from tests import brute_force as bf
+from tests.test_pallas_experts import TOL
+
+
+def rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum=None):
+  """[x, up, down, lx, ly] (x and tables in `dtype`, log-probs float32), theta, cut from
+  the threshold router, the brute-force pairs (scores float64, ids) and dy."""
+  x, up, down, _, _, dy = bf.expert_inputs(rng, tokens, d, n_x * n_y, 1)
+  lx, ly = (bf.log_probs(rng, tokens, n, quantum) for n in (n_x, n_y))
+  theta, cut = router_threshold.threshold(jnp.asarray(lx), jnp.asarray(ly), k,
+                                          interpret=True)
+  args = [jnp.asarray(a, dtype) for a in (x, up, down)] + [jnp.asarray(lx), jnp.asarray(ly)]
+  return args, (theta, cut), bf.full_topk(lx, ly, k), jnp.asarray(dy, dtype)
+
+
+def brute_force(args, pairs, dy):
+  """y and the gradients in x, up, down, lx, ly, per pair in float64."""
+  x, up, down, lx, ly = (np.asarray(a, np.float64) for a in args)
+  scores, idx = pairs
+  w = np.exp(scores)
+  y = bf.atomic_experts(x, up, down, w, idx)
+  dx, dup, ddown, dw = bf.atomic_experts_grads(x, up, down, w, idx, np.asarray(dy, np.float64))
+  dscore = dw * w  # d exp(s) / ds = exp(s), and s = lx[i] + ly[j]
+  n_y = ly.shape[1]
+  dlx, dly = np.zeros_like(lx), np.zeros_like(ly)
+  for t in range(idx.shape[0]):
+    np.add.at(dlx[t], idx[t] // n_y, dscore[t])
+    np.add.at(dly[t], idx[t] % n_y, dscore[t])
+  return y, (dx, dup, ddown, dlx, dly)
+
+
+def check(args, rule, pairs, dy, config, tol):
+  f = lambda *a: expert_rule.atomic_experts_rule(*a, *rule, config=config)
+  y, vjp = jax.vjp(f, *args)
+  want_y, want_grads = brute_force(args, pairs, dy)
+  assert y.dtype == args[0].dtype and y.shape == args[0].shape
+  assert bf.rel_err(y, want_y) < tol
+  for name, got, want, arg in zip(("dx", "dup", "ddown", "dlx", "dly"), vjp(dy), want_grads,
+                                  args):
+    assert got.dtype == arg.dtype and got.shape == arg.shape, name
+    assert np.any(want != 0), name
+    assert bf.rel_err(got, want) < tol, (name, bf.rel_err(got, want))
+
+
+@pytest.mark.parametrize("tokens,d,n_x,n_y,k,rows,dtype,quantum", [
+    (23, 96, 7, 9, 16, 0, jnp.float32, None),     # k = N / 4, one block
+    (23, 96, 7, 9, 16, 8, jnp.float32, None),     # blocks of 8 rows, the last one padded
+    (23, 96, 7, 9, 63, 8, jnp.float32, None),     # k = N
+    (17, 64, 5, 6, 1, 0, jnp.float32, None),      # k = 1
+    (17, 64, 8, 8, 20, 0, jnp.float32, 0.5),      # sums tie often: the cut decides
+    (21, 64, 12, 10, 30, 0, jnp.bfloat16, None),  # one block: A kept, dU, dV in bf16
+    (21, 64, 12, 10, 30, 8, jnp.bfloat16, 0.5),
+])
+def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum):
+  rng = np.random.default_rng(tokens + d + k + rows)
+  args, rule, pairs, dy = rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum)
+  config = (expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
+            else expert_dense.DenseConfig())
+  check(args, rule, pairs, dy, config, TOL[dtype])
+
+
+def test_rebuilt_grid_matches():
+  """keep_grid=False (the backward rebuilds A from S and the rule) gives the same results."""
+  rng = np.random.default_rng(4)
+  args, rule, pairs, dy = rule_inputs(rng, 19, 96, 6, 7, 11, jnp.float32)
+  check(args, rule, pairs, dy, expert_dense.DenseConfig(keep_grid=False), TOL[jnp.float32])
+
+
+def test_bad_shapes_are_refused():
+  rng = np.random.default_rng(5)
+  (x, up, down, lx, ly), (theta, cut), _, _ = rule_inputs(rng, 9, 32, 4, 5, 3, jnp.float32)
+  with pytest.raises(ValueError, match="agree on T"):
+    expert_rule.atomic_experts_rule(x, up, down, lx, ly[:8], theta, cut)
+  with pytest.raises(ValueError, match=r"\(n_x n_y, d\) = \(20, 32\)"):
+    expert_rule.atomic_experts_rule(x, up[:19], down[:19], lx, ly, theta, cut)
+  with pytest.raises(ValueError, match="activation"):
+    expert_rule.atomic_experts_rule(x, up, down, lx, ly, theta, cut, activation="swiglu")
