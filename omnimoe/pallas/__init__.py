@@ -9,6 +9,7 @@
   expert_tables     expert-centric dU / dV segment sums on tensor cores
   bucketing         pairs grouped by expert bucket (histogram, prefix sum, placement)
   expert_dense      the dense regime (k a sizeable fraction of N) as XLA GEMMs, no kernel
+  expert_rule       the same regime routed by the top-k's rule (theta, cut), not pairs
   expert_lines      expert lines x token tiles on tensor cores (path="lines" only), over
   lines             the token-line incidences those kernels run on (XLA, one zero fill)
   common            launch plumbing; off-GPU the kernels run in Pallas interpret mode
