@@ -87,7 +87,8 @@ def _backward_block(b, s, up, down, activation: str, cdt, a=None):
   xb, lxb, lyb, thetab, cutb, dyb = b
   mask, w = _rule_grid(lxb, lyb, thetab, cutb)
   h, dh = common.activation_with_grad(activation, s.astype(F32))
-  g = jnp.where(mask, w * grid_dot(dyb.astype(cdt), down.T.astype(cdt), F32), 0)
+  da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
+  g = jnp.where(mask, w * da.astype(F32), 0)
   ds = (g * dh).astype(cdt)
   if a is None:
     a = jnp.where(mask, w * h, 0).astype(cdt)
