@@ -11,6 +11,9 @@ width 1024, k in {512, 1024, 2048, 4096}, 1K-16K tokens: OmniMoE 6.7 ms against 
            routed branch, in three implementations:
              pallas      our path (`impl="pallas"`; unsorted top-k, the expert op picks
                          by density: token kernels, or the whole grid as GEMMs)
+             pallas-rule the whole grid as GEMMs routed by the top-k's membership rule
+                         (`router_threshold.threshold`, `expert_rule`): no pairs; a
+                         candidate, not yet what the model runs
              xla-dense   plain XLA: exact top-k (`omnimoe.reference`), then the routed
                          branch dense-masked: S = X U^T over all N, G the routing weights
                          scattered into (T, N), y = (G * silu(S)) V
@@ -33,7 +36,7 @@ more than the device has is recorded with peak_gib and no time ("does not fit"),
 Every impl of a case gets the same inputs: parameters and tokens are drawn from --seed,
 the model and the token count only (not from the run order), so pallas and plain XLA
 route the same tokens at every k, also across separate `--only` runs with one seed.
-For T <= 4096 the pallas FFN's output is checked against plain XLA's (OmniMoE against
+For T <= 4096 the pallas FFNs' outputs are checked against plain XLA's (OmniMoE against
 xla-dense, PEER against xla-gather) before it is timed: relative error
 ||out - ref|| / ||ref|| above REL_TOL (1e-2, the bf16 bound of the method) or NaN fails
 the check; such a case is recorded with its rel_err, status "check failed" and no times,
@@ -64,6 +67,7 @@ from experiments.benchlib import (BF16, fwd_bwd, guarded, key_iter, peak_gib, sa
                                   timeit_unrolled)
 from omnimoe import ops, reference
 from omnimoe import router as router_lib
+from omnimoe.pallas import expert_rule, router_threshold
 
 N_AXIS = 320
 N = N_AXIS * N_AXIS
@@ -134,6 +138,11 @@ def experts(x, p, weights, indices, impl, activation, unique):
 
 def omnimoe_ffn(p, x, *, k, impl):
   """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score))."""
+  if impl == "pallas-rule":
+    lx, ly = router_log_probs(p, x)
+    routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly,
+                                             *router_threshold.threshold(lx, ly, k))
+    return benchlib.shared_mlp(p, x) + routed
   weights, idx = router_lib.select_pairs(*router_log_probs(p, x), k, "exp",  # the model's
                                          "pallas" if impl == "pallas" else "xla")
   routed = experts(x, p, weights, idx, impl, "silu", unique=True)
@@ -141,6 +150,8 @@ def omnimoe_ffn(p, x, *, k, impl):
 
 
 def omnimoe_router(p, x, *, k, impl):
+  if impl == "pallas-rule":  # what the rule's FFN consumes: (theta, cut), no pairs
+    return router_threshold.threshold(*router_log_probs(p, x), k)
   return top_k(*router_log_probs(p, x), k, impl)
 
 
@@ -203,7 +214,7 @@ def run_case(model, what, impl, tokens, k, p, inputs, want_bwd):
   out["peak_gib"] = peak_gib(f, *args[0])
   if out["peak_gib"] > 0.95 * device_gib():
     return out
-  if impl == "pallas" and what == "ffn" and tokens <= CHECK_MAX_TOKENS:
+  if impl.startswith("pallas") and what == "ffn" and tokens <= CHECK_MAX_TOKENS:
     other = "xla-dense" if model == "omnimoe" else "xla-gather"
     want = jax.jit(lambda p, x: fn(p, x, k=k, impl=other))(*args[0])
     err = benchlib.rel_err(f(*args[0]), want)
@@ -383,9 +394,9 @@ def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
   out = []
   for tokens in token_counts:
     for k in ks:
-      out.append(("omnimoe", "router", "pallas", tokens, k, False))
-      out.append(("omnimoe", "router", "xla", tokens, k, False))
-      for impl in ("pallas", "xla-dense", "xla-gather"):
+      for impl in ("pallas", "pallas-rule", "xla"):
+        out.append(("omnimoe", "router", impl, tokens, k, False))
+      for impl in ("pallas", "pallas-rule", "xla-dense", "xla-gather"):
         out.append(("omnimoe", "ffn", impl, tokens, k, impl != "xla-gather"))
     for kh in peer_ks:
       for impl in ("pallas", "xla-gather"):
@@ -473,6 +484,12 @@ def summary(rows):
           f"{r['fwd_ms'] / ours['fwd_ms']:.1f}x (target >= 10x)")
   if router and router["fwd_ms"]:
     say(f"router fwd {router['fwd_ms']:.3f} ms (target <= 0.3)")
+  rule, rule_router = (get(model="omnimoe", what=what, impl="pallas-rule", tokens=4096,
+                           k=4096) for what in ("ffn", "router"))
+  if rule and rule["fwd_ms"] and rule_router and rule_router["fwd_ms"]:
+    say(f"candidate pallas-rule (not the model's path): ffn fwd {rule['fwd_ms']:.3f} ms, "
+        f"fwd+bwd {rule['fwd_bwd_ms']} ms; its router (theta, cut) "
+        f"{rule_router['fwd_ms']:.3f} ms")
   checked = [r for r in rows if r.get("rel_err") is not None]
   bad = [r for r in checked if check_failed(r["rel_err"])]
   say(f"pallas FFN outputs checked against plain XLA: {len(checked)}, FAILED: {len(bad)} "
