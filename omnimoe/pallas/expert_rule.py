@@ -134,6 +134,10 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   the pairs of `cartesian_topk(lx, ly, k)` with weights exp(scores). Differentiable in x,
   up, down, lx and ly (theta and cut are a selection: no gradient).
   """
+  for name, a, rank in (("x", x, 2), ("up", up, 2), ("down", down, 2), ("lx", lx, 2),
+                        ("ly", ly, 2), ("theta", theta, 1), ("cut", cut, 1)):
+    if a.ndim != rank:
+      raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
   tokens, n_x = lx.shape
   if ly.shape[0] != tokens or x.shape[0] != tokens or theta.shape != (tokens,) or (
       cut.shape != (tokens,)):
