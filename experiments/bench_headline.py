@@ -138,14 +138,14 @@ def experts(x, p, weights, indices, impl, activation, unique):
 
 def omnimoe_ffn(p, x, *, k, impl):
   """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score))."""
+  lx, ly = router_log_probs(p, x)
   if impl == "pallas-rule":
-    lx, ly = router_log_probs(p, x)
     routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly,
                                              *router_threshold.threshold(lx, ly, k))
-    return benchlib.shared_mlp(p, x) + routed
-  weights, idx = router_lib.select_pairs(*router_log_probs(p, x), k, "exp",  # the model's
-                                         "pallas" if impl == "pallas" else "xla")
-  routed = experts(x, p, weights, idx, impl, "silu", unique=True)
+  else:
+    weights, idx = router_lib.select_pairs(lx, ly, k, "exp",  # the model's
+                                           "pallas" if impl == "pallas" else "xla")
+    routed = experts(x, p, weights, idx, impl, "silu", unique=True)
   return benchlib.shared_mlp(p, x) + routed
 
 
