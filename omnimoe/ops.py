@@ -34,7 +34,8 @@ def resolve_impl(impl: str | None) -> str:
   return impl
 
 
-def _check_rank(name: str, a, rank: int, meaning: str) -> None:
+def check_rank(name: str, a, rank: int, meaning: str) -> None:
+  """A ValueError naming `name` unless `a` has rank `rank` (`meaning`: its axes)."""
   if np.ndim(a) != rank:
     raise ValueError(f"{name} must have rank {rank} ({meaning}), got shape {np.shape(a)}")
 
@@ -88,8 +89,8 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,
     the k largest float32 sums, ties broken toward the lower expert id. Scores are
     differentiable in lx and ly.
   """
-  _check_rank("lx", lx, 2, "tokens, rows")
-  _check_rank("ly", ly, 2, "tokens, columns")
+  check_rank("lx", lx, 2, "tokens, rows")
+  check_rank("ly", ly, 2, "tokens, columns")
   _check_float("lx", lx)
   _check_float("ly", ly)
   if lx.shape[0] != ly.shape[0]:
@@ -111,11 +112,11 @@ def check_expert_inputs(x, up, down, weights, indices, activation: str = "silu",
   """`atomic_experts`' input contract (also `omnimoe.expert_parallel`'s): a ValueError or
   TypeError naming the argument; with `check_ids`, ids checked for range (and repeats)
   when concrete (the split op masks ids outside [0, N) instead)."""
-  _check_rank("x", x, 2, "tokens, hidden")
-  _check_rank("up", up, 2, "experts, hidden")
-  _check_rank("down", down, 2, "experts, hidden")
-  _check_rank("weights", weights, 2, "tokens, k")
-  _check_rank("indices", indices, 2, "tokens, k")
+  check_rank("x", x, 2, "tokens, hidden")
+  check_rank("up", up, 2, "experts, hidden")
+  check_rank("down", down, 2, "experts, hidden")
+  check_rank("weights", weights, 2, "tokens, k")
+  check_rank("indices", indices, 2, "tokens, k")
   for name, a in (("x", x), ("up", up), ("down", down), ("weights", weights)):
     _check_float(name, a)
   if up.shape != down.shape:
@@ -203,8 +204,8 @@ def gate_logits(x: jax.Array, gate: jax.Array, dtype) -> jax.Array:
   `dtype` operands), so with bf16 the gates cost what any bf16 layer costs, not a float32
   GEMM's 2-4x; with float32 it is plain autodiff.
   """
-  _check_rank("x", x, 2, "T, d")
-  _check_rank("gate", gate, 2, "d, n")
+  check_rank("x", x, 2, "T, d")
+  check_rank("gate", gate, 2, "d, n")
   if x.shape[1] != gate.shape[0]:
     raise ValueError(f"x (T, d) and gate (d, n) disagree on d: {x.shape} vs {gate.shape}")
   for name, a in (("x", x), ("gate", gate)):

@@ -80,7 +80,7 @@ def test_rebuilt_grid_matches():
 def test_bad_shapes_are_refused():
   rng = np.random.default_rng(5)
   (x, up, down, lx, ly), (theta, cut), _, _ = rule_inputs(rng, 9, 32, 4, 5, 3, jnp.float32)
-  with pytest.raises(ValueError, match=r"theta must have rank 1, got shape \(9, 1\)"):
+  with pytest.raises(ValueError, match=r"theta must have rank 1 \(T\), got shape \(9, 1\)"):
     expert_rule.atomic_experts_rule(x, up, down, lx, ly, theta[:, None], cut)
   with pytest.raises(ValueError, match="agree on T"):
     expert_rule.atomic_experts_rule(x, up, down, lx, ly[:8], theta, cut)

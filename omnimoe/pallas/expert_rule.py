@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from omnimoe import reference
+from omnimoe import ops, reference
 from omnimoe.pallas import common
 from omnimoe.pallas.expert_dense import F32, DenseConfig, block_rows, grid_dot
 from omnimoe.pallas.router_topk import _ordered_key
@@ -134,10 +134,11 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   the pairs of `cartesian_topk(lx, ly, k)` with weights exp(scores). Differentiable in x,
   up, down, lx and ly (theta and cut are a selection: no gradient).
   """
-  for name, a, rank in (("x", x, 2), ("up", up, 2), ("down", down, 2), ("lx", lx, 2),
-                        ("ly", ly, 2), ("theta", theta, 1), ("cut", cut, 1)):
-    if a.ndim != rank:
-      raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
+  for name, a, rank, meaning in (("x", x, 2, "T, d"), ("up", up, 2, "N, d"),
+                                 ("down", down, 2, "N, d"), ("lx", lx, 2, "T, n_x"),
+                                 ("ly", ly, 2, "T, n_y"), ("theta", theta, 1, "T"),
+                                 ("cut", cut, 1, "T")):
+    ops.check_rank(name, a, rank, meaning)
   tokens, n_x = lx.shape
   if ly.shape[0] != tokens or x.shape[0] != tokens or theta.shape != (tokens,) or (
       cut.shape != (tokens,)):
