@@ -503,12 +503,13 @@ def part_sweep(seed, kinds, cases):
 
 # ----------------------------------------------------------------------------- variants
 
-CHUNKS_16 = expert_ops.ExpertConfig(xla_forward_chunk=16)
+BUCKET_SCORES = expert_ops.ExpertConfig(pair_scores="buckets")
 EXPERT_VARIANTS = {  # (N, k) -> name -> ExpertConfig (earlier variants: kernels_notes.md)
-    (65536, 32): {"default": expert_ops.ExpertConfig(), "xla fwd chunks of 16": CHUNKS_16},
-}
+    (n, 32): {"default": expert_ops.ExpertConfig(), "pair scores in buckets": BUCKET_SCORES}
+    for n in (65536, 2 ** 20)}
 LAYER_VARIANTS = [  # (N, k, impl, config name)
-    (65536, 32, "pallas", "default"), (65536, 32, "pallas", "xla fwd chunks of 16")]
+    (n, 32, "pallas", name) for n in (65536, 2 ** 20)
+    for name in ("default", "pair scores in buckets")]
 
 
 SCALING_NS = tuple(2 ** e for e in range(12, 23, 2))  # 64^2 .. 2048^2

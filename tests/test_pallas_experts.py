@@ -5,6 +5,7 @@ is present (`-m gpu`; see tests/test_pallas_router.py for the command on a GPU h
 Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
 """
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -28,6 +29,10 @@ SMALL = expert_ops.ExpertConfig(
     path="tokens", forward_impl="kernel", forward=expert_ops.TokenConfig(block_t=4, block_d=64),
     backward=expert_ops.TokenConfig(block_t=8, block_d=32),
     tables=expert_ops.TableConfig(block_p=16, block_d=64))
+# The same with s and da in bucket order (several buckets a program, d in two tiles).
+BUCKETS = dataclasses.replace(SMALL, pair_scores="buckets",
+                              scores=expert_ops.ScoreConfig(block_p=16, block_d=64))
+SCHEDULES = pytest.mark.parametrize("config", [SMALL, BUCKETS], ids=["tokens", "buckets"])
 
 
 def expert_inputs(rng, tokens, d, n_experts, k, dtype=jnp.float32):
@@ -54,6 +59,7 @@ def check_against_brute_force(args, idx, dy, interpret, config, tol, unique=Fals
     assert bf.rel_err(g, w) < tol, name
 
 
+@SCHEDULES
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("tokens,d,n_experts,k,dtype", [
     (37, 96, 50, 5, jnp.float32),    # T, d not multiples of the blocks
@@ -62,11 +68,11 @@ def check_against_brute_force(args, idx, dy, interpret, config, tol, unique=Fals
     (37, 96, 9, 1, jnp.bfloat16),
     (21, 64, 300, 12, jnp.bfloat16),
 ])
-def test_values_and_gradients(tokens, d, n_experts, k, dtype, interpret):
+def test_values_and_gradients(tokens, d, n_experts, k, dtype, interpret, config):
   rng = np.random.default_rng(tokens + d + k)
   args, idx, dy = expert_inputs(rng, tokens, d, n_experts, k, dtype)
   idx[0, :] = idx[1, 0]  # a token taking one expert k times, shared with another token
-  check_against_brute_force(args, idx, dy, interpret, SMALL, TOL[dtype])
+  check_against_brute_force(args, idx, dy, interpret, config, TOL[dtype])
 
 
 def bad_id_inputs():
@@ -81,15 +87,16 @@ def bad_id_inputs():
   return args, idx, dy
 
 
+@SCHEDULES
 @pytest.mark.parametrize("interpret", MODES)
-def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret):
+def test_one_expert_takes_every_token_and_bad_ids_are_masked(interpret, config):
   """Many chunks in one bucket; ids outside [0, N) contribute nothing, both ways. In
   interpret mode under tests/bounds.py: a gather there clamps whatever address it gets,
   so right values alone do not show that the kernels (forward, backward, bucketing,
   tables) clamp their own; the guard checks every address they take."""
   args, idx, dy = bad_id_inputs()
   with bounds.checked() if interpret else contextlib.nullcontext():
-    check_against_brute_force(args, idx, dy, interpret, SMALL, 1e-5)
+    check_against_brute_force(args, idx, dy, interpret, config, 1e-5)
 
 
 UNCLAMPED = {  # a clamp or mask taken out: (module, its text, the text without, where
@@ -235,6 +242,10 @@ BAD_CONFIGS = [
      r"ExpertConfig.xla_forward_chunk must be 0 \(auto\) or an integer >= 1, got -1"),
     (expert_ops.ExpertConfig, dict(xla_forward_chunk=2.0),
      r"ExpertConfig.xla_forward_chunk must be 0 \(auto\) or an integer >= 1, got 2.0"),
+    (expert_ops.ExpertConfig, dict(pair_scores="experts"),
+     r"ExpertConfig.pair_scores must be one of \('tokens', 'buckets'\), got 'experts'"),
+    (expert_ops.ScoreConfig, dict(block_p=48),
+     "ScoreConfig.block_p must be a power of two, got 48"),
     (expert_ops.ExpertConfig, dict(path="rows"),
      r"ExpertConfig.path must be 'auto' or one of \('tokens', 'dense', 'lines'\), got 'rows'"),
     (expert_ops.TokenConfig, dict(block_t=3),
@@ -351,14 +362,19 @@ def test_lines_path_through_the_op(interpret):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("path,forward_impl,fwd_kernels,grad_kernels", [
-    ("tokens", "xla", 0, 3), ("tokens", "kernel", 1, 4), ("tokens", "auto", 0, 4),
-    ("lines", "xla", 2, 4)])
-def test_kernels_lower_to_triton(path, forward_impl, fwd_kernels, grad_kernels, dtype):
+@pytest.mark.parametrize("path,forward_impl,pair_scores,fwd_kernels,grad_kernels", [
+    ("tokens", "xla", "tokens", 0, 3), ("tokens", "kernel", "tokens", 1, 4),
+    ("tokens", "auto", "tokens", 0, 4), ("tokens", "auto", "buckets", 0, 5),
+    ("lines", "xla", "tokens", 2, 4)])
+def test_kernels_lower_to_triton(path, forward_impl, pair_scores, fwd_kernels, grad_kernels,
+                                 dtype):
   """Every Pallas path of the op, forward and gradients, lowers to Triton IR for CUDA
   (d = 96 and T = 37: no power of two); grad runs the forward too, hence its count
-  ("auto": the XLA forward alone, the kernel one under grad)."""
-  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl)
+  ("auto": the XLA forward alone, the kernel one under grad; with pair scores in
+  buckets: bucketing and scores forward, whose combine is dead code under the grad of a
+  sum, then scores, combine and tables backward)."""
+  config = expert_ops.ExpertConfig(path=path, forward_impl=forward_impl,
+                                   pair_scores=pair_scores)
   f = lambda *a: expert_ops.atomic_experts(*a, config=config, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   tokens, d, n_experts, k = 37, 96, 300, 5

@@ -31,6 +31,15 @@ the forward runs alone and the kernel in the custom VJP's forward rule (under gr
 vjp or linearize). The two sum in different orders: a loss taken under grad and the
 same loss evaluated alone can differ in the last bits.
 
+Where the pair scores run under differentiation (`pair_scores`): "tokens" (the default),
+inside the fused token kernels, each pair gathering its U row (forward) and V row
+(backward) in token order; "buckets" (`expert_buckets`), the forward groups the pairs by
+expert bucket once (the grouping the table gradients need anyway, kept for the
+backward) and computes s = <x, U[e]> and da = <dy, V[e]> in that order, so a row that
+serves several pairs is read about once, then y and dx by `expert_tokens.pair_combine`.
+It moves the bucketing from the backward to the forward and splits each fused kernel in
+two; whether it gains is a GPU measurement (`bench_kernels.py --parts variants`).
+
 Density: this file serves k ~ 16..128, where each table row serves a few tokens. Where
 k is a sizeable fraction of N (the paper's headline regime, k in the thousands),
 `atomic_experts` hands the whole op to `expert_dense` (the whole grid as tensor-core
@@ -51,11 +60,14 @@ import jax
 import jax.numpy as jnp
 
 from omnimoe import reference
-from omnimoe.pallas import common, expert_dense, expert_lines, expert_tables, expert_tokens
+from omnimoe.pallas import (common, expert_buckets, expert_dense, expert_lines, expert_tables,
+                            expert_tokens)
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
+ScoreConfig = expert_buckets.ScoreConfig
 FORWARD_IMPLS = ("auto", "xla", "kernel")
+PAIR_SCORES = ("tokens", "buckets")
 PATHS = ("tokens", "dense", "lines")
 
 
@@ -68,6 +80,11 @@ class ExpertConfig:
   # the kernel under differentiation (module docstring)
   forward_impl: str = "auto"
   xla_forward_chunk: int = 0  # pairs per token one XLA gather fusion takes; 0: `forward_chunk`
+  # Under differentiation, where s = <x, U[e]> and da = <dy, V[e]> are computed: "tokens",
+  # inside the fused token kernels; "buckets", in the table gradients' bucket order
+  # (`expert_buckets`; the forward buckets the pairs once, the backward reuses it)
+  pair_scores: str = "tokens"
+  scores: ScoreConfig = ScoreConfig()
   path: str = "auto"  # "auto": `choose_path`; "tokens": this file; "dense"; "lines"
   dense: expert_dense.DenseConfig = expert_dense.DenseConfig()
   lines: expert_lines.LinesConfig = expert_lines.LinesConfig()
@@ -80,6 +97,9 @@ class ExpertConfig:
     if not isinstance(chunk, numbers.Integral) or chunk < 0:
       raise ValueError(f"ExpertConfig.xla_forward_chunk must be 0 (auto) or an integer >= 1, "
                        f"got {chunk!r}")
+    if self.pair_scores not in PAIR_SCORES:
+      raise ValueError(f"ExpertConfig.pair_scores must be one of {PAIR_SCORES}, got "
+                       f"{self.pair_scores!r}")
     if self.path != "auto" and self.path not in PATHS:
       raise ValueError(f"ExpertConfig.path must be 'auto' or one of {PATHS}, got "
                        f"{self.path!r}")
@@ -169,19 +189,53 @@ def _atomic_experts(x, up, down, weights, indices, activation, config, interpret
 
 
 def _fwd(x, up, down, weights, indices, activation, config, interpret):
+  if config.pair_scores == "buckets":
+    return _fwd_buckets(x, up, down, weights, indices, activation, config, interpret)
   impl = "kernel" if config.forward_impl == "auto" else config.forward_impl
   y, s = _forward(x, up, down, weights, indices, activation, config, interpret, impl)
-  return y, (x, up, down, weights, indices, s)
+  return y, (x, up, down, weights, indices, s, None)
+
+
+def _fwd_buckets(x, up, down, weights, indices, activation, config, interpret):
+  """The forward with s in bucket order (`expert_buckets`), y token-centric."""
+  buckets = expert_tables.bucket(indices, num_experts=up.shape[0], d=x.shape[1],
+                                 config=config.tables, interpret=interpret)
+  s = expert_buckets.bucket_scores(x, up, buckets, indices.shape[1], config=config.scores,
+                                   interpret=interpret)
+  valid = reference.valid_ids(indices, up.shape[0])[0]
+  act = reference.ACTIVATIONS[activation](s)
+  a = jnp.where(valid, act * weights.astype(jnp.float32), 0.0)
+  y = expert_tokens.pair_combine(a, down, indices, out_dtype=x.dtype, config=config.forward,
+                                 interpret=interpret)
+  return y, (x, up, down, weights, indices, s, buckets)
+
+
+def _token_side(dy, up, down, weights, indices, s, buckets, activation, config, interpret):
+  """dx, dweights and the per-pair ds, a (`expert_tokens.token_backward`'s outputs); with
+  `buckets`, da in bucket order and dx by `pair_combine` instead of the fused kernel."""
+  if buckets is None:
+    return expert_tokens.token_backward(dy, up, down, weights, indices, s,
+                                        activation=activation, config=config.backward,
+                                        interpret=interpret)
+  da = expert_buckets.bucket_scores(dy, down, buckets, indices.shape[1],
+                                    config=config.scores, interpret=interpret)
+  valid = reference.valid_ids(indices, up.shape[0])[0]
+  act, act_grad = common.activation_with_grad(activation, s)
+  g = weights.astype(jnp.float32)
+  ds = jnp.where(valid, da * g * act_grad, 0.0)
+  dx = expert_tokens.pair_combine(ds, up, indices, out_dtype=dy.dtype, config=config.backward,
+                                  interpret=interpret)
+  return (dx, jnp.where(valid, da * act, 0.0).astype(weights.dtype), ds,
+          jnp.where(valid, act * g, 0.0))
 
 
 def _bwd(activation, config, interpret, residuals, dy):
-  x, up, down, weights, indices, s = residuals
-  dx, dweights, ds, a = expert_tokens.token_backward(
-      dy, up, down, weights, indices, s, activation=activation, config=config.backward,
-      interpret=interpret)
+  x, up, down, weights, indices, s, buckets = residuals
+  dx, dweights, ds, a = _token_side(dy, up, down, weights, indices, s, buckets, activation,
+                                    config, interpret)
   dup, ddown = expert_tables.table_gradients(
       x, dy, indices, ds, a, num_experts=up.shape[0], up_dtype=up.dtype,
-      down_dtype=down.dtype, config=config.tables, interpret=interpret)
+      down_dtype=down.dtype, config=config.tables, interpret=interpret, buckets=buckets)
   return dx, dup, ddown, dweights, None
 
 

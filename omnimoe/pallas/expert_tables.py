@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,25 +138,55 @@ def _table_grad_kernel(starts_ref, token_ref, expert_ref, ds_ref, a_ref, x_ref, 
   plt.store(dv_ref.at[out], acc_v.astype(dv_ref.dtype), mask=mask)
 
 
-def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_dtype,
-                    config: TableConfig, interpret: bool):
-  """dU (N, d) in up_dtype and dV (N, d) in down_dtype from per-pair ds and a (T, k)."""
+class Buckets(NamedTuple):
+  """The pairs grouped by expert bucket (`bucketing.bucket_pairs`), with each pair's token
+  and expert id gathered into that order (XLA gathers, so kernels read them contiguously).
+  A pytree of arrays: made once in the forward, kept for the backward."""
+  order: jax.Array    # (T k,) pair ids p = t k + j, bucket after bucket, clipped into range
+  starts: jax.Array   # (B + 1,) bucket b holds order[starts[b]:starts[b + 1]]
+  token: jax.Array    # (T k,) order // k
+  expert: jax.Array   # (T k,) the pairs' expert ids in that order
+
+
+def launch_config(config: TableConfig, d: int) -> TableConfig:
+  """`config` with its column tile narrowed to pow2(d) (>= 16), as the kernel runs it."""
+  return dataclasses.replace(config, block_d=min(config.block_d, common.pow2(d, 16)))
+
+
+def bucket(indices, *, num_experts: int, d: int, config: TableConfig,
+           interpret: bool) -> Buckets:
+  """The table kernel's grouping of the (T, k) pairs, for hidden size d."""
   tokens, k = indices.shape
-  d = x.shape[1]
-  config = dataclasses.replace(config, block_d=min(config.block_d, common.pow2(d, 16)))
-  bucket_size = auto_bucket_size(config, tokens * k, num_experts)
-  block_p = auto_block_p(config, tokens * k, num_experts, bucket_size)
+  bucket_size = auto_bucket_size(launch_config(config, d), tokens * k, num_experts)
   order, starts = bucketing.bucket_pairs(indices, num_experts, bucket_size,
                                          method=config.bucketing, interpret=interpret)
   order = jnp.clip(order, 0, tokens * k - 1)  # in range whatever the unused tail holds
-  in_bucket_order = (order // k,) + tuple(v.reshape(-1)[order] for v in (indices, ds, a))
+  return Buckets(order, starts, order // k, indices.reshape(-1)[order])
+
+
+def table_gradients(x, dy, indices, ds, a, *, num_experts: int, up_dtype, down_dtype,
+                    config: TableConfig, interpret: bool, buckets: Buckets | None = None):
+  """dU (N, d) in up_dtype and dV (N, d) in down_dtype from per-pair ds and a (T, k).
+
+  `buckets`: `bucket(indices, ...)` with the same config, if the caller already has it.
+  """
+  tokens, k = indices.shape
+  d = x.shape[1]
+  config = launch_config(config, d)
+  bucket_size = auto_bucket_size(config, tokens * k, num_experts)
+  block_p = auto_block_p(config, tokens * k, num_experts, bucket_size)
+  if buckets is None:
+    buckets = bucket(indices, num_experts=num_experts, d=d, config=config,
+                     interpret=interpret)
+  in_bucket_order = (buckets.token, buckets.expert,
+                     *(v.reshape(-1)[buckets.order] for v in (ds, a)))
   kernel = functools.partial(_table_grad_kernel, bucket_size=bucket_size, block_p=block_p,
                              block_d=config.block_d)
   return common.triton_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((num_experts, d), up_dtype),
                  jax.ShapeDtypeStruct((num_experts, d), down_dtype)),
-      grid=(starts.shape[0] - 1, common.cdiv(d, config.block_d)),
+      grid=(buckets.starts.shape[0] - 1, common.cdiv(d, config.block_d)),
       num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
       name="atomic_experts_bwd_tables")(
-          starts, *in_bucket_order, x, dy)
+          buckets.starts, *in_bucket_order, x, dy)
