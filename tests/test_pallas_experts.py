@@ -214,12 +214,14 @@ def test_token_path_at_four_million_experts(interpret):
     expert_ops.ExpertConfig(path="tokens", forward_impl="xla", xla_forward_chunk=2),
     expert_ops.ExpertConfig(path="tokens", forward_impl="xla"),
     expert_ops.ExpertConfig(path="tokens", xla_forward_chunk=2),
+    expert_ops.ExpertConfig(path="tokens", pair_scores="buckets"),
 ], ids=["kernel-forward-auto-block-t", "xla-forward-chunked", "xla-forward-one-gather",
-        "auto-forward"])
+        "auto-forward", "pair-scores-in-buckets"])
 def test_config_variants(config, interpret):
   """The kernel forward with pairs-per-program token blocks (k = 5 -> 16 tokens), the
   XLA forward in chunks of 2, 2, 1 pairs and as one gather (auto: 185 pairs), and "auto"
-  (XLA alone, the kernel under vjp), each under the kernels' backward."""
+  (XLA alone, the kernel under vjp), each under the kernels' backward; and the pair
+  scores in bucket order at the default launch (185 pairs: three programs of 64)."""
   rng = np.random.default_rng(15)
   args, idx, dy = expert_inputs(rng, 37, 96, 50, 5)
   idx[::4, 2] = -1
@@ -311,10 +313,23 @@ def test_activations_match_reference_autodiff(activation, interpret):
     y, pull = jax.vjp(lambda *a: fn(*a, idx, activation=activation), *args)
     return (y,) + pull(dy)
 
-  got = vjp(functools.partial(expert_ops.atomic_experts, config=SMALL, interpret=interpret))
   want = vjp(reference.atomic_experts)
-  for g, w in zip(got, want):
-    assert bf.rel_err(g, w) < 1e-5
+  for config in (SMALL, BUCKETS):
+    got = vjp(functools.partial(expert_ops.atomic_experts, config=config, interpret=interpret))
+    for g, w in zip(got, want):
+      assert bf.rel_err(g, w) < 1e-5
+
+
+@SCHEDULES
+@pytest.mark.parametrize("interpret", MODES)
+def test_float32_tables_under_bf16_tokens(interpret, config):
+  """The expert bank's mix with float32 master weights (`experts.cast_tables`: tables as
+  stored): bf16 x, dy and weights, float32 U and V; each gradient in its input's dtype."""
+  rng = np.random.default_rng(17)
+  (x, up, down, w), idx, dy = expert_inputs(rng, 29, 96, 200, 6)
+  args = [x.astype(jnp.bfloat16), up, down, w.astype(jnp.bfloat16)]
+  check_against_brute_force(args, idx, dy.astype(jnp.bfloat16), interpret, config,
+                            TOL[jnp.bfloat16])
 
 
 def test_jit_grad_through_ops_with_default_config():
