@@ -592,7 +592,7 @@ def part_variants(seed, save):
       row = guarded(f"expert {name}", run)
       out[f"expert N={n} k={k} {name}"] = row
       if row:
-        say(f"  {name:20s} {fmt(row[0])} err " + " ".join(f"{e:.1e}" for e in row[1]))
+        say(f"  {name:24s} {fmt(row[0])} err " + " ".join(f"{e:.1e}" for e in row[1]))
       save(out)
   say("\n== variants: layer (ms)")
   for n, k, impl, name in LAYER_VARIANTS:

@@ -78,6 +78,30 @@ def test_bench_kernels_module_part_times_every_row(monkeypatch):
     assert row is not None and all(ms > 0 for ms in row), label
 
 
+def test_bench_kernels_variants_part_runs_both_pair_score_schedules(monkeypatch):
+  """`bench_kernels.py --parts variants` at toy sizes (N = 1024, k = 4: the token path):
+  the expert op under each variant is timed and within bf16 error of the float32
+  reference in y and all four gradients, and the layer row of each variant is timed."""
+  import jax
+
+  from experiments import bench_kernels
+  variants = bench_kernels.EXPERT_VARIANTS[65536, 32]
+  for name, value in dict(T=16, D=32, F=64, DEVICE_CALLS=1,
+                          EXPERT_VARIANTS={(1024, 4): variants},
+                          LAYER_VARIANTS=[(1024, 4, "pallas", v) for v in variants]).items():
+    monkeypatch.setattr(bench_kernels, name, value)
+  monkeypatch.setattr(bench_kernels, "timeit",
+                      lambda f, args, **kw: [jax.block_until_ready(f(*args[0])), 1.0][1])
+  out = bench_kernels.part_variants(0, lambda rows: None)
+  assert len(out) == 2 * len(variants) and "pair scores in buckets" in variants
+  for label, row in out.items():
+    assert row is not None, label
+    times, errs = row if label.startswith("expert") else (row, [])
+    assert times["fwd_ms"] > 0 and times["fwd_bwd_ms"] > 0, label
+    assert len(errs) == (5 if label.startswith("expert") else 0)
+    assert all(err < 2e-2 for err in errs), (label, errs)
+
+
 def test_bench_kernels_table_gives_both_impls_the_same_inputs(monkeypatch, tmp_path):
   """The table part at toy sizes: every (what, N, k) row timed for both impls (each timing
   one call) and written to the JSON; both impls of a case draw their inputs from the same
