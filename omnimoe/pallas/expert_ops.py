@@ -220,13 +220,11 @@ def _token_side(dy, up, down, weights, indices, s, buckets, activation, config, 
   da = expert_buckets.bucket_scores(dy, down, buckets, indices.shape[1],
                                     config=config.scores, interpret=interpret)
   valid = reference.valid_ids(indices, up.shape[0])[0]
-  act, act_grad = common.activation_with_grad(activation, s)
-  g = weights.astype(jnp.float32)
-  ds = jnp.where(valid, da * g * act_grad, 0.0)
+  dweights, ds, a = expert_tokens.pair_coefficients(da, weights.astype(jnp.float32), s, valid,
+                                                    activation)
   dx = expert_tokens.pair_combine(ds, up, indices, out_dtype=dy.dtype, config=config.backward,
                                   interpret=interpret)
-  return (dx, jnp.where(valid, da * act, 0.0).astype(weights.dtype), ds,
-          jnp.where(valid, act * g, 0.0))
+  return dx, dweights.astype(weights.dtype), ds, a
 
 
 def _bwd(activation, config, interpret, residuals, dy):

@@ -144,6 +144,15 @@ def _store_pairs(ref, t, exists, value):
   plt.store(ref.at[t[:, None], slots], value.astype(ref.dtype), mask=exists)
 
 
+def pair_coefficients(da, g, s, valid, activation: str):
+  """The backward's per-pair values from da = <dy, V[e]>, the weight g and s = <x, U[e]>
+  (float32, 0 where not valid): dweights = da act(s), ds = da g act'(s), a = act(s) g.
+  Elementwise: inside the token backward kernel, or in XLA (`expert_ops`, bucket order)."""
+  act, act_grad = common.activation_with_grad(activation, s)
+  return (jnp.where(valid, da * act, 0.0), jnp.where(valid, da * g * act_grad, 0.0),
+          jnp.where(valid, act * g, 0.0))
+
+
 def _forward_kernel(x_ref, up_ref, down_ref, w_ref, idx_ref, y_ref, s_ref, *,
                     activation: str, config: TokenConfig):
   t, live, rows = common.token_block(config.block_t, x_ref.shape[0])
@@ -163,11 +172,10 @@ def _token_backward_kernel(dy_ref, up_ref, down_ref, w_ref, idx_ref, s_ref,
   experts, exists, valid = _pair_experts(idx_ref, rows, live, up_ref.shape[0])
   da = _gather_dot(dy_ref, down_ref, rows, live, experts, valid, config.block_d)
   g, s = _load_pairs(rows, valid, w_ref, s_ref)
-  act, act_grad = common.activation_with_grad(activation, s)
-  ds = jnp.where(valid, da * g * act_grad, 0.0)
-  _store_pairs(dw_ref, t, exists, jnp.where(valid, da * act, 0.0))
+  dw, ds, a = pair_coefficients(da, g, s, valid, activation)
+  _store_pairs(dw_ref, t, exists, dw)
   _store_pairs(ds_ref, t, exists, ds)
-  _store_pairs(a_ref, t, exists, jnp.where(valid, act * g, 0.0))
+  _store_pairs(a_ref, t, exists, a)
   _gather_combine(ds, up_ref, dx_ref, t, live, experts, valid, config.block_d)
 
 
