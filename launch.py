@@ -6,13 +6,14 @@ A workdir that holds checkpoints is resumed. Several processes (hosts): pass
 or `--distributed` to let `jax.distributed.initialize()` detect a cluster (SLURM, Open MPI,
 Kubernetes, TPU pods). Exit status: 0 when the run finished or was stopped by SIGTERM or
 SIGINT (after saving; with several processes, a signal to any of them stops all of them at
-one step), 1 on a config error or a diverged run.
+one step), 1 on a config error, a diverged run or a checkpoint folder of which no step
+could be read.
 """
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from omnimoe import metrics, train
+from omnimoe import checkpoint, metrics, train
 from omnimoe.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -39,7 +40,7 @@ def main(argv):
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, train.TrainingDiverged) as e:
+  except (ConfigError, train.TrainingDiverged, checkpoint.NoReadableCheckpoint) as e:
     logging.error("%s: %s", type(e).__name__, e)
     raise SystemExit(1) from e
 

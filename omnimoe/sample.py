@@ -3,10 +3,12 @@
   python -m omnimoe.sample --workdir DIR --prompt "def main(" \
       [--max_new_tokens 200 --temperature 0.8 --seed 0]
 
-Byte-level, like the training data: the prompt is encoded as UTF-8 bytes and the output
-decoded with replacement characters. Temperature 0 is greedy (argmax). The prompt is
-prefilled in one call, then each new token is one cached decoding step; prompt plus new
-tokens must fit in `model.max_len`.
+Byte-level, like the built-in and text data: the prompt is encoded as UTF-8 bytes and the
+output decoded with replacement characters; only the ids 0..255 are sampled (a larger
+vocabulary's other ids never are), and a model whose `model.vocab_size` cannot hold the
+prompt's bytes is refused. Temperature 0 is greedy (argmax). The prompt is prefilled in one
+call, then each new token is one cached decoding step; prompt plus new tokens must fit in
+`model.max_len`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from omnimoe import checkpoint as checkpoint_lib
+from omnimoe import data as data_lib
 from omnimoe import metrics
 from omnimoe import sharding
 from omnimoe import train
@@ -47,12 +50,14 @@ def load(workdir: str):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def generate(model, variables, prompt: jax.Array, max_new_tokens: int, temperature: float,
              rng: jax.Array) -> jax.Array:
-  """`max_new_tokens` tokens (int32) continuing `prompt` (P,) int32; greedy at temperature 0."""
+  """`max_new_tokens` byte ids (int32, < 256) continuing `prompt` (P,) int32; greedy at
+  temperature 0."""
   (logits, _), cache = model.apply(variables, prompt[None], train=False, decode=True,
                               mutable=["cache"])
 
   def body(carry, key):
     cache, logits = carry
+    logits = logits[:, :data_lib.BYTE_VOCAB]
     if temperature == 0:
       token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
@@ -68,10 +73,17 @@ def generate(model, variables, prompt: jax.Array, max_new_tokens: int, temperatu
 def sample_text(workdir: str, prompt: str, max_new_tokens: int, temperature: float,
                 seed: int) -> str:
   """The prompt's continuation as text (bytes decoded as UTF-8 with replacement)."""
+  if not prompt:
+    raise ValueError("the prompt must be non-empty")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
   config, step, model, variables = load(workdir)
   tokens = np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-  if not tokens.size or max_new_tokens < 1:
-    raise ValueError("the prompt must be non-empty and max_new_tokens >= 1")
+  if tokens.max() >= config.model.vocab_size:
+    raise ValueError(f"the prompt holds byte {tokens.max()}, outside model.vocab_size="
+                     f"{config.model.vocab_size}: this sampler is byte-level")
   if tokens.size + max_new_tokens > config.model.max_len:
     raise ValueError(f"prompt of {tokens.size} bytes + max_new_tokens={max_new_tokens} exceeds "
                      f"model.max_len={config.model.max_len} (checkpoint of step {step})")

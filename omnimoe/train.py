@@ -13,7 +13,9 @@ global-norm clipping.
 
 Each step is fixed by (config, step): the batch by the loader's seed and position (saved
 with the checkpoint), the update by the state; the model has no dropout. So a run that is
-killed and resumed ends bit-identical to one that never stopped.
+killed and resumed ends bit-identical to one that never stopped. A resume whose config
+changes a field of `RESUME_FIXED` (the model, the data, the batch order) is refused with a
+ConfigError; `config.json` in the workdir is written only once the resume is accepted.
 
 Stopping: SIGTERM or SIGINT saves a checkpoint at the current step and returns (with
 several processes, either signal to any of them, at a step they agree on: `_StopRequest`); a
@@ -24,6 +26,7 @@ objective of that step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -83,6 +86,11 @@ def validate(config, num_devices: int | None = None) -> tuple[int, int, int]:
          f"must be <= model.max_len={m.max_len}")
   config_lib.check(m.param_dtype == "float32", "model.param_dtype", m.param_dtype,
          "training keeps float32 master weights (set model.dtype for the compute dtype)")
+  if m.attention == "cudnn":
+    config_lib.check(jax.default_backend() == "gpu", "model.attention", m.attention,
+           f"cuDNN's fused attention needs a GPU backend, not {jax.default_backend()!r}")
+    config_lib.check(t.seq_len % 2 == 0, "train.seq_len", t.seq_len,
+           "must be even with model.attention='cudnn' (its causal kernel refuses odd lengths)")
   d = config.data
   config_lib.check(d.source in data_lib.SOURCES, "data.source", d.source,
          f"must be one of {data_lib.SOURCES}")
@@ -99,6 +107,21 @@ def validate(config, num_devices: int | None = None) -> tuple[int, int, int]:
   config_lib.check(t.batch_size % batch_ways == 0, "train.batch_size", t.batch_size,
          f"must be divisible by mesh data*fsdp={batch_ways}")
   return shape
+
+
+# What a resumed run must share with the run that saved its checkpoint: what the model
+# computes and which batch comes next. The schedule, logging, mesh, checkpointing, the
+# compute dtype and the kernels' and attention's implementation may change (logged).
+RESUME_FIXED = ("model", "data.source", "data.path", "data.val_fraction", "train.seed",
+                "train.seq_len", "train.batch_size")
+RESUME_FREE = ("model.dtype", "model.attention", "model.embed_grad", "model.omnimoe.impl",
+               "model.peer.impl")
+
+
+def fixed_on_resume(path: str) -> bool:
+  """Whether the dotted config field `path` must not change when a run resumes."""
+  return (checkpoint_lib.is_under(path, RESUME_FIXED)
+          and not checkpoint_lib.is_under(path, RESUME_FREE))
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,13 +350,18 @@ def evaluations_after(step: int, train_cfg) -> int:
   return periodic + (0 if t.eval_every and t.steps % t.eval_every == 0 else 1)
 
 
+def eval_batches(config, val_source) -> int:
+  """`train.eval_steps`, capped so that no validation window is counted twice."""
+  return min(config.train.eval_steps, len(val_source) // config.train.batch_size)
+
+
 def evaluate(program: Program, state, val_source, config) -> dict:
-  """Mean cross-entropy and perplexity on the first `eval_steps` validation batches."""
+  """Mean cross-entropy and perplexity on the first `eval_batches` validation batches."""
   t = config.train
   batches = iter(data_lib.loader(val_source, t.batch_size, seed=t.seed, shuffle=False,
                                  block=program.batch_block))
   losses = [program.eval_step(state, program.global_batch(next(batches)))
-            for _ in range(t.eval_steps)]
+            for _ in range(eval_batches(config, val_source))]
   loss = float(np.mean(jax.device_get(losses)))
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
@@ -378,21 +406,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.device_count(), jax.devices()[0].device_kind, jax.process_count(), shape)
   logging.info("data: %s, %d training and %d validation windows of %d tokens",
                config.data.source, len(train_source), len(val_source), t.seq_len)
+  if eval_batches(config, val_source) < t.eval_steps:
+    logging.warning("train.eval_steps=%d: the validation split holds %d batches; each "
+                    "validation uses those", t.eval_steps, eval_batches(config, val_source))
   logging.info("model: %s FFN, %.2fM parameters, %.1f MFLOP per token (training)",
                config.model.ffn, sum(math.prod(a.shape) for a in
                                      jax.tree.leaves(program.abstract_state["params"])) / 1e6,
                flops_per_token / 1e6)
 
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.checkpoint.keep)
   train_iter = iter(data_lib.loader(train_source, t.batch_size, seed=t.seed, shuffle=True,
                                     workers=config.data.workers,
                                     block=program.batch_block))
-  restored = ckpt.restore(program.abstract_state, train_iter)
+  config_json = json.loads(config.to_json_best_effort())
+  restored = ckpt.restore(program.abstract_state, train_iter, config_json, fixed_on_resume)
+  if jax.process_index() == 0:  # only now: a refused resume leaves the run's own config
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json, f, indent=2)
   if restored is None:
     start, state = 0, program.init(jax.random.key(t.seed))
     logging.info("starting from scratch in %s", workdir)
@@ -450,7 +482,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      val["perplexity"])
         interval.restart_clock()
       if save:
-        ckpt.save(step, state, train_iter)
+        ckpt.save(step, state, train_iter, config_json)
       if stopping is not None:
         logging.warning("%s at step %d: checkpoint saved, stopping",
                         signal.Signals(stopping).name, step)

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from omnimoe import sample
+from omnimoe.model import build_model
 from tests.conftest import REPO, SUBPROCESS_ENV, launch_command, run_launch
 
 STEPS = 200
@@ -282,3 +284,32 @@ def test_sample_greedy_matches_uncached_decoding(run_a):
   assert len(printed) >= len(b"def ") + 8, printed  # a replaced byte prints as 3
   assert printed.decode("utf-8") == "def " + bytes(greedy[:8].astype(np.uint8)).decode(
       "utf-8", errors="replace")  # greedy: the first 8 of the 12 above
+
+
+def test_sample_draws_byte_ids_only(tiny_config):
+  """A vocabulary above 256 (ArrayRecord data may have one) must not wrap ids into bytes."""
+  tiny_config.model.vocab_size = 300
+  model = build_model(tiny_config.model)
+  prompt = jnp.asarray(np.frombuffer(b"ab", np.uint8).astype(np.int32))
+  variables = nn.unbox(model.init(jax.random.key(0), prompt[None], train=False))
+  kernel = variables["params"]["output"]["kernel"]
+  variables["params"]["output"]["kernel"] = kernel.at[:, :256].set(0.0)  # ids >= 256 win
+  for temperature in (0.0, 1.0):
+    out = np.asarray(sample.generate(model, variables, prompt, 6, temperature,
+                                     jax.random.key(1)))
+    assert out.shape == (6,) and out.max() < 256, out
+
+
+@pytest.mark.parametrize("prompt,new,temperature,vocab,message", [
+    ("", 4, 0.0, 256, "the prompt must be non-empty"),
+    ("ab", 0, 0.0, 256, "max_new_tokens=0: must be >= 1"),
+    ("ab", 4, -1.0, 256, r"temperature=-1.0: must be >= 0"),
+    ("ab", 4, float("nan"), 256, r"temperature=nan: must be >= 0"),
+    ("a\u00e9", 4, 0.0, 128, r"the prompt holds byte 195, outside model.vocab_size=128"),
+])
+def test_sample_refuses_bad_requests(tiny_config, monkeypatch, prompt, new, temperature, vocab,
+                                     message):
+  tiny_config.model.vocab_size = vocab
+  monkeypatch.setattr(sample, "load", lambda workdir: (tiny_config, 1, None, None))
+  with pytest.raises(ValueError, match=message):
+    sample.sample_text("unused", prompt, new, temperature, 0)

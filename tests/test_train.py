@@ -32,6 +32,7 @@ from tests import jaxprs
     ("model.vocab_size", 100, "model.vocab_size=100: data.source='builtin' is byte-level"),
     ("model.param_dtype", "bfloat16", "model.param_dtype='bfloat16': training keeps float32"),
     ("model.omnimoe.top_k", 65, "model.omnimoe.top_k=65"),
+    ("model.attention", "cudnn", "model.attention='cudnn': cuDNN's fused attention needs a GPU"),
 ])
 def test_bad_field_is_named(tiny_config, field, value, match):
   section, *rest = field.split(".")
@@ -41,6 +42,8 @@ def test_bad_field_is_named(tiny_config, field, value, match):
   node[rest[-1]] = value
   if field != "mesh.fsdp":
     tiny_config.mesh.fsdp = 2  # with 4 devices: data 2 x fsdp 2
+  if field == "model.attention":
+    tiny_config.model.dtype = "bfloat16"  # the field's own rules hold; the backend does not
   with pytest.raises(ConfigError, match=match):
     train.validate(tiny_config, num_devices=4)
 
@@ -197,6 +200,110 @@ def test_data_position_that_does_not_fit_the_loader_is_a_config_error(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
 
+def test_corrupt_data_position_is_set_aside_for_the_previous_step(tmp_path, monkeypatch):
+  """A truncated data position is a half-written step, not a config change."""
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  it = _loader()
+  for step in (1, 2):
+    next(it)
+    ckpt.save(step, {"w": jnp.full((3,), float(step))}, it)
+  ckpt.close()
+  (name,) = glob.glob(str(tmp_path / "checkpoints" / "2" / "data" / "process_*.json"))
+  with open(name, "r+") as f:
+    f.truncate(os.path.getsize(name) // 2)
+  warnings = []
+  monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  step, state = ckpt.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, _loader())
+  ckpt.close()
+  assert step == 1 and float(state["w"][0]) == 1.0
+  assert len(warnings) == 1 and "step 2" in warnings[0] and "JSONDecodeError" in warnings[0]
+  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["2"]
+
+
+@pytest.mark.parametrize("error", [MemoryError("host"), PermissionError(13, "denied"),
+                                   RuntimeError("RESOURCE_EXHAUSTED: out of memory")])
+def test_machine_error_during_restore_is_raised_and_moves_nothing(tmp_path, monkeypatch, error):
+  state = {"w": jnp.arange(6.0)}
+  _saved_run(tmp_path, state)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  def failing_read(step, **items):
+    if "state" in items:
+      raise ValueError("reading the state failed") from error  # as a library wraps it
+    return real_read(step, **items)
+  real_read = ckpt._read
+  monkeypatch.setattr(ckpt, "_read", failing_read)
+  with pytest.raises(ValueError, match="reading the state failed"):
+    ckpt.restore(_abstract(state), _loader())
+  ckpt.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+
+def test_no_readable_step_raises_instead_of_starting_afresh(tmp_path):
+  state = {"w": jnp.arange(6.0)}
+  _saved_run(tmp_path, state)
+  _corrupt(str(tmp_path / "checkpoints" / "3"))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  with pytest.raises(checkpoint_lib.NoReadableCheckpoint, match=r"none of the 1 checkpoint "
+                     r"step\(s\) .* could be read .* moved to .*corrupt_checkpoints"):
+    ckpt.restore(_abstract(state), _loader())
+  assert ckpt.restore(_abstract(state)) is None  # a relaunch starts from scratch, knowingly
+  ckpt.close()
+  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["3"]
+
+
+def test_resume_refuses_a_fixed_field_change_and_logs_the_others(tmp_path, monkeypatch):
+  saved = {"model": {"d": 8, "impl": "auto"}, "train": {"seed": 0, "lr": 0.1}}
+  state = {"w": jnp.arange(6.0)}
+  it = _loader()
+  next(it)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  ckpt.save(3, state, it, saved)
+  ckpt.close()
+  fixed = lambda path: checkpoint_lib.is_under(path, ("model", "train.seed")) and (
+      path != "model.impl")
+  warnings = []
+  monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  for change, message in ((("train", "seed", 7), r"train.seed=7, but checkpoint step 3 .* "
+                           r"saved with train.seed=0"),
+                          (("model", "e", 1), r"model.e=1, but .* saved with model.e='<absent>'")):
+    config = {section: dict(fields) for section, fields in saved.items()}
+    config[change[0]][change[1]] = change[2]
+    with pytest.raises(ConfigError, match=message):
+      ckpt.restore(_abstract(state), _loader(), config, fixed)
+  config = {"model": {"d": 8, "impl": "xla"}, "train": {"seed": 0, "lr": 0.2}}
+  assert ckpt.restore(_abstract(state), _loader(), config, fixed)[0] == 3
+  ckpt.close()
+  assert warnings == ["resuming step 3 with config changes: model.impl 'auto' -> 'xla'; "
+                      "train.lr 0.1 -> 0.2"]
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
+@pytest.mark.parametrize("path,fixed", [("model.d_model", True), ("model.omnimoe.top_k", True),
+                                        ("model.omnimoe.impl", False), ("model.dtype", False),
+                                        ("train.seed", True), ("train.seed_x", False),
+                                        ("train.lr", False), ("train.steps", False),
+                                        ("data.path", True), ("data.workers", False),
+                                        ("mesh.fsdp", False)])
+def test_trainer_fixes_the_model_and_the_batch_order_on_resume(path, fixed):
+  assert train.fixed_on_resume(path) == fixed
+
+
+def test_refused_resume_leaves_the_runs_config_json(tiny_config, tmp_path):
+  tiny_config.train.steps = 4
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    written = json.load(f)
+  assert written["train"]["seed"] == 0
+  tiny_config.train.seed = 5
+  with pytest.raises(ConfigError, match="train.seed=5, but checkpoint step 4"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f) == written
+
+
 def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
   state = {"w": jnp.arange(6.0)}
   _saved_run(tmp_path, state)
@@ -209,6 +316,14 @@ def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
   assert ckpt.restore(abstract) is None
   ckpt.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", tmp.name]
+
+
+def test_validation_never_counts_a_window_twice(tiny_config):
+  val = data.TokenWindows(np.arange(200) % 256, 16, 0, 10)  # 10 windows: 2 batches of 4
+  tiny_config.train.eval_steps = 5
+  assert train.eval_batches(tiny_config, val) == 2
+  tiny_config.train.eval_steps = 1
+  assert train.eval_batches(tiny_config, val) == 1
 
 
 @pytest.mark.parametrize("log_every,logged", [(1, list(range(1, 7))), (5, [5])])
