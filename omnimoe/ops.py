@@ -57,6 +57,8 @@ def _check_indices(indices, num_experts: int, unique: bool = False,
   repeats an id) is checked when they are concrete."""
   if indices.dtype != jnp.int32:
     raise TypeError(f"indices must be int32, got {indices.dtype}")
+  if not isinstance(unique, (bool, np.bool_)):  # a promise that changes stores: no guessing
+    raise TypeError(f"unique_indices must be a bool, got {unique!r}")
   if not values or isinstance(indices, jax.core.Tracer):
     return
   idx = np.asarray(indices)
@@ -161,7 +163,9 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
       `jnp.ndarray.at[...].set(..., unique_indices=True)`).
   Returns:
     (T, d) in x.dtype, accumulated in float32. Differentiable in x, up, down, weights
-    (and gate).
+    (and gate): on XLA in every mode; on Pallas in reverse mode to second order (Hessian-
+    vector products, gradient penalties: the kernels give the first order, the reference's
+    autodiff the second), not in forward mode (jax.jvp; a custom VJP).
   """
   check_expert_inputs(x, up, down, weights, indices, activation, gate, unique_indices)
   impl = "xla" if gate is not None and impl is None else resolve_impl(impl)

@@ -53,8 +53,9 @@ def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax
   fl(lx[i'] + ly[j]) to the same value (ly tiny against the ulp of lx), and then a
   lower-id row (or column) outside the candidates wins the tie at the k-th place (two
   sums within half an ulp of the k-th sum; the test data has lx near -1e8, where the
-  float32 spacing is 8). That is the one difference from the full-grid top-k, which
-  `router_threshold` (k > 64) computes exactly; `tests/test_pallas_router.py` pins it.
+  float32 spacing is 8; sums that overflow to +-inf tie the same way). That is the one
+  difference from the full-grid top-k, which `router_threshold` (k > 64) computes
+  exactly; `tests/test_pallas_router.py` pins it.
   On ordinary gates it was not seen: `experiments/topk_exactness.py` counts 0 of 40,960
   tokens at n = 256 and 0 of 10,240 at n = 1024 (k = 32, random log-softmax gates).
 

@@ -29,6 +29,8 @@ def make_inputs(tokens=11, d=24, n_experts=16, k=3, seed=0):
     (dict(indices=jnp.full((11, 3), 16, jnp.int32)), r"must lie in \[0, 16\)"),
     (dict(indices=jnp.full((11, 3), -1, jnp.int32)), r"must lie in \[0, 16\)"),
     (dict(x=jnp.ones((11, 24), jnp.int32)), "x must be a floating-point array"),
+    (dict(unique_indices=jnp.array(True)), "unique_indices must be a bool"),
+    (dict(unique_indices=1), "unique_indices must be a bool"),
 ])
 def test_atomic_experts_rejects_bad_inputs(change, match):
   args = make_inputs() | change

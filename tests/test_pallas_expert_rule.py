@@ -88,3 +88,18 @@ def test_bad_shapes_are_refused():
     expert_rule.atomic_experts_rule(x, up[:19], down[:19], lx, ly, theta, cut)
   with pytest.raises(ValueError, match="activation"):
     expert_rule.atomic_experts_rule(x, up, down, lx, ly, theta, cut, activation="swiglu")
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_an_unrouted_experts_overflowed_score_stays_out(activation):
+  """Every grid entry is scored, routed or not: an entry outside the top-k whose score
+  overflows to inf must stay out (0 * inf = NaN), as in the reference, which never sees it."""
+  rng = np.random.default_rng(6)
+  (x, up, down, lx, ly), rule, pairs, dy = rule_inputs(rng, 3, 40, 5, 5, 2, jnp.float32)
+  routed = np.unique(pairs[1])
+  unrouted = next(e for e in range(25) if e not in routed)
+  x, up = x.at[:].set(1e19), up.at[:].set(1e-21).at[unrouted].set(1e19)  # <x, up[e]> = inf
+  y, vjp = jax.vjp(lambda *a: expert_rule.atomic_experts_rule(*a, *rule, activation=activation),
+                   x, up, down, lx, ly)
+  for got in (y, *vjp(dy)):
+    assert jnp.all(jnp.isfinite(got))

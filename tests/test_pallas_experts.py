@@ -347,6 +347,55 @@ def test_jit_grad_through_ops_with_default_config():
     assert bf.rel_err(g, w) < 1e-5
 
 
+PATHS = pytest.mark.parametrize("config", [
+    SMALL, BUCKETS, expert_ops.ExpertConfig(path="dense"), expert_ops.ExpertConfig(path="lines")],
+    ids=["tokens", "buckets", "dense", "lines"])
+
+
+@PATHS
+def test_second_order_matches_reference_autodiff(config):
+  """grad of the loss plus a function of its gradients (a gradient penalty: a Hessian-vector
+  product in all four inputs plus the gradient): first order by the kernels, second by
+  the reference's autodiff."""
+  rng = np.random.default_rng(18)
+  args, idx, dy = expert_inputs(rng, 11, 40, 36, 9)
+  idx[0, :3] = 5  # an expert taken three times by one token
+  idx = jnp.asarray(idx)
+  probes = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in args]
+
+  def hvp(fn):
+    loss = lambda *a: jnp.vdot(fn(*a, idx), dy)
+    value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    def penalised(*a):  # the value from inside the differentiated gradient's own forward
+      value, grads = value_and_grads(*a)
+      return value + sum(jnp.vdot(g, v) for g, v in zip(grads, probes))
+
+    return value_and_grads(*args), jax.grad(penalised, argnums=(0, 1, 2, 3))(*args)
+
+  got = hvp(functools.partial(expert_ops.atomic_experts, config=config, interpret=True))
+  want = hvp(reference.atomic_experts)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert bf.rel_err(g, w) < 1e-5
+
+
+@PATHS
+def test_an_unrouted_experts_overflowed_score_stays_out(config):
+  """A finite input whose score at an expert nobody routes to overflows to inf: the
+  reference never sees that expert, so neither may 0 * inf = NaN (dense and line tiles
+  score every expert of a tile)."""
+  rng = np.random.default_rng(19)
+  args, idx, dy = expert_inputs(rng, 6, 40, 9, 1)
+  x, up, down, w = args
+  x, up = x.at[:].set(1e19), up.at[:].set(1e-21).at[1].set(1e19)  # <x, up[1]> = inf
+  idx = jnp.asarray(np.where(idx == 1, 0, idx))
+  for activation in ("silu", "relu"):
+    y, vjp = jax.vjp(lambda *a: expert_ops.atomic_experts(
+        *a, idx, activation=activation, config=config, interpret=True), x, up, down, w)
+    for got in (y, *vjp(dy)):
+      assert jnp.all(jnp.isfinite(got)), activation
+
+
 @pytest.mark.parametrize("interpret", MODES)
 def test_bucketing_methods_agree(interpret):
   """Same buckets, same members, whatever the placement order inside a bucket."""

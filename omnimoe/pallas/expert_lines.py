@@ -220,6 +220,12 @@ def _incidence_weights(w_ref, rows, live, pos, ok):
                   mask=live[:, None] & ok[None, :], other=0.0)
 
 
+def _where_routed(w, value):
+  """`value` where the tile's weight is nonzero, else 0: an expert of the line that the
+  token does not route to contributes nothing, even where its score overflowed (0 * inf)."""
+  return jnp.where(w != 0, value, 0.0)
+
+
 def _forward_kernel(items_ref, inc_token_ref, w_ref, x_ref, up_ref, down_ref, y_in_ref,
                     y_ref, *, activation: str, line_size: int, config: BlockConfig):
   del y_in_ref  # aliased with y_ref
@@ -236,7 +242,8 @@ def _forward_kernel(items_ref, inc_token_ref, w_ref, x_ref, up_ref, down_ref, y_
     for j, s in zip(group, scores):
       pos, _, ok = tiles[j]
       act, _ = common.activation_with_grad(activation, s)
-      coefs.append((_incidence_weights(w_ref, rows, live, pos, ok) * act).astype(cdt))
+      w = _incidence_weights(w_ref, rows, live, pos, ok)
+      coefs.append(_where_routed(w, w * act).astype(cdt))
   _combine_atomic(coefs, [tile[1:] for tile in tiles], down_ref, y_ref, spare,
                   config.block_d, steps, cdt)
 
@@ -261,10 +268,10 @@ def _backward_kernel(items_ref, inc_token_ref, w_ref, x_ref, dy_ref, up_ref, dow
       pos, _, ok = tiles[j]
       act, act_grad = common.activation_with_grad(activation, s)
       w = _incidence_weights(w_ref, rows, live, pos, ok)
-      ds = da * w * act_grad
+      ds = _where_routed(w, da * w * act_grad)
       at, mask = (stored, pos[None, :]), live[:, None] & ok[None, :]
       plt.store(ds_ref.at[at], ds.astype(ds_ref.dtype), mask=mask)
-      plt.store(a_ref.at[at], (w * act).astype(a_ref.dtype), mask=mask)
+      plt.store(a_ref.at[at], _where_routed(w, w * act).astype(a_ref.dtype), mask=mask)
       plt.store(dw_ref.at[at], (da * act).astype(dw_ref.dtype), mask=mask)
       ds_tiles.append(ds.astype(cdt))
   _combine_atomic(ds_tiles, [tile[1:] for tile in tiles], up_ref, dx_ref, spare,

@@ -88,11 +88,11 @@ def _backward_block(b, s, up, down, activation: str, cdt, a=None):
   mask, w = _rule_grid(lxb, lyb, thetab, cutb)
   h, dh = common.activation_with_grad(activation, s.astype(F32))
   da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-  g = jnp.where(mask, w * da.astype(F32), 0)
-  ds = (g * dh).astype(cdt)
+  g = w * da.astype(F32)  # masked below with where, not by zeros: 0 * inf is NaN
+  ds = jnp.where(mask, g * dh, 0).astype(cdt)
   if a is None:
     a = jnp.where(mask, w * h, 0).astype(cdt)
-  dscore = (g * h).reshape(s.shape[0], lxb.shape[1], lyb.shape[1])
+  dscore = jnp.where(mask, g * h, 0).reshape(s.shape[0], lxb.shape[1], lyb.shape[1])
   return (ds, a), (common.dot(ds, up.astype(cdt)), dscore.sum(2), dscore.sum(1))
 
 
