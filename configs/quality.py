@@ -11,7 +11,8 @@ built-in corpus (Python standard library source). OmniMoE: N = 16384 atomic expe
 at equal active non-embedding parameters (`omnimoe.params.match_active`): dense SwiGLU,
 DeepSeekMoE-style coarse MoE (2 shared + 32 routed experts, top-4), PEER (16384 experts,
 21 heads x 16: the head count is solved by `match_active`). Validation every 200 steps on
-the held-out split.
+the held-out split under launch.py (`train_throughput.py` validates once, at its last step,
+unless given `--set train.eval_every=200`).
 
 OmniMoE here is as released (exp weights, BatchNorm router). The ablations in
 experiments/RESULTS.md found it ahead of dense and coarse MoE at 400 steps with

@@ -1,8 +1,9 @@
 """Public functional ops: validated entry points that pick an implementation.
 
-  cartesian_topk(lx, ly, k)                  -> (scores (T, k) f32, indices (T, k) i32)
-  atomic_experts(x, up, down, weights, indices, *, activation="silu", gate=None, impl=None)
-                                             -> (T, d)
+  cartesian_topk(lx, ly, k, *, sorted=True, impl=None)
+                                             -> (scores (T, k) f32, indices (T, k) i32)
+  atomic_experts(x, up, down, weights, indices, *, activation="silu", gate=None, impl=None,
+                 unique_indices=False)       -> (T, d)
   gate_logits(x, gate, dtype)                -> (T, n) f32: the router's gate GEMM
 
 `impl` is "xla" (the plain-jnp oracle in `omnimoe.reference`) or "pallas" (the kernels in

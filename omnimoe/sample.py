@@ -1,7 +1,7 @@
 """Generate text from the latest checkpoint of a training run, with the KV cache.
 
   python -m omnimoe.sample --workdir DIR --prompt "def main(" \
-      [--max_new_tokens 200 --temperature 0.8 --seed 0]
+      [--max_new_tokens 200 --temperature 0.0 --seed 0]   # the defaults
 
 Byte-level, like the built-in and text data: the prompt is encoded as UTF-8 bytes and the
 output decoded with replacement characters; only the ids 0..255 are sampled (a larger
