@@ -418,8 +418,8 @@ def part_stages(seed):
             x, dy, i, ds, a, num_experts=n, up_dtype=BF16, down_dtype=BF16,
             config=cfg.tables, interpret=INTERPRET)), sets)
     p = init_layer(next(keys), n)
-    res["mlp fwd"] = timeit(jax.jit(mlp), [(p, x)])
-    res["mlp fwd+bwd"] = timeit(fwd_bwd(mlp, 2), [(dy.astype(jnp.float32), p, x)])
+    res["mlp fwd"] = timeit(jax.jit(benchlib.shared_mlp), [(p, x)])
+    res["mlp fwd+bwd"] = timeit(fwd_bwd(benchlib.shared_mlp, 2), [(dy.astype(jnp.float32), p, x)])
     res["gates fwd"] = timeit(jax.jit(gates), [(p, x)])
     say(f"\n== stages N={n} k={k} (ms)")
     for name, ms in res.items():

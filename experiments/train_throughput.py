@@ -1,8 +1,9 @@
 """Training runs of LMs of equal active parameters: tokens/s, MFU, peak memory, loss.
 
 Runs `launch.py` once per FFN kind on the same config file (fresh workdirs, same seed and
-data order) and prints a table from each run's metrics.jsonl; the first logged interval
-(compilation) is left out of the medians. A `--variant NAME:A=1,B=2` run is the config's
+data order) and prints a table from each run's metrics.jsonl; the first timed interval
+(the steps after compilation, still warming up) is left out of the medians when there
+are others. A `--variant NAME:A=1,B=2` run is the config's
 own FFN kind with extra overrides (an ablation), reported as NAME. With --out, every
 run's metrics go to one JSON file; `--plot FILE` draws the validation curves of such a
 file into a PNG beside it.
@@ -37,6 +38,15 @@ def run(spec: str, name: str, steps: int, log_every: int, overrides: list[str]
     train_cfg = json.load(f)["train"]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f], train_cfg["batch_size"] * train_cfg["seq_len"]
+
+
+def timed_intervals(train_records: list[dict]) -> list[dict]:
+  """The train intervals whose throughput the medians use: those that timed steps (an
+  interval of the compiling step alone has none), less the first when there are others."""
+  timed = [r for r in train_records if "tokens_per_s" in r]
+  if not timed:
+    raise SystemExit("no timed training interval: run more steps than --log_every")
+  return timed[1:] or timed
 
 
 def plot(path: str) -> None:
@@ -85,11 +95,12 @@ def main() -> None:
   for name, spec, overrides in plan:
     records, tokens_per_step = run(spec, name, args.steps, args.log_every, overrides)
     runs[name] = records
-    train = [r for r in records if r["split"] == "train"][1:]
+    train = [r for r in records if r["split"] == "train"]
+    timed = timed_intervals(train)
     val = [r for r in records if r["split"] == "val"]
     rows[name] = dict(
-        tokens_per_s=statistics.median(r["tokens_per_s"] for r in train),
-        mfu=statistics.median(r.get("mfu") or float("nan") for r in train),
+        tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
+        mfu=statistics.median(r.get("mfu") or float("nan") for r in timed),
         peak_gib=max((r.get("peak_gib") or float("nan") for r in train), default=float("nan")),
         loss=train[-1]["loss"], val_loss=val[-1]["loss"] if val else float("nan"))
     if args.out:  # after every run, so that a run cut short keeps the finished ones

@@ -7,6 +7,7 @@ files under `workdir/tensorboard`.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -18,6 +19,7 @@ from omnimoe import params
 # Dense bf16 peak FLOP/s per chip, matched against `device_kind` in this order.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200", 989e12),
     ("GH200", 989e12),
@@ -48,13 +50,23 @@ def peak_memory_gib() -> float | None:
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
-  """Training FLOPs per token: 6 * active non-embedding params + attention.
+  """Training FLOPs per token: 6 * active non-embedding params + attention + PEER's reuse.
 
   Attention adds 12 * layers * d * seq_len (scores and weighted sum, forward and backward,
-  causal mask not discounted), as in the PaLM paper's MFU.
+  causal mask not discounted), as in the PaLM paper's MFU. A PEER layer's parameters are
+  counted once (`params.count_params`), but each of its H heads multiplies the shared
+  sub-key tables (key_dim * n) and takes k pairs of its own: the other H - 1 heads' sub-key
+  products, and the pairs beyond the min(H k, N) rows counted, add 6 FLOPs a parameter too.
   """
   active = params.count_params(model_cfg)["active_non_embedding"]
-  return 6 * active + 12 * model_cfg.n_layers * model_cfg.d_model * seq_len
+  flops = 6 * active + 12 * model_cfg.n_layers * model_cfg.d_model * seq_len
+  if model_cfg.ffn == "peer":
+    c = model_cfg.peer
+    pairs = c.num_heads * c.top_k
+    reused = ((c.num_heads - 1) * c.key_dim * math.isqrt(c.num_experts)
+              + (pairs - min(pairs, c.num_experts)) * 2 * model_cfg.d_model)
+    flops += 6 * model_cfg.n_layers * reused
+  return flops
 
 
 def router_health(expert_load: np.ndarray) -> dict:
@@ -100,11 +112,21 @@ def format_train_line(step: int, total: int, m: dict) -> str:
   return line
 
 
+def _record_step(line: str) -> float:
+  """The step of a metrics.jsonl line; +inf (dropped on resume) for a line that a killed run
+  left half-written."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    absl_logging.warning("metrics.jsonl: dropping a line that does not parse: %r", line[:80])
+    return math.inf
+
+
 class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard (process 0 only).
 
-  On resume from step s, records after s left by an interrupted run are dropped from both,
-  so that each file tells one history.
+  On resume from step s, records after s left by an interrupted run are dropped from both
+  (and a line it left half-written), so that each file tells one history.
   """
 
   def __init__(self, workdir: str, resume_step: int):
@@ -115,7 +137,7 @@ class MetricWriter:
     self._path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self._path):
       with open(self._path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        kept = [line for line in f if _record_step(line) <= resume_step]
       with open(self._path, "w") as f:
         f.writelines(kept)
     self._jsonl = open(self._path, "a")

@@ -78,6 +78,33 @@ def test_bench_kernels_module_part_times_every_row(monkeypatch):
     assert row is not None and all(ms > 0 for ms in row), label
 
 
+def test_train_throughput_medians_skip_the_first_timed_interval_only_when_others_exist():
+  from experiments import train_throughput
+  untimed, first, later = {"step": 1}, {"step": 10, "tokens_per_s": 1.0}, {"step": 20,
+                                                                          "tokens_per_s": 2.0}
+  assert train_throughput.timed_intervals([untimed, first, later]) == [later]
+  assert train_throughput.timed_intervals([first]) == [first]  # --steps = --log_every
+  with pytest.raises(SystemExit, match="no timed training interval"):
+    train_throughput.timed_intervals([untimed])
+
+
+def test_bench_kernels_stages_part_times_every_stage(monkeypatch):
+  """`bench_kernels.py --parts stages` (in the default parts) at toy sizes: every stage
+  runs and gets a time."""
+  import jax
+
+  from experiments import bench_kernels
+  for name, value in dict(T=16, D=32, F=64, STAGE_CASES=[(64, 4)]).items():
+    monkeypatch.setattr(bench_kernels, name, value)
+  run_once = lambda f, args, **kw: [jax.block_until_ready(f(*args[0])), 1.0][1]
+  monkeypatch.setattr(bench_kernels, "timeit", run_once)
+  monkeypatch.setattr(bench_kernels, "timeit_unrolled", run_once)
+  (stages,) = bench_kernels.part_stages(0).values()
+  assert {"router kernel", "fwd kernel", "bwd token kernel", "table grads (incl. bucketing)",
+          "mlp fwd", "mlp fwd+bwd", "gates fwd"} <= set(stages)
+  assert all(ms == 1.0 for ms in stages.values())
+
+
 def test_bench_kernels_variants_part_runs_both_pair_score_schedules(monkeypatch):
   """`bench_kernels.py --parts variants` at toy sizes (N = 1024, k = 4: the token path):
   the expert op under each variant is timed and within bf16 error of the float32

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from omnimoe import checkpoint as checkpoint_lib
 from omnimoe import config as config_lib
 from omnimoe import data, metrics, sharding, train
+from omnimoe import params as params_lib
 from omnimoe.config import ConfigError
 from tests import jaxprs
 
@@ -318,6 +320,15 @@ def test_read_only_checkpointer_skips_and_keeps_unreadable_steps(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", tmp.name]
 
 
+def test_metrics_resume_drops_a_half_written_line(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 10, "split": "train", "loss": 2.0}\n{"step": 20, "split": "train", "loss": 1.5}\n'
+            '{"step": 30, "split": "tr')
+  metrics.MetricWriter(str(tmp_path), 20).close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [10, 20]
+
+
 def test_validation_never_counts_a_window_twice(tiny_config):
   val = data.TokenWindows(np.arange(200) % 256, 16, 0, 10)  # 10 windows: 2 batches of 4
   tiny_config.train.eval_steps = 5
@@ -367,6 +378,33 @@ def test_flops_and_peak():
   assert metrics.peak_flops(jax.devices()[0]) is None  # CPU
   fake_h100 = type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()
   assert metrics.peak_flops(fake_h100) == 989e12
+
+
+def test_peer_flops_count_what_its_layer_multiplies():
+  """6 FLOPs per parameter undercounts PEER: every head multiplies the shared sub-keys and
+  takes its own k pairs. flops_per_token must hold 3x the layer's forward matmul FLOPs
+  (from its traced program) where 6x its active parameters would fall short."""
+  from configs import tiny
+  from omnimoe.layers import ffn_from_config
+  cfg = tiny.get_config("peer").model
+  c, d, tokens = cfg.peer, cfg.d_model, 8
+  layer = ffn_from_config(cfg, jnp.float32, jnp.float32, "ffn")
+  x = jnp.ones((tokens, d), jnp.float32)
+  variables = layer.init(jax.random.key(0), x, train=False)
+  jaxpr = jax.make_jaxpr(lambda v: layer.apply(v, x, train=False))(variables)
+  matmul_flops = sum(
+      2 * np.prod(e.outvars[0].aval.shape)
+      * np.prod([e.invars[0].aval.shape[a] for a in e.params["dimension_numbers"][0][0]])
+      for e in jaxprs.equations(jaxpr) if e.primitive.name == "dot_general") / tokens
+  assert c.num_heads > 1
+  params = jax.tree.leaves(nn.unbox(variables))
+  counted = (sum(p.size for p in params) - 2 * c.num_experts * d  # tables: touched rows only
+             + min(c.num_heads * c.top_k, c.num_experts) * 2 * d)
+  assert matmul_flops > 2 * counted  # the premise: more work than parameters
+  base = 6 * (params_lib.count_params(cfg)["active_non_embedding"] - cfg.n_layers * counted)
+  attention = 12 * cfg.n_layers * d * 32
+  np.testing.assert_allclose(metrics.flops_per_token(cfg, 32),
+                             base + attention + 3 * cfg.n_layers * matmul_flops, rtol=1e-12)
 
 
 def test_expert_lr_scale_scales_only_the_expert_tables(tiny_config):
