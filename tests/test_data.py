@@ -94,6 +94,18 @@ def test_loader_is_deterministic_and_resumes_exactly(text_dir):
   np.testing.assert_array_equal(np.stack(_take(resumed, 3)), np.stack(first[3:]))
 
 
+def test_each_epoch_is_a_fresh_permutation_of_the_windows():
+  windows, seq_len, batch = 24, 4, 4
+  source = data.TokenWindows(np.arange(windows * seq_len + 1), seq_len, 0, windows)
+  batches = _take(iter(data.loader(source, batch, seed=0, shuffle=True)), 2 * windows // batch)
+  order = np.concatenate([b[:, 0] // seq_len for b in batches])  # window ids, as drawn
+  first, second = order[:windows], order[windows:]
+  np.testing.assert_array_equal(np.sort(first), np.arange(windows))
+  np.testing.assert_array_equal(np.sort(second), np.arange(windows))
+  assert not np.array_equal(first, second)  # reshuffled, not repeated
+  assert not np.array_equal(first, np.arange(windows))  # shuffled at all
+
+
 def test_worker_processes_give_the_same_batches_and_resume(text_dir):
   train, _ = data.splits(_data_cfg("text", str(text_dir)), seq_len=8, global_batch=4)
   inline = _take(iter(data.loader(train, 4, seed=0, shuffle=True)), 5)

@@ -285,6 +285,8 @@ def test_coarse_moe_matches_per_token_loop():
   np.testing.assert_array_equal(aux["expert_load"], counts)
   balance = e * np.sum(counts / (17 * k) * probs.mean(0))
   np.testing.assert_allclose(aux["aux_loss"], 0.3 * balance, rtol=1e-5)
+  entropy = -np.sum(probs * np.log(probs), axis=-1).mean()  # mean over tokens
+  np.testing.assert_allclose(aux["router_entropy"], entropy, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -586,3 +588,65 @@ def test_paper_and_code_switches_through_build_model(paper):
     np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
   else:  # exp(score) = p_x(i) p_y(j): not normalised
     assert np.all(sums < 0.99) and np.all(sums > 0), sums
+
+
+def _rms(x, scale):
+  return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+def _rotate(x, positions, base):
+  """RoPE as a complex rotation: pair j of the halves (x1_j, x2_j) is the number
+  x1_j + i x2_j, turned by the angle position * base^(-j / half)."""
+  half = x.shape[-1] // 2
+  angles = positions[:, None] * base ** (-np.arange(half) / half)  # (L, half)
+  z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angles)[:, None, :]
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_lm_matches_a_hand_written_forward():
+  """The dense LM against numpy in float64, written from the architecture (pre-norm blocks
+  of causal RoPE attention and a SwiGLU FFN, each read from the RMS-normed residual stream
+  and added to it; a final RMSNorm; the output projection) with the model's parameters:
+  pins what causality, caching and shape checks cannot."""
+  cfg = tiny_model_config("dense")
+  model = build_model(cfg)
+  ids = tokens(20, (2, 11))
+  variables = init(model, ids)
+  logits, _ = run(model, variables, ids)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables["params"]))
+  heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+  positions = np.arange(ids.shape[1], dtype=np.float64)
+  causal = np.tril(np.ones((ids.shape[1], ids.shape[1]), bool))
+  x = p["embed"]["embedding"][np.asarray(ids)]
+  for layer in range(cfg.n_layers):
+    block = p[f"block_{layer}"]
+    h = _rms(x, block["attn_norm"]["scale"])
+    qkv = np.einsum("bld,dchk->bclhk", h, block["attn"]["qkv"]["kernel"])
+    q, k = (_rotate(qkv[:, i], positions, cfg.rope_base) for i in range(2))
+    scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(head_dim)
+    scores = np.where(causal, scores, -np.inf)
+    attn = np.exp(scores - scores.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    out = np.einsum("bhqs,bshk->bqhk", attn, qkv[:, 2])
+    x = x + np.einsum("bqhk,hkd->bqd", out, block["attn"]["out"]["kernel"])
+    h = _rms(x, block["ffn_norm"]["scale"])
+    mlp = block["ffn"]["mlp"]
+    gate = h @ mlp["gate_up"]["kernel"][:, 0]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ mlp["gate_up"]["kernel"][:, 1])
+             ) @ mlp["down"]["kernel"]
+  want = _rms(x, p["final_norm"]["scale"]) @ p["output"]["kernel"]
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lm_aux_loss_is_the_sum_over_its_layers():
+  cfg = tiny_model_config("coarse_moe")
+  model = build_model(cfg)
+  ids = tokens(21, (2, 9))
+  variables = init(model, ids)
+  (_, aux), state = jax.jit(lambda v, t: model.apply(
+      v, t, train=False, capture_intermediates=lambda m, _: isinstance(m, layers.CoarseMoE),
+      mutable=["intermediates"]))(variables, ids)
+  per_layer = [state["intermediates"][f"block_{i}"]["ffn"]["__call__"][0][1]["aux_loss"]
+               for i in range(cfg.n_layers)]
+  assert cfg.n_layers == 2 and all(float(a) > 0 for a in per_layer)
+  np.testing.assert_allclose(aux["aux_loss"], sum(per_layer), rtol=1e-6)

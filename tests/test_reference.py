@@ -173,3 +173,17 @@ def test_swiglu_experts_values_and_gradients():
     fd = (np.sum(dy * bf.atomic_experts_swiglu(*shifted[0], idx))
           - np.sum(dy * bf.atomic_experts_swiglu(*shifted[1], idx))) / (2 * eps)
     assert abs(fd - np.sum(np.asarray(grad, np.float64) * direction)) < 1e-4 * abs(fd), pos
+
+
+def test_activations_are_the_functions_they_name():
+  """Every path (oracle, XLA, kernels) reads `ACTIVATIONS`, so comparisons between them
+  cannot catch a wrong entry: pin each against its closed form."""
+  s = np.linspace(-6.0, 6.0, 49)
+  closed = {"silu": s / (1 + np.exp(-s)),
+            "gelu": 0.5 * s * (1 + np.tanh(np.sqrt(2 / np.pi) * (s + 0.044715 * s ** 3))),
+            "relu": np.maximum(s, 0.0),
+            "identity": s}
+  assert set(closed) == set(reference.ACTIVATIONS)
+  for name, want in closed.items():
+    np.testing.assert_allclose(reference.ACTIVATIONS[name](jnp.asarray(s, jnp.float32)), want,
+                               rtol=2e-6, atol=2e-6, err_msg=name)

@@ -149,6 +149,10 @@ def test_checkpoint_of_another_layout_is_a_config_error_and_is_kept(tmp_path):
   with pytest.raises(ConfigError, match=r"\['params'\]\['w'\] is \(4, 4\) float32 in the "
                      r"checkpoint, \(4, 5\) float32 in this config"):
     ckpt.restore(wanted)
+  wanted["params"]["w"] = jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)  # same shape, other dtype
+  with pytest.raises(ConfigError, match=r"\['params'\]\['w'\] is \(4, 4\) float32 in the "
+                     r"checkpoint, \(4, 4\) bfloat16 in this config"):
+    ckpt.restore(wanted)
   ckpt.close()
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
   assert not os.path.exists(tmp_path / "corrupt_checkpoints")
@@ -512,6 +516,55 @@ def test_z_loss_enters_the_objective_and_its_metric(tiny_config):
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   assert float(on_metrics["z_loss"]) == pytest.approx(float(jnp.mean(lse ** 2)), rel=1e-5)
   assert float(on_metrics["z_loss"]) > 1.0
+
+
+def test_the_update_follows_the_gradient_of_ce_plus_z_loss(tiny_config):
+  """Adam's first step is -lr g / (|g| + eps) per parameter (global-norm clipping only scales
+  g): with weight decay off, the update's signs are the gradient's. They must be those of
+  grad(ce + z_loss * mean(logsumexp^2)), computed here from the model itself."""
+  tiny_config.model.n_layers = 1
+  tiny_config.train.weight_decay = 0.0
+  tiny_config.train.z_loss = 0.5
+  program, initial, tokens, new, _ = _one_step(tiny_config)
+  inputs, targets = jnp.asarray(tokens)[:, :-1], jnp.asarray(tokens)[:, 1:]
+
+  def objective(params):
+    (logits, _), _ = program.model.apply(
+        {"params": params, "batch_stats": initial["batch_stats"]}, inputs, train=True,
+        mutable=["batch_stats"])
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(lse - target) + 0.5 * jnp.mean(lse ** 2)  # OmniMoE: no aux term
+
+  grads = jax.device_get(jax.grad(objective)(initial["params"]))
+  for g, before, after in zip(*(jax.tree.leaves(t) for t in (grads, initial["params"],
+                                                              new["params"]))):
+    clear = np.abs(g) > 1e-3 * np.abs(g).max()  # signs away from rounding
+    np.testing.assert_array_equal(np.sign(after - before)[clear], -np.sign(g)[clear])
+
+
+def test_weight_decay_shrinks_matrices_only(tiny_config):
+  tx, schedule = train.make_optimizer(tiny_config.train)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones((4,)), "scale": jnp.ones((3,))}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  decay = float(schedule(0)) * tiny_config.train.weight_decay
+  assert decay > 0
+  np.testing.assert_allclose(new["w"], 1.0 - decay, rtol=1e-6)
+  np.testing.assert_array_equal(new["b"], params["b"])
+  np.testing.assert_array_equal(new["scale"], params["scale"])
+
+
+def test_eval_step_is_the_next_token_cross_entropy(tiny_config):
+  tiny_config.model.n_layers = 1
+  program, initial, tokens, _, _ = _one_step(tiny_config)
+  state = jax.device_put(initial, jax.tree.map(lambda a: a.sharding, program.abstract_state))
+  logits, _ = program.model.apply({"params": initial["params"],
+                                   "batch_stats": initial["batch_stats"]},
+                                  jnp.asarray(tokens)[:, :-1], train=False)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  want = -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(tokens)[:, 1:, None], axis=-1))
+  assert float(program.eval_step(state, tokens)) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_coarse_moe_aux_loss_enters_the_objective(tiny_config):
