@@ -134,6 +134,12 @@ def _saved_run(tmp_path, state):
   return it
 
 
+def _assert_step_3_kept_in_place(tmp_path):
+  """`_saved_run`'s step is where it was, and nothing was set aside."""
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+
 def test_checkpoint_of_another_layout_is_a_config_error_and_is_kept(tmp_path):
   """A config change (here a wider and a new parameter) must not set good checkpoints aside
   nor start afresh over them."""
@@ -154,8 +160,7 @@ def test_checkpoint_of_another_layout_is_a_config_error_and_is_kept(tmp_path):
                      r"checkpoint, \(4, 4\) bfloat16 in this config"):
     ckpt.restore(wanted)
   ckpt.close()
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+  _assert_step_3_kept_in_place(tmp_path)
 
 
 def test_data_positions_of_another_process_count_are_a_config_error(tmp_path):
@@ -173,7 +178,7 @@ def test_data_positions_of_another_process_count_are_a_config_error(tmp_path):
     ckpt.restore(abstract, it)
   assert ckpt.restore(abstract)[0] == 3  # the state alone (omnimoe.sample) still reads
   ckpt.close()
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  _assert_step_3_kept_in_place(tmp_path)
 
 
 def test_step_saved_without_a_layout_restores_unchecked(tmp_path):
@@ -203,7 +208,7 @@ def test_data_position_that_does_not_fit_the_loader_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match="data position does not fit this run's loader"):
     ckpt.restore(abstract, it)
   ckpt.close()
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  _assert_step_3_kept_in_place(tmp_path)
 
 
 def test_corrupt_data_position_is_set_aside_for_the_previous_step(tmp_path, monkeypatch):
@@ -242,8 +247,7 @@ def test_machine_error_during_restore_is_raised_and_moves_nothing(tmp_path, monk
   with pytest.raises(ValueError, match="reading the state failed"):
     ckpt.restore(_abstract(state), _loader())
   ckpt.close()
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  assert not os.path.exists(tmp_path / "corrupt_checkpoints")
+  _assert_step_3_kept_in_place(tmp_path)
 
 
 def test_no_readable_step_raises_instead_of_starting_afresh(tmp_path):
@@ -284,7 +288,7 @@ def test_resume_refuses_a_fixed_field_change_and_logs_the_others(tmp_path, monke
   ckpt.close()
   assert warnings == ["resuming step 3 with config changes: model.impl 'auto' -> 'xla'; "
                       "train.lr 0.1 -> 0.2"]
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  _assert_step_3_kept_in_place(tmp_path)
 
 
 @pytest.mark.parametrize("path,fixed", [("model.d_model", True), ("model.omnimoe.top_k", True),
