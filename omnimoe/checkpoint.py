@@ -7,7 +7,7 @@ grain iterator state of each process, so a resumed run reads the exact next batc
 are asynchronous and keep the newest `keep` steps.
 
 Restore tries steps newest-first:
-  - a step that cannot be read (half-written, corrupted: its state, layout, config or this
+  - a step that cannot be read (half-written, corrupted: its state, layout, config or a
     process's data position) is moved to `corrupt_checkpoints/` beside the checkpoint
     folder (never deleted) with a warning, and the step before it is used. When every step
     is unreadable, restore raises instead of letting the run start from scratch unnoticed.
