@@ -406,9 +406,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.device_count(), jax.devices()[0].device_kind, jax.process_count(), shape)
   logging.info("data: %s, %d training and %d validation windows of %d tokens",
                config.data.source, len(train_source), len(val_source), t.seq_len)
-  if eval_batches(config, val_source) < t.eval_steps:
+  if (val_batches := eval_batches(config, val_source)) < t.eval_steps:
     logging.warning("train.eval_steps=%d: the validation split holds %d batches; each "
-                    "validation uses those", t.eval_steps, eval_batches(config, val_source))
+                    "validation uses those", t.eval_steps, val_batches)
   logging.info("model: %s FFN, %.2fM parameters, %.1f MFLOP per token (training)",
                config.model.ffn, sum(math.prod(a.shape) for a in
                                      jax.tree.leaves(program.abstract_state["params"])) / 1e6,
