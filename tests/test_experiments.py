@@ -289,3 +289,29 @@ def test_bench_headline_decode_crossover_times_every_path(monkeypatch, tmp_path)
   namespace.crossover_parts = "decode,experts,routers"
   with pytest.raises(ValueError, match=r"unknown \['routers'\]"):
     bh.crossover(namespace, "cpu", "cpu")
+
+
+def test_tile_occupancy_counts_tiles_with_a_routed_pair():
+  """experiments/tile_occupancy.py: its mask is each token's exact top-k of the product
+  grid, and a tile counts once it holds one routed pair."""
+  import numpy as np
+
+  from experiments import tile_occupancy as occ
+  rng = np.random.default_rng(3)
+  lx, ly = (occ.log_softmax(rng.normal(size=(6, s))).astype(np.float32) for s in (4, 6))
+  mask = occ.routed_mask(lx, ly, 5, chunk=4)  # two chunks, the second partial
+  sums = (lx[:, :, None] + ly[:, None, :]).reshape(6, -1)
+  want = np.zeros_like(sums, bool)
+  np.put_along_axis(want, np.argsort(-sums, axis=1)[:, :5], True, axis=1)
+  np.testing.assert_array_equal(mask.reshape(6, -1), want)
+
+  grid = np.zeros((4, 2, 4), bool)
+  grid[0, 0, 0] = grid[3, 1, 3] = True  # tiles (tokens 0-1, row 0, cols 0-1), (2-3, 1, 2-3)
+  assert occ.occupancy(grid, 2, 1, 2) == 2 / 8
+  assert occ.occupancy(grid, 4, 2, 4) == 1.0
+  with pytest.raises(ValueError, match="does not divide"):
+    occ.occupancy(grid, 3, 1, 2)
+  assert occ.parse_tile("64x1x64") == (64, 1, 64)
+  for bad in ("64x1", "64x0x8", "axbxc"):
+    with pytest.raises(Exception, match="BxRxC"):
+      occ.parse_tile(bad)
