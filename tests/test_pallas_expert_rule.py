@@ -1,7 +1,8 @@
 """The dense-regime atomic experts routed by the top-k's membership rule (theta, cut)
 against float64 brute force on the pairs of the full N-way top-k, with weights
 exp(score). The rule comes from the threshold router (Pallas interpret mode on CPU); the
-op itself is XLA. Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
+op is XLA GEMMs and one Pallas kernel for the backward's grid pass (interpret mode here,
+compiled in the GPU test), against its XLA twin (`RuleConfig.grid_grads`). Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
 """
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from omnimoe.pallas import expert_dense, expert_rule, router_threshold
 from tests import brute_force as bf
 from tests.test_pallas_experts import TOL
+from tests.triton_lowering import triton_kernels
 
 
 def rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum=None):
@@ -40,8 +42,9 @@ def brute_force(args, pairs, dy):
   return y, (dx, dup, ddown, dlx, dly)
 
 
-def check(args, rule, pairs, dy, config, tol):
-  f = lambda *a: expert_rule.atomic_experts_rule(*a, *rule, config=config)
+def check(args, rule, pairs, dy, config, tol, interpret=None):
+  f = lambda *a: expert_rule.atomic_experts_rule(*a, *rule, config=config,
+                                                 interpret=interpret)
   y, vjp = jax.vjp(f, *args)
   want_y, want_grads = brute_force(args, pairs, dy)
   assert y.dtype == args[0].dtype and y.shape == args[0].shape
@@ -62,11 +65,13 @@ def check(args, rule, pairs, dy, config, tol):
     (21, 64, 12, 10, 30, 0, jnp.bfloat16, None),  # one block: A kept, dU, dV in bf16
     (21, 64, 12, 10, 30, 8, jnp.bfloat16, 0.5),
 ])
-def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum):
+@pytest.mark.parametrize("grid_grads", expert_rule.GRID_GRADS)
+def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_grads):
   rng = np.random.default_rng(tokens + d + k + rows)
   args, rule, pairs, dy = rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum)
-  config = (expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
-            else expert_dense.DenseConfig())
+  config = expert_rule.RuleConfig(
+      expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
+      else expert_dense.DenseConfig(), grid_grads=grid_grads)
   check(args, rule, pairs, dy, config, TOL[dtype])
 
 
@@ -74,7 +79,8 @@ def test_rebuilt_grid_matches():
   """keep_grid=False (the backward rebuilds A from S and the rule) gives the same results."""
   rng = np.random.default_rng(4)
   args, rule, pairs, dy = rule_inputs(rng, 19, 96, 6, 7, 11, jnp.float32)
-  check(args, rule, pairs, dy, expert_dense.DenseConfig(keep_grid=False), TOL[jnp.float32])
+  check(args, rule, pairs, dy, expert_rule.RuleConfig(expert_dense.DenseConfig(keep_grid=False)),
+        TOL[jnp.float32])
 
 
 def test_bad_shapes_are_refused():
@@ -103,3 +109,39 @@ def test_an_unrouted_experts_overflowed_score_stays_out(activation):
                    x, up, down, lx, ly)
   for got in (y, *vjp(dy)):
     assert jnp.all(jnp.isfinite(got))
+
+
+def test_rule_config_is_checked():
+  with pytest.raises(ValueError, match="grid_grads must be one of"):
+    expert_rule.RuleConfig(grid_grads="triton")
+  with pytest.raises(ValueError, match="RuleConfig.block_t must be a power of two"):
+    expert_rule.RuleConfig(block_t=3)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_grid_kernel_lowers_to_triton(keep):
+  """The backward's grid pass is one Triton kernel in the CUDA lowering (jax.export, no GPU
+  needed), with and without the kept grid A; the XLA grid pass holds none."""
+  tokens, d, n_x, n_y = 40, 64, 20, 24
+  shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in
+            ((tokens, d), (n_x * n_y, d), (n_x * n_y, d))] + [
+      jax.ShapeDtypeStruct((tokens, n), jnp.float32) for n in (n_x, n_y)] + [
+      jax.ShapeDtypeStruct((tokens,), jnp.float32), jax.ShapeDtypeStruct((tokens,), jnp.int32)]
+  dense = expert_dense.DenseConfig(keep_grid=keep)
+  for grid_grads, kernels in (("kernel", 1), ("xla", 0)):
+    config = expert_rule.RuleConfig(dense, grid_grads=grid_grads)
+    loss = lambda *a: jnp.sum(expert_rule.atomic_experts_rule(
+        *a, config=config, interpret=False).astype(jnp.float32))
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    assert triton_kernels(grads, *shapes) == kernels, grid_grads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grid_kernel_on_gpu(dtype):
+  """The compiled grid kernel at the headline's grid (320 x 320, k = 512), 37 tokens (a
+  ragged last program), against brute force."""
+  rng = np.random.default_rng(7)
+  args, rule, pairs, dy = rule_inputs(rng, 37, 128, 320, 320, 512, dtype)
+  check(args, rule, pairs, dy, expert_rule.RuleConfig(), TOL[dtype], interpret=False)

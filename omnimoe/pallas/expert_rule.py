@@ -22,17 +22,26 @@ Maths, per token block (rows, N), M the rule's mask, W = exp(s):
   backward   dA = dy V^T;  G = M W dA;  dS = G act'(S);  dx = dS U;  dU = dS^T x;
              dV = A^T dy;  dlx[t, i] = sum_j G act(S) [t, i n_y + j], dly likewise over i
 The grids S, A, dS are written in the inputs' dtype (float32 accumulation inside the
-GEMMs, elementwise work in float32). The forward keeps S (T N elements: the backward
+GEMMs, elementwise work in float32). The GEMMs are XLA's (cuBLAS: `expert_dense` says
+why). The backward's grid pass (dS, dlx, dly, and A where rebuilt) is one Pallas kernel,
+`_grid_grads_kernel`: each token's grid row i is one load of S and dA, dlx[t, i] its sum
+and dly a running sum in registers, so S and dA are read once (1.7 GB at the headline,
+bf16). As XLA fusions (`RuleConfig(grid_grads="xla")`, kept for the A/B) the row sums and
+the column sums are reductions over different axes of the same grid, which XLA does not
+fuse into one pass: by bytes ~1.7 GB more, ~0.5 ms at the H100's copy rate (a prediction;
+neither is timed on a GPU yet, kernels_notes.md v19). The forward keeps S (T N elements: the backward
 needs act'(S) on every routed entry) and, with one token block, A (`DenseConfig.keep_grid`);
 token blocks bound the grids' size as in `expert_dense`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as plt
 
 from omnimoe import ops, reference
 from omnimoe.pallas import common
@@ -49,6 +58,86 @@ def _rule_grid(lx, ly, theta, cut):
   return mask, jnp.exp(s)
 
 
+GRID_GRADS = ("kernel", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleConfig:
+  """The dense blocks (`DenseConfig`) and the backward's grid pass: "kernel" (one Pallas
+  pass, `_grid_grads_kernel`) or "xla" (the same maths as XLA fusions); the kernel's
+  launch (tokens per program, warps)."""
+  dense: DenseConfig = DenseConfig()
+  grid_grads: str = "kernel"
+  block_t: int = 4
+  num_warps: int = 4
+
+  def __post_init__(self):
+    if self.grid_grads not in GRID_GRADS:
+      raise ValueError(f"RuleConfig.grid_grads must be one of {GRID_GRADS}, got "
+                       f"{self.grid_grads!r}")
+    common.check_pow2("RuleConfig.block_t", self.block_t)
+    common.check_pow2("RuleConfig.num_warps", self.num_warps)
+
+
+def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref,
+                       dlx_ref, dly_ref, *a_ref, activation: str, block_t: int):
+  """dS, dlx, dly (and A where asked) of `block_t` tokens in one pass over their S, dA.
+
+  The grid row i of a token (its n_y experts i n_y + j) is one masked load of S and dA;
+  the rule, exp(s), act and act' are recomputed there, dS (and A) stored, dlx[t, i] the
+  row's sum, and dly the running sum over rows, kept in registers and stored once.
+  """
+  tokens, n_x = lx_ref.shape
+  n_y = ly_ref.shape[1]
+  t, live, rows = common.token_block(block_t, tokens)
+  j, cols, in_row = common.lanes(common.pow2(n_y), n_y)
+  inside = live[:, None] & in_row[None, :]
+  ly = plt.load(ly_ref.at[rows[:, None], cols[None, :]], mask=inside, other=0.0)
+  bound = _ordered_key(plt.load(theta_ref.at[rows]).astype(F32))[:, None]
+  cut = plt.load(cut_ref.at[rows])[:, None]
+
+  def row(i, dly):
+    ids, loads = i * n_y + j[None, :], i * n_y + cols[None, :]  # stores, loads: `lanes`
+    lxi = plt.load(lx_ref.at[rows, jnp.full_like(rows, i)]).astype(F32)
+    score = lxi[:, None] + ly.astype(F32)
+    key = _ordered_key(score)
+    routed = inside & ((key > bound) | ((key == bound) & (ids <= cut)))
+    s = plt.load(s_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
+    da = plt.load(da_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
+    h, dh = common.activation_with_grad(activation, s)
+    w = jnp.exp(score)
+    g = w * da  # selected with where, not zeroed by the mask: 0 * inf is NaN
+    plt.store(ds_ref.at[t[:, None], ids], jnp.where(routed, g * dh, 0).astype(ds_ref.dtype),
+              mask=inside)
+    if a_ref:
+      plt.store(a_ref[0].at[t[:, None], ids],
+                jnp.where(routed, w * h, 0).astype(a_ref[0].dtype), mask=inside)
+    dscore = jnp.where(routed, g * h, 0)
+    plt.store(dlx_ref.at[t, jnp.full_like(t, i)], jnp.sum(dscore, axis=1), mask=live)
+    return dly + dscore
+
+  dly = lax.fori_loop(0, n_x, row, jnp.zeros(inside.shape, F32))
+  plt.store(dly_ref.at[t[:, None], j[None, :]], dly, mask=inside)
+
+
+def _grid_grads(s, da, lx, ly, theta, cut, activation: str, config: RuleConfig,
+                with_a: bool, interpret: bool):
+  """(dS, A or None), (dlx, dly) float32 of one token block, by `_grid_grads_kernel`."""
+  tokens, n_x = lx.shape
+  out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype),
+               jax.ShapeDtypeStruct((tokens, n_x), F32),
+               jax.ShapeDtypeStruct(ly.shape, F32)]
+  if with_a:
+    out_shape.append(jax.ShapeDtypeStruct(s.shape, s.dtype))
+  kernel = functools.partial(_grid_grads_kernel, activation=activation,
+                             block_t=config.block_t)
+  out = common.triton_call(
+      kernel, out_shape=out_shape, grid=(common.cdiv(tokens, config.block_t),),
+      num_warps=config.num_warps, num_stages=1, interpret=interpret,
+      name="atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
+  return (out[0], out[3] if with_a else None), (out[1], out[2])
+
+
 def _forward_block(x, up, down, lx, ly, theta, cut, activation: str):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   s = grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
@@ -62,58 +151,79 @@ def _blocks(rows: int, *arrays):
   return [reference.token_blocks(a, rows, 0) for a in arrays]
 
 
-def _forward(x, up, down, lx, ly, theta, cut, activation, rows: int, keep: bool):
-  """y, the S grid blocks (blocks, rows, N) and, with `keep` (one block), the A grid."""
-  if keep:
-    y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, activation)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The static choices of one call: activation, tokens per block, whether the forward's
+  grid A is kept (one block), the backward's grid pass and its launch."""
+  activation: str
+  rows: int
+  keep: bool
+  config: RuleConfig
+  interpret: bool
+
+
+def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan):
+  """y, the S grid blocks (blocks, rows, N) and, with `plan.keep` (one block), the A grid."""
+  if plan.keep:
+    y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan.activation)
     return y, s[None], a
-  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], activation)[:2],
-                 _blocks(rows, x, lx, ly, theta, cut))
+  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan.activation)[:2],
+                 _blocks(plan.rows, x, lx, ly, theta, cut))
   return reference.unblock_tokens(y, x.shape[0]), s, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _rule_op(x, up, down, lx, ly, theta, cut, activation, rows, keep):
-  return _forward(x, up, down, lx, ly, theta, cut, activation, rows, keep)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _rule_op(x, up, down, lx, ly, theta, cut, plan):
+  return _forward(x, up, down, lx, ly, theta, cut, plan)[0]
 
 
-def _fwd(x, up, down, lx, ly, theta, cut, activation, rows, keep):
-  y, s, a = _forward(x, up, down, lx, ly, theta, cut, activation, rows, keep)
+def _fwd(x, up, down, lx, ly, theta, cut, plan):
+  y, s, a = _forward(x, up, down, lx, ly, theta, cut, plan)
   return y, (x, up, down, lx, ly, theta, cut, s, a)
 
 
-def _backward_block(b, s, up, down, activation: str, cdt, a=None):
-  """One token block: (dS, A) grids, and (dx, dlx, dly)."""
-  xb, lxb, lyb, thetab, cutb, dyb = b
-  mask, w = _rule_grid(lxb, lyb, thetab, cutb)
+def _xla_grid_grads(s, da, lx, ly, theta, cut, activation: str, with_a: bool):
+  """`_grid_grads` as XLA fusions: (dS, A or None), (dlx, dly) float32."""
+  mask, w = _rule_grid(lx, ly, theta, cut)
   h, dh = common.activation_with_grad(activation, s.astype(F32))
-  da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
   g = w * da.astype(F32)  # masked below with where, not by zeros: 0 * inf is NaN
-  ds = jnp.where(mask, g * dh, 0).astype(cdt)
-  if a is None:
-    a = jnp.where(mask, w * h, 0).astype(cdt)
-  dscore = jnp.where(mask, g * h, 0).reshape(s.shape[0], lxb.shape[1], lyb.shape[1])
-  return (ds, a), (common.dot(ds, up.astype(cdt)), dscore.sum(2), dscore.sum(1))
+  ds = jnp.where(mask, g * dh, 0).astype(s.dtype)
+  a = jnp.where(mask, w * h, 0).astype(s.dtype) if with_a else None
+  dscore = jnp.where(mask, g * h, 0).reshape(s.shape[0], lx.shape[1], ly.shape[1])
+  return (ds, a), (dscore.sum(2), dscore.sum(1))
 
 
-def _bwd(activation, rows, keep, residuals, dy):
+def _backward_block(b, s, up, down, plan: _Plan, cdt, a=None):
+  """One token block: (dS, A) grids, and (dx, dlx, dly); A is rebuilt unless given."""
+  xb, lxb, lyb, thetab, cutb, dyb = b
+  da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
+  grid_args = (s, da, lxb, lyb, thetab, cutb, plan.activation)
+  if plan.config.grid_grads == "kernel":
+    (ds, rebuilt), (dlx, dly) = _grid_grads(*grid_args, plan.config, a is None,
+                                            plan.interpret)
+  else:
+    (ds, rebuilt), (dlx, dly) = _xla_grid_grads(*grid_args, a is None)
+  return (ds, rebuilt if a is None else a), (common.dot(ds, up.astype(cdt)), dlx, dly)
+
+
+def _bwd(plan: _Plan, residuals, dy):
   x, up, down, lx, ly, theta, cut, s, kept_a = residuals
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
-  if keep:
+  if plan.keep:
     (ds, a), per_token = _backward_block((x, lx, ly, theta, cut, dy), s[0], up, down,
-                                         activation, cdt, kept_a)
+                                         plan, cdt, kept_a)
     dup = grid_dot(ds.T, x.astype(cdt), up.dtype)
     ddown = grid_dot(a.T, dy.astype(cdt), down.dtype)
   else:
     def block(grads, b):
-      (ds, a), per_token = _backward_block(b[:-1], b[-1], up, down, activation, cdt)
+      (ds, a), per_token = _backward_block(b[:-1], b[-1], up, down, plan, cdt)
       dup, ddown = grads
       return (dup + common.dot(ds.T, b[0].astype(cdt)),
               ddown + common.dot(a.T, b[5].astype(cdt))), per_token
 
     zeros = jnp.zeros(up.shape, F32)
     (dup, ddown), per_token = lax.scan(
-        block, (zeros, zeros), (*_blocks(rows, x, lx, ly, theta, cut, dy), s))
+        block, (zeros, zeros), (*_blocks(plan.rows, x, lx, ly, theta, cut, dy), s))
     per_token = [reference.unblock_tokens(p, x.shape[0]) for p in per_token]
   dx, dlx, dly = per_token
   return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
@@ -125,14 +235,15 @@ _rule_op.defvjp(_fwd, _bwd)
 
 def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Array,
                         ly: jax.Array, theta: jax.Array, cut: jax.Array, *,
-                        activation: str = "silu",
-                        config: DenseConfig = DenseConfig()) -> jax.Array:
+                        activation: str = "silu", config: RuleConfig = RuleConfig(),
+                        interpret: bool | None = None) -> jax.Array:
   """`y_t = sum over e routed to t of exp(s_te) act(<x_t, up[e]>) down[e]`, (T, d) in
   x.dtype, the routing given by the rule above: lx (T, n_x), ly (T, n_y) the gates'
   log-probabilities (N = n_x n_y), theta (T,) float32 and cut (T,) int32 from
   `router_threshold.threshold(lx, ly, k)`. Equal to `expert_dense.atomic_experts_dense` on
   the pairs of `cartesian_topk(lx, ly, k)` with weights exp(scores). Differentiable in x,
-  up, down, lx and ly (theta and cut are a selection: no gradient).
+  up, down, lx and ly (theta and cut are a selection: no gradient). `interpret`: the
+  backward's grid kernel in Pallas interpret mode (None: unless on a GPU).
   """
   for name, a, rank, meaning in (("x", x, 2, "T, d"), ("up", up, 2, "N, d"),
                                  ("down", down, 2, "N, d"), ("lx", lx, 2, "T, n_x"),
@@ -152,6 +263,7 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
                      f"{activation!r}")
   if tokens == 0:
     return jnp.zeros(x.shape, x.dtype)
-  rows = block_rows(tokens, up.shape[0], config)
-  return _rule_op(x, up, down, lx, ly, theta, cut.astype(jnp.int32), activation, rows,
-                  config.keep_grid and rows == tokens)
+  rows = block_rows(tokens, up.shape[0], config.dense)
+  plan = _Plan(activation, rows, config.dense.keep_grid and rows == tokens, config,
+               common.resolve_interpret(interpret))
+  return _rule_op(x, up, down, lx, ly, theta, cut.astype(jnp.int32), plan)
