@@ -116,6 +116,8 @@ def test_rule_config_is_checked():
     expert_rule.RuleConfig(grid_grads="triton")
   with pytest.raises(ValueError, match="RuleConfig.block_t must be a power of two"):
     expert_rule.RuleConfig(block_t=3)
+  with pytest.raises(ValueError, match="RuleConfig.num_stages must be an int >= 1"):
+    expert_rule.RuleConfig(num_stages=0)
 
 
 @pytest.mark.parametrize("keep", [True, False])

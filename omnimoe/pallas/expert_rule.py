@@ -65,11 +65,12 @@ GRID_GRADS = ("kernel", "xla")
 class RuleConfig:
   """The dense blocks (`DenseConfig`) and the backward's grid pass: "kernel" (one Pallas
   pass, `_grid_grads_kernel`) or "xla" (the same maths as XLA fusions); the kernel's
-  launch (tokens per program, warps)."""
+  launch (tokens per program, warps, software-pipelining stages of its row loop)."""
   dense: DenseConfig = DenseConfig()
   grid_grads: str = "kernel"
   block_t: int = 4
   num_warps: int = 4
+  num_stages: int = 1
 
   def __post_init__(self):
     if self.grid_grads not in GRID_GRADS:
@@ -77,6 +78,8 @@ class RuleConfig:
                        f"{self.grid_grads!r}")
     common.check_pow2("RuleConfig.block_t", self.block_t)
     common.check_pow2("RuleConfig.num_warps", self.num_warps)
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"RuleConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 
 
 def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref,
@@ -133,7 +136,7 @@ def _grid_grads(s, da, lx, ly, theta, cut, activation: str, config: RuleConfig,
                              block_t=config.block_t)
   out = common.triton_call(
       kernel, out_shape=out_shape, grid=(common.cdiv(tokens, config.block_t),),
-      num_warps=config.num_warps, num_stages=1, interpret=interpret,
+      num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
       name="atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
   return (out[0], out[3] if with_a else None), (out[1], out[2])
 
