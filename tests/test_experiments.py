@@ -315,3 +315,28 @@ def test_tile_occupancy_counts_tiles_with_a_routed_pair():
   for bad in ("64x1", "64x0x8", "axbxc"):
     with pytest.raises(Exception, match="BxRxC"):
       occ.parse_tile(bad)
+
+
+def test_bench_rule_times_every_variant_and_compares_gradients(monkeypatch, tmp_path):
+  """experiments/bench_rule.py at toy sizes (interpret mode, each timing one call): every
+  variant and both routers get a row, the rule variants' gradients match the pairs
+  path's within bf16 tolerance, and the JSON holds what the table printed."""
+  from experiments import bench_rule
+  bh, _, _ = _tiny_headline(monkeypatch)
+  monkeypatch.setattr(bench_rule, "timeit", lambda fn, arg_sets: (fn(*arg_sets[0]), 1.0)[1])
+  monkeypatch.setattr(sys, "argv", ["bench_rule.py", "--tokens", "16", "--k", "8",
+                                    "--out", str(tmp_path)])
+  bench_rule.main()
+  (path,) = tmp_path.glob("rule-*.json")
+  rows = {r["variant"]: r for r in json.loads(path.read_text())}
+  want = (["pairs", "rule kernel", "rule xla"]
+          + [f"rule kernel bt{b} w{w} s{s}" for b, w, s in bench_rule.LAUNCHES]
+          + ["router pallas", "router pallas-rule"])
+  assert list(rows) == want
+  assert rows["pairs"]["grad_rel_err"] is None and rows["pairs"]["fwd_ms"] == 1.0
+  for name in want[1:-2]:
+    errs = rows[name]["grad_rel_err"]
+    assert set(errs) == {*bench_rule.GRAD_NAMES, "x"}
+    assert max(errs.values()) < 2e-2, (name, errs)
+    assert rows[name]["fwd_bwd_ms"] == 1.0
+  assert rows["router pallas-rule"]["fwd_ms"] == 1.0

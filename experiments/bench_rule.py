@@ -1,0 +1,118 @@
+"""The dense regime routed by the top-k's rule against the pairs path, at the headline.
+
+  PYTHONPATH=. python3 experiments/bench_rule.py [--tokens 4096] [--k 4096] [--out DIR]
+
+The candidate `expert_rule` (bench_headline's impl `pallas-rule`) is adopted for the
+dense regime only if it wins the whole FFN's forward and forward+backward (kernels_notes.md
+v17, v19). One GPU run, the headline's shapes and inputs (`bench_headline`'s parameters,
+tokens and cotangent):
+  - the FFN fwd and fwd+bwd on the pairs path (the model's: threshold router, emit,
+    `expert_dense`), and on the rule path with its backward's grid pass as the Pallas
+    kernel and as its XLA twin (`RuleConfig.grid_grads`), each fwd+bwd's top kernels;
+  - the grid kernel's launches (`LAUNCHES`: tokens per program, warps, stages), fwd+bwd;
+  - the two routers: pairs (threshold search + emit) and rule (threshold search only);
+  - every rule variant's gradients against the pairs path's (relative errors, bf16).
+Prints a table last and writes `rule-<device>.json` (a list of rows: variant, fwd_ms,
+fwd_bwd_ms, grad_rel_err, kernels) under --out.
+"""
+import argparse
+import json
+import os
+
+import jax
+
+from experiments import bench_headline as bh
+from experiments import benchlib
+from experiments.benchlib import fwd_bwd, guarded, say, timeit
+from omnimoe.pallas import expert_rule, router_threshold
+
+# (block_t, num_warps, num_stages) of the grid kernel, beside RuleConfig's default.
+LAUNCHES = ((8, 4, 1), (4, 4, 2), (2, 2, 1), (8, 8, 1), (16, 8, 1))
+GRAD_NAMES = ("up", "down", "rx", "ry", "w_gate_up", "wd")
+
+
+def rule_ffn(k: int, config: expert_rule.RuleConfig):
+  """bench_headline's OmniMoE FFN with the routed branch on the rule path."""
+  def ffn(p, x):
+    lx, ly = bh.router_log_probs(p, x)
+    theta, cut = router_threshold.threshold(lx, ly, k)
+    routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly, theta, cut,
+                                             config=config)
+    return benchlib.shared_mlp(p, x) + routed
+  return ffn
+
+
+def grad_errors(got, want) -> dict:
+  """Relative error of each gradient (parameters and x) against the pairs path's."""
+  (_, (gp, gx)), (_, (wp, wx)) = got, want
+  errs = {name: benchlib.rel_err(gp[name], wp[name]) for name in GRAD_NAMES}
+  return dict(errs, x=benchlib.rel_err(gx, wx))
+
+
+def variants(k: int):
+  """(name, FFN, whether to time its forward and list its kernels) in the order run."""
+  yield "pairs", lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas"), True
+  for grid_grads in expert_rule.GRID_GRADS:
+    yield (f"rule {grid_grads}",
+           rule_ffn(k, expert_rule.RuleConfig(grid_grads=grid_grads)), True)
+  for bt, nw, ns in LAUNCHES:
+    config = expert_rule.RuleConfig(block_t=bt, num_warps=nw, num_stages=ns)
+    yield f"rule kernel bt{bt} w{nw} s{ns}", rule_ffn(k, config), False
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--k", type=int, default=4096)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="experiments/results")
+  args = parser.parse_args()
+  say(benchlib.run_header())
+  device = jax.devices()[0].device_kind
+  p = bh.model_params(args.seed, "omnimoe")
+  xs, cot = bh.case_inputs(args.seed, "omnimoe", args.tokens)
+  rows, want = [], None
+  for name, ffn, full in variants(args.k):
+    def measure():
+      g = fwd_bwd(ffn, 2)
+      row = dict(variant=name, fwd_ms=timeit(jax.jit(ffn), [(p, x) for x in xs])
+                 if full else None,
+                 fwd_bwd_ms=timeit(g, [(cot, p, x) for x in xs]), grad_rel_err=None,
+                 kernels=benchlib.kernel_times(lambda: g(cot, p, xs[0]), top=12)
+                 if full else [])
+      return row, g(cot, p, xs[0])
+    got = guarded(name, measure)
+    if got is None:
+      continue
+    row, grads = got
+    if want is None:
+      want = grads
+    else:
+      row["grad_rel_err"] = grad_errors(grads, want)
+    rows.append(row)
+    say(f"{name}: fwd {bh.fmt(row['fwd_ms'], '.3f')} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+        + (f", max grad error vs pairs {max(row['grad_rel_err'].values()):.1e}"
+           if row["grad_rel_err"] else ""))
+    for kern in row["kernels"]:
+      say(f"    {kern['ms_per_call']:.3f} ms  {kern['kernel'][:60]}  {kern['hlo_op']}")
+  for impl in ("pallas", "pallas-rule"):
+    router = jax.jit(lambda p, x, impl=impl: bh.omnimoe_router(p, x, k=args.k, impl=impl))
+    ms = guarded(f"router {impl}", lambda: timeit(router, [(p, x) for x in xs]))
+    rows.append(dict(variant=f"router {impl}", fwd_ms=ms, fwd_bwd_ms=None,
+                     grad_rel_err=None, kernels=[]))
+  say(f"\nT = {args.tokens}, k = {args.k}, N = {bh.N}, d = {bh.D}, F = {bh.F}, bf16 "
+      f"({device}): ms")
+  say("| variant | fwd | fwd+bwd | max grad error vs pairs |")
+  say("| --- | ---: | ---: | ---: |")
+  for r in rows:
+    err = max(r["grad_rel_err"].values()) if r["grad_rel_err"] else None
+    say(f"| {r['variant']} | {bh.fmt(r['fwd_ms'], '.3f')} | {bh.fmt(r['fwd_bwd_ms'], '.3f')} "
+        f"| {bh.fmt(err, '.1e')} |")
+  os.makedirs(args.out, exist_ok=True)
+  tag = device.lower().replace(" ", "-")
+  with open(os.path.join(args.out, f"rule-{tag}.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
