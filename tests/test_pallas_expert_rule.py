@@ -94,6 +94,13 @@ def test_bad_shapes_are_refused():
     expert_rule.atomic_experts_rule(x, up[:19], down[:19], lx, ly, theta, cut)
   with pytest.raises(ValueError, match="activation"):
     expert_rule.atomic_experts_rule(x, up, down, lx, ly, theta, cut, activation="swiglu")
+  huge = expert_rule.RuleConfig(expert_dense.DenseConfig(max_block_elements=2 ** 40))
+  shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+      ((2048, 8), jnp.bfloat16), ((2 ** 20, 8), jnp.bfloat16), ((2 ** 20, 8), jnp.bfloat16),
+      ((2048, 1024), jnp.float32), ((2048, 1024), jnp.float32), ((2048,), jnp.float32),
+      ((2048,), jnp.int32))]  # one block of 2048 tokens x 2^20 experts = 2^31 elements
+  with pytest.raises(ValueError, match="int32 offsets"):
+    jax.eval_shape(lambda *a: expert_rule.atomic_experts_rule(*a, config=huge), *shapes)
 
 
 @pytest.mark.parametrize("activation", ["silu", "relu"])

@@ -267,6 +267,10 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   if tokens == 0:
     return jnp.zeros(x.shape, x.dtype)
   rows = block_rows(tokens, up.shape[0], config.dense)
+  if config.grid_grads == "kernel" and rows * up.shape[0] >= 2 ** 31:
+    raise ValueError(f"a token block's grid of {rows} x {up.shape[0]} elements passes the "
+                     "grid kernel's int32 offsets: lower DenseConfig.max_block_elements "
+                     "below 2^31")
   plan = _Plan(activation, rows, config.dense.keep_grid and rows == tokens, config,
                common.resolve_interpret(interpret))
   return _rule_op(x, up, down, lx, ly, theta, cut.astype(jnp.int32), plan)
