@@ -49,13 +49,28 @@ from omnimoe.pallas.expert_dense import F32, DenseConfig, block_rows, grid_dot
 from omnimoe.pallas.router_topk import _ordered_key
 
 
+def _routed(score, ids, bound, cut):
+  """The rule above: float32 sums `score` at flat expert ids `ids` against a token's theta
+  (as its int32 key, `bound`) and cut, broadcast (tokens, 1) against the grid."""
+  key = _ordered_key(score)
+  return (key > bound) | ((key == bound) & (ids <= cut))
+
+
 def _rule_grid(lx, ly, theta, cut):
   """(mask, exp(s)) over a block's (rows, N) grid, float32, from the rule above."""
   s = (lx.astype(F32)[:, :, None] + ly.astype(F32)[:, None, :]).reshape(lx.shape[0], -1)
-  key, bound = _ordered_key(s), _ordered_key(theta.astype(F32))[:, None]
   ids = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  mask = (key > bound) | ((key == bound) & (ids <= cut[:, None]))
+  mask = _routed(s, ids, _ordered_key(theta.astype(F32))[:, None], cut[:, None])
   return mask, jnp.exp(s)
+
+
+def _grid_values(mask, w, s, da, activation: str):
+  """The backward's elementwise values at the routed entries, float32: dS = W dA act'(S),
+  A = W act(S), and d score = W dA act(S), whose row and column sums are dlx and dly.
+  Selected with where, not zeroed by the mask: 0 * inf is NaN."""
+  h, dh = common.activation_with_grad(activation, s)
+  g = w * da
+  return jnp.where(mask, g * dh, 0), jnp.where(mask, w * h, 0), jnp.where(mask, g * h, 0)
 
 
 GRID_GRADS = ("kernel", "xla")
@@ -103,19 +118,13 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
     ids, loads = i * n_y + j[None, :], i * n_y + cols[None, :]  # stores, loads: `lanes`
     lxi = plt.load(lx_ref.at[rows, jnp.full_like(rows, i)]).astype(F32)
     score = lxi[:, None] + ly.astype(F32)
-    key = _ordered_key(score)
-    routed = inside & ((key > bound) | ((key == bound) & (ids <= cut)))
+    routed = inside & _routed(score, ids, bound, cut)
     s = plt.load(s_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
     da = plt.load(da_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
-    h, dh = common.activation_with_grad(activation, s)
-    w = jnp.exp(score)
-    g = w * da  # selected with where, not zeroed by the mask: 0 * inf is NaN
-    plt.store(ds_ref.at[t[:, None], ids], jnp.where(routed, g * dh, 0).astype(ds_ref.dtype),
-              mask=inside)
+    ds, a, dscore = _grid_values(routed, jnp.exp(score), s, da, activation)
+    plt.store(ds_ref.at[t[:, None], ids], ds.astype(ds_ref.dtype), mask=inside)
     if a_ref:
-      plt.store(a_ref[0].at[t[:, None], ids],
-                jnp.where(routed, w * h, 0).astype(a_ref[0].dtype), mask=inside)
-    dscore = jnp.where(routed, g * h, 0)
+      plt.store(a_ref[0].at[t[:, None], ids], a.astype(a_ref[0].dtype), mask=inside)
     plt.store(dlx_ref.at[t, jnp.full_like(t, i)], jnp.sum(dscore, axis=1), mask=live)
     return dly + dscore
 
@@ -187,13 +196,11 @@ def _fwd(x, up, down, lx, ly, theta, cut, plan):
 
 def _xla_grid_grads(s, da, lx, ly, theta, cut, activation: str, with_a: bool):
   """`_grid_grads` as XLA fusions: (dS, A or None), (dlx, dly) float32."""
-  mask, w = _rule_grid(lx, ly, theta, cut)
-  h, dh = common.activation_with_grad(activation, s.astype(F32))
-  g = w * da.astype(F32)  # masked below with where, not by zeros: 0 * inf is NaN
-  ds = jnp.where(mask, g * dh, 0).astype(s.dtype)
-  a = jnp.where(mask, w * h, 0).astype(s.dtype) if with_a else None
-  dscore = jnp.where(mask, g * h, 0).reshape(s.shape[0], lx.shape[1], ly.shape[1])
-  return (ds, a), (dscore.sum(2), dscore.sum(1))
+  ds, a, dscore = _grid_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
+                               da.astype(F32), activation)
+  dscore = dscore.reshape(s.shape[0], lx.shape[1], ly.shape[1])
+  return ((ds.astype(s.dtype), a.astype(s.dtype) if with_a else None),
+          (dscore.sum(2), dscore.sum(1)))
 
 
 def _backward_block(b, s, up, down, plan: _Plan, cdt, a=None):
