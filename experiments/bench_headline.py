@@ -136,12 +136,14 @@ def experts(x, p, weights, indices, impl, activation, unique):
   return reference.atomic_experts(x, p["up"], p["down"], weights, indices, activation)
 
 
-def omnimoe_ffn(p, x, *, k, impl):
-  """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score))."""
+def omnimoe_ffn(p, x, *, k, impl, rule_config=expert_rule.RuleConfig()):
+  """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score));
+  `rule_config`: the "pallas-rule" impl's config."""
   lx, ly = router_log_probs(p, x)
   if impl == "pallas-rule":
     routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly,
-                                             *router_threshold.threshold(lx, ly, k))
+                                             *router_threshold.threshold(lx, ly, k),
+                                             config=rule_config)
   else:
     weights, idx = router_lib.select_pairs(lx, ly, k, "exp",  # the model's
                                            "pallas" if impl == "pallas" else "xla")

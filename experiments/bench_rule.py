@@ -24,7 +24,7 @@ import jax
 from experiments import bench_headline as bh
 from experiments import benchlib
 from experiments.benchlib import fwd_bwd, guarded, say, timeit
-from omnimoe.pallas import expert_rule, router_threshold
+from omnimoe.pallas import expert_rule
 
 # (block_t, num_warps, num_stages) of the grid kernel, beside RuleConfig's default.
 LAUNCHES = ((8, 4, 1), (4, 4, 2), (2, 2, 1), (8, 8, 1), (16, 8, 1))
@@ -33,13 +33,7 @@ GRAD_NAMES = ("up", "down", "rx", "ry", "w_gate_up", "wd")
 
 def rule_ffn(k: int, config: expert_rule.RuleConfig):
   """bench_headline's OmniMoE FFN with the routed branch on the rule path."""
-  def ffn(p, x):
-    lx, ly = bh.router_log_probs(p, x)
-    theta, cut = router_threshold.threshold(lx, ly, k)
-    routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly, theta, cut,
-                                             config=config)
-    return benchlib.shared_mlp(p, x) + routed
-  return ffn
+  return lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas-rule", rule_config=config)
 
 
 def grad_errors(got, want) -> dict:
