@@ -7,9 +7,9 @@ dense regime only if it wins the whole FFN's forward and forward+backward (kerne
 v17, v19). One GPU run, the headline's shapes and inputs (`bench_headline`'s parameters,
 tokens and cotangent):
   - the FFN fwd and fwd+bwd on the pairs path (the model's: threshold router, emit,
-    `expert_dense`), and on the rule path with its backward's grid pass as the Pallas
-    kernel and as its XLA twin (`RuleConfig.grid_grads`), each fwd+bwd's top kernels;
-  - the grid kernel's launches (`LAUNCHES`: tokens per program, warps, stages), fwd+bwd;
+    `expert_dense`), and on the rule path with its grid passes as Pallas kernels and as
+    their XLA twins (`RuleConfig.grid_pass`), each fwd+bwd's top kernels;
+  - the grid kernels' launches (`LAUNCHES`: grid rows a loop step, warps, stages);
   - the two routers: pairs (threshold search + emit) and rule (threshold search only);
   - every rule variant's gradients against the pairs path's (relative errors, bf16).
 Prints a table last and writes `rule-<device>.json` (a list of rows: variant, fwd_ms,
@@ -26,8 +26,8 @@ from experiments import benchlib
 from experiments.benchlib import fwd_bwd, guarded, say, timeit
 from omnimoe.pallas import expert_rule
 
-# (block_t, num_warps, num_stages) of the grid kernel, beside RuleConfig's default.
-LAUNCHES = ((8, 4, 1), (4, 4, 2), (2, 2, 1), (8, 8, 1), (16, 8, 1))
+# (block_rows, num_warps, num_stages) of the grid kernels, beside RuleConfig's default.
+LAUNCHES = ((8, 4, 1), (8, 2, 1), (16, 2, 1), (16, 8, 1), (32, 4, 1), (16, 4, 2))
 GRAD_NAMES = ("up", "down", "rx", "ry", "w_gate_up", "wd")
 
 
@@ -44,14 +44,14 @@ def grad_errors(got, want) -> dict:
 
 
 def variants(k: int):
-  """(name, FFN, whether to time its forward and list its kernels) in the order run."""
+  """(name, FFN, whether to list its kernels) in the order run."""
   yield "pairs", lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas"), True
-  for grid_grads in expert_rule.GRID_GRADS:
-    yield (f"rule {grid_grads}",
-           rule_ffn(k, expert_rule.RuleConfig(grid_grads=grid_grads)), True)
-  for bt, nw, ns in LAUNCHES:
-    config = expert_rule.RuleConfig(block_t=bt, num_warps=nw, num_stages=ns)
-    yield f"rule kernel bt{bt} w{nw} s{ns}", rule_ffn(k, config), False
+  for grid_pass in expert_rule.GRID_PASSES:
+    yield (f"rule {grid_pass}",
+           rule_ffn(k, expert_rule.RuleConfig(grid_pass=grid_pass)), True)
+  for rows, nw, ns in LAUNCHES:
+    config = expert_rule.RuleConfig(block_rows=rows, num_warps=nw, num_stages=ns)
+    yield f"rule kernel rows{rows} w{nw} s{ns}", rule_ffn(k, config), False
 
 
 def main():
@@ -66,14 +66,13 @@ def main():
   p = bh.model_params(args.seed, "omnimoe")
   xs, cot = bh.case_inputs(args.seed, "omnimoe", args.tokens)
   rows, want = [], None
-  for name, ffn, full in variants(args.k):
+  for name, ffn, listed in variants(args.k):
     def measure():
       g = fwd_bwd(ffn, 2)
-      row = dict(variant=name, fwd_ms=timeit(jax.jit(ffn), [(p, x) for x in xs])
-                 if full else None,
+      row = dict(variant=name, fwd_ms=timeit(jax.jit(ffn), [(p, x) for x in xs]),
                  fwd_bwd_ms=timeit(g, [(cot, p, x) for x in xs]), grad_rel_err=None,
                  kernels=benchlib.kernel_times(lambda: g(cot, p, xs[0]), top=12)
-                 if full else [])
+                 if listed else [])
       return row, g(cot, p, xs[0])
     got = guarded(name, measure)
     if got is None:

@@ -1,8 +1,10 @@
 """The dense-regime atomic experts routed by the top-k's membership rule (theta, cut)
 against float64 brute force on the pairs of the full N-way top-k, with weights
 exp(score). The rule comes from the threshold router (Pallas interpret mode on CPU); the
-op is XLA GEMMs and one Pallas kernel for the backward's grid pass (interpret mode here,
-compiled in the GPU test), against its XLA twin (`RuleConfig.grid_grads`). Errors are ||got - want|| / ||want||: float32 < 1e-5, bfloat16 < 1e-2.
+op is XLA GEMMs, and the forward's and backward's grid passes as Pallas kernels
+(interpret mode here, compiled in the GPU test) and as their XLA twins
+(`RuleConfig.grid_pass`). Errors are ||got - want|| / ||want||: float32 < 1e-5,
+bfloat16 < 1e-2.
 """
 import jax
 import jax.numpy as jnp
@@ -64,14 +66,16 @@ def check(args, rule, pairs, dy, config, tol, interpret=None):
     (17, 64, 8, 8, 20, 0, jnp.float32, 0.5),      # sums tie often: the cut decides
     (21, 64, 12, 10, 30, 0, jnp.bfloat16, None),  # one block: A kept, dU, dV in bf16
     (21, 64, 12, 10, 30, 8, jnp.bfloat16, 0.5),
+    (19, 64, 5, 40, 50, 0, jnp.float32, None),    # 3 column chunks of 16, the last padded
+    (13, 32, 3, 48, 20, 8, jnp.bfloat16, None),   # 3 column chunks of 16, none padded
 ])
-@pytest.mark.parametrize("grid_grads", expert_rule.GRID_GRADS)
-def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_grads):
+@pytest.mark.parametrize("grid_pass", expert_rule.GRID_PASSES)
+def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_pass):
   rng = np.random.default_rng(tokens + d + k + rows)
   args, rule, pairs, dy = rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum)
   config = expert_rule.RuleConfig(
       expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
-      else expert_dense.DenseConfig(), grid_grads=grid_grads)
+      else expert_dense.DenseConfig(), grid_pass=grid_pass)
   check(args, rule, pairs, dy, config, TOL[dtype])
 
 
@@ -119,30 +123,31 @@ def test_an_unrouted_experts_overflowed_score_stays_out(activation):
 
 
 def test_rule_config_is_checked():
-  with pytest.raises(ValueError, match="grid_grads must be one of"):
-    expert_rule.RuleConfig(grid_grads="triton")
-  with pytest.raises(ValueError, match="RuleConfig.block_t must be a power of two"):
-    expert_rule.RuleConfig(block_t=3)
+  with pytest.raises(ValueError, match="grid_pass must be one of"):
+    expert_rule.RuleConfig(grid_pass="triton")
+  with pytest.raises(ValueError, match="RuleConfig.block_rows must be a power of two"):
+    expert_rule.RuleConfig(block_rows=3)
   with pytest.raises(ValueError, match="RuleConfig.num_stages must be an int >= 1"):
     expert_rule.RuleConfig(num_stages=0)
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_grid_kernel_lowers_to_triton(keep):
-  """The backward's grid pass is one Triton kernel in the CUDA lowering (jax.export, no GPU
-  needed), with and without the kept grid A; the XLA grid pass holds none."""
+def test_grid_kernels_lower_to_triton(keep):
+  """The forward's and the backward's grid passes are one Triton kernel each in the CUDA
+  lowering of value and gradients (jax.export, no GPU needed), with and without the kept
+  grid A; the XLA grid passes hold none."""
   tokens, d, n_x, n_y = 40, 64, 20, 24
   shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in
             ((tokens, d), (n_x * n_y, d), (n_x * n_y, d))] + [
       jax.ShapeDtypeStruct((tokens, n), jnp.float32) for n in (n_x, n_y)] + [
       jax.ShapeDtypeStruct((tokens,), jnp.float32), jax.ShapeDtypeStruct((tokens,), jnp.int32)]
   dense = expert_dense.DenseConfig(keep_grid=keep)
-  for grid_grads, kernels in (("kernel", 1), ("xla", 0)):
-    config = expert_rule.RuleConfig(dense, grid_grads=grid_grads)
+  for grid_pass, kernels in (("kernel", 2), ("xla", 0)):
+    config = expert_rule.RuleConfig(dense, grid_pass=grid_pass)
     loss = lambda *a: jnp.sum(expert_rule.atomic_experts_rule(
         *a, config=config, interpret=False).astype(jnp.float32))
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-    assert triton_kernels(grads, *shapes) == kernels, grid_grads
+    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+    assert triton_kernels(grads, *shapes) == kernels, grid_pass
 
 
 @pytest.mark.gpu

@@ -23,13 +23,19 @@ Maths, per token block (rows, N), M the rule's mask, W = exp(s):
              dV = A^T dy;  dlx[t, i] = sum_j G act(S) [t, i n_y + j], dly likewise over i
 The grids S, A, dS are written in the inputs' dtype (float32 accumulation inside the
 GEMMs, elementwise work in float32). The GEMMs are XLA's (cuBLAS: `expert_dense` says
-why). The backward's grid pass (dS, dlx, dly, and A where rebuilt) is one Pallas kernel,
-`_grid_grads_kernel`: each token's grid row i is one load of S and dA, dlx[t, i] its sum
-and dly a running sum in registers, so S and dA are read once (1.7 GB at the headline,
-bf16). As XLA fusions (`RuleConfig(grid_grads="xla")`, kept for the A/B) the row sums and
-the column sums are reductions over different axes of the same grid, which XLA does not
-fuse into one pass: by bytes ~1.7 GB more, ~0.5 ms at the H100's copy rate (a prediction;
-neither is timed on a GPU yet, kernels_notes.md v19). The forward keeps S (T N elements: the backward
+why). The two grid passes are Pallas kernels, one program per token walking its grid in
+tiles (`_over_grid`): the forward's A from S (`_forward_grid_kernel`), and the backward's
+dS, dlx, dly (and A where rebuilt) from S and dA in one read of each
+(`_grid_grads_kernel`; as XLA fusions the row sums dlx and the column sums dly are
+reductions over different axes of one grid, which XLA does not fuse into one pass). The
+passes behave as ALU-bound at the headline (tiles of one power-of-two row, 512 lanes for
+n_y = 320, ran 1.7x slower), so tiles span a column width that pads n_y least
+(`column_width`), and W = exp(lx) exp(ly) costs one exp a row and a column rather than one
+a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum). On one H100
+at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md):
+forward pass 0.70 ms against XLA's fusion 0.89, backward pass 1.47 (block_rows 32)
+against XLA's three fusions 3.57; the XLA twins stay as `RuleConfig(grid_pass="xla")`
+for that A/B. The forward keeps S (T N elements: the backward
 needs act'(S) on every routed entry) and, with one token block, A (`DenseConfig.keep_grid`);
 token blocks bound the grids' size as in `expert_dense`.
 """
@@ -37,10 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from omnimoe import ops, reference
@@ -73,89 +81,183 @@ def _grid_values(mask, w, s, da, activation: str):
   return jnp.where(mask, g * dh, 0), jnp.where(mask, w * h, 0), jnp.where(mask, g * h, 0)
 
 
-GRID_GRADS = ("kernel", "xla")
+def _forward_values(mask, w, s, activation: str):
+  """A = W act(S) at the routed entries, float32 (where: 0 * inf is NaN)."""
+  return jnp.where(mask, w * reference.ACTIVATIONS[activation](s), 0)
+
+
+GRID_PASSES = ("kernel", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class RuleConfig:
-  """The dense blocks (`DenseConfig`) and the backward's grid pass: "kernel" (one Pallas
-  pass, `_grid_grads_kernel`) or "xla" (the same maths as XLA fusions); the kernel's
-  launch (tokens per program, warps, software-pipelining stages of its row loop)."""
+  """The dense blocks (`DenseConfig`) and the two grid passes (the forward's A from S; the
+  backward's dS, dlx, dly and, where rebuilt, A from S and dA): "kernel" (Pallas,
+  `_forward_grid_kernel` and `_grid_grads_kernel`) or "xla" (the same maths as XLA
+  fusions); the kernels' launch (grid rows per loop step, warps, software-pipelining
+  stages of the loop)."""
   dense: DenseConfig = DenseConfig()
-  grid_grads: str = "kernel"
-  block_t: int = 4
+  grid_pass: str = "kernel"
+  block_rows: int = 16
   num_warps: int = 4
   num_stages: int = 1
 
   def __post_init__(self):
-    if self.grid_grads not in GRID_GRADS:
-      raise ValueError(f"RuleConfig.grid_grads must be one of {GRID_GRADS}, got "
-                       f"{self.grid_grads!r}")
-    common.check_pow2("RuleConfig.block_t", self.block_t)
+    if self.grid_pass not in GRID_PASSES:
+      raise ValueError(f"RuleConfig.grid_pass must be one of {GRID_PASSES}, got "
+                       f"{self.grid_pass!r}")
+    common.check_pow2("RuleConfig.block_rows", self.block_rows)
     common.check_pow2("RuleConfig.num_warps", self.num_warps)
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"RuleConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 
 
+def column_width(n_y: int) -> int:
+  """Grid columns a tile spans: the power of two (16 to 128) that pads n_y least (ties:
+  the wider). The passes are ALU-bound at the headline, so padded lanes cost their share:
+  320 = 5 x 64 has none, where one power-of-two row (512) would waste 37.5 %."""
+  return min((128, 64, 32, 16), key=lambda w: (common.cdiv(n_y, w) * w, -w))
+
+
+class _Tile(NamedTuple):
+  """`block_rows` grid rows i x `column_width` columns j of one token: `token`
+  (block_rows, 1) for indexing, the column chunk `column`, the flat expert ids raw (`ids`,
+  for stores) and clamped (`loads`), which lanes are `inside` the grid, the rows (raw) and
+  which are real (`in_rows`), the rule's mask (`routed`, inside lanes only) and the
+  routing weights exp(lx[i]) exp(ly[j]) (one exp a row and a column, not one a lane)."""
+  token: jax.Array
+  column: jax.Array
+  ids: jax.Array
+  loads: jax.Array
+  inside: jax.Array
+  rows: jax.Array
+  in_rows: jax.Array
+  routed: jax.Array
+  weight: jax.Array
+
+
+def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows: int, step, init,
+               column_done=lambda column, carry: None):
+  """This program's token's grid, column chunk by column chunk (`column_width`), each
+  `block_rows` rows a step: `carry = step(tile, carry)` from `init` down a chunk's rows,
+  then `column_done((raw j, inside), carry)`."""
+  n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
+  width = column_width(n_y)
+  t = pl.program_id(0)
+  one = jnp.full((1,), t, jnp.int32)
+  bound = _ordered_key(plt.load(theta_ref.at[one]).astype(F32))[:, None]
+  cut = plt.load(cut_ref.at[one])[:, None]
+  token = jnp.full((block_rows, 1), t, jnp.int32)
+
+  def column(c, unused):
+    j, cols, in_cols = common.lanes(width, n_y, c)
+    ly = plt.load(ly_ref.at[jnp.full_like(cols, t), cols], mask=in_cols,
+                  other=0.0).astype(F32)[None, :]
+
+    def rows(b, carry):
+      i, i_load, in_rows = common.lanes(block_rows, n_x, b)
+      lx = plt.load(lx_ref.at[token[:, 0], i_load], mask=in_rows,
+                    other=0.0).astype(F32)[:, None]
+      ids = i[:, None] * n_y + j[None, :]
+      inside = in_rows[:, None] & in_cols[None, :]
+      tile = _Tile(token, c, ids, i_load[:, None] * n_y + cols[None, :], inside, i, in_rows,
+                   inside & _routed(lx + ly, ids, bound, cut), jnp.exp(lx) * jnp.exp(ly))
+      return step(tile, carry)
+
+    column_done((j, in_cols), lax.fori_loop(0, common.cdiv(n_x, block_rows), rows, init))
+    return unused
+
+  lax.fori_loop(0, common.cdiv(n_y, width), column, ())
+
+
+def _load(ref, tile: _Tile):
+  return plt.load(ref.at[tile.token, tile.loads], mask=tile.inside, other=0.0).astype(F32)
+
+
+def _store(ref, tile: _Tile, value):
+  plt.store(ref.at[tile.token, tile.ids], value.astype(ref.dtype), mask=tile.inside)
+
+
+def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *,
+                         activation: str, block_rows: int):
+  """A = M W act(S) of one token, S read once (`_over_grid`)."""
+  def step(tile, carry):
+    _store(a_ref, tile, _forward_values(tile.routed, tile.weight, _load(s_ref, tile),
+                                        activation))
+    return carry
+
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step, ())
+
+
 def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref,
-                       dlx_ref, dly_ref, *a_ref, activation: str, block_t: int):
-  """dS, dlx, dly (and A where asked) of `block_t` tokens in one pass over their S, dA.
+                       dlx_ref, dly_ref, *a_ref, activation: str, block_rows: int):
+  """dS, dly, dlx per column chunk (summed outside) and A where asked, of one token in one
+  pass over its S and dA (`_over_grid`): a tile's row sums are its chunk's part of dlx, and
+  dly a chunk's running column sum, kept in registers and stored once."""
+  n_x = lx_ref.shape[1]
+  t = pl.program_id(0)
 
-  The grid row i of a token (its n_y experts i n_y + j) is one masked load of S and dA;
-  the rule, exp(s), act and act' are recomputed there, dS (and A) stored, dlx[t, i] the
-  row's sum, and dly the running sum over rows, kept in registers and stored once.
-  """
-  tokens, n_x = lx_ref.shape
-  n_y = ly_ref.shape[1]
-  t, live, rows = common.token_block(block_t, tokens)
-  j, cols, in_row = common.lanes(common.pow2(n_y), n_y)
-  inside = live[:, None] & in_row[None, :]
-  ly = plt.load(ly_ref.at[rows[:, None], cols[None, :]], mask=inside, other=0.0)
-  bound = _ordered_key(plt.load(theta_ref.at[rows]).astype(F32))[:, None]
-  cut = plt.load(cut_ref.at[rows])[:, None]
-
-  def row(i, dly):
-    ids, loads = i * n_y + j[None, :], i * n_y + cols[None, :]  # stores, loads: `lanes`
-    lxi = plt.load(lx_ref.at[rows, jnp.full_like(rows, i)]).astype(F32)
-    score = lxi[:, None] + ly.astype(F32)
-    routed = inside & _routed(score, ids, bound, cut)
-    s = plt.load(s_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
-    da = plt.load(da_ref.at[rows[:, None], loads], mask=inside, other=0.0).astype(F32)
-    ds, a, dscore = _grid_values(routed, jnp.exp(score), s, da, activation)
-    plt.store(ds_ref.at[t[:, None], ids], ds.astype(ds_ref.dtype), mask=inside)
+  def step(tile, dly):
+    ds, a, dscore = _grid_values(tile.routed, tile.weight, _load(s_ref, tile),
+                                 _load(da_ref, tile), activation)
+    _store(ds_ref, tile, ds)
     if a_ref:
-      plt.store(a_ref[0].at[t[:, None], ids], a.astype(a_ref[0].dtype), mask=inside)
-    plt.store(dlx_ref.at[t, jnp.full_like(t, i)], jnp.sum(dscore, axis=1), mask=live)
-    return dly + dscore
+      _store(a_ref[0], tile, a)
+    plt.store(dlx_ref.at[tile.token[:, 0], tile.column * n_x + tile.rows],
+              jnp.sum(dscore, axis=1), mask=tile.in_rows)
+    return dly + jnp.sum(dscore, axis=0)
 
-  dly = lax.fori_loop(0, n_x, row, jnp.zeros(inside.shape, F32))
-  plt.store(dly_ref.at[t[:, None], j[None, :]], dly, mask=inside)
+  def column_done(column, dly):
+    j, in_cols = column
+    plt.store(dly_ref.at[jnp.full_like(j, t), j], dly, mask=in_cols)
+
+  width = column_width(ly_ref.shape[1])
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step, jnp.zeros(width, F32),
+             column_done)
 
 
-def _grid_grads(s, da, lx, ly, theta, cut, activation: str, config: RuleConfig,
-                with_a: bool, interpret: bool):
-  """(dS, A or None), (dlx, dly) float32 of one token block, by `_grid_grads_kernel`."""
+def _launch(kernel, out_shape, tokens: int, plan: _Plan, name: str):
+  return common.triton_call(
+      functools.partial(kernel, activation=plan.activation,
+                        block_rows=plan.config.block_rows),
+      out_shape=out_shape, grid=(tokens,), num_warps=plan.config.num_warps,
+      num_stages=plan.config.num_stages, interpret=plan.interpret, name=name)
+
+
+def _forward_grid(s, lx, ly, theta, cut, plan: _Plan):
+  """A of one token block (rows, N) in s.dtype."""
+  if plan.config.grid_pass == "xla":
+    return _forward_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
+                           plan.activation).astype(s.dtype)
+  return _launch(_forward_grid_kernel, jax.ShapeDtypeStruct(s.shape, s.dtype), s.shape[0],
+                 plan, "atomic_experts_rule_forward_grid")(s, lx, ly, theta, cut)
+
+
+def _grid_grads(s, da, lx, ly, theta, cut, plan: _Plan, with_a: bool):
+  """(dS, A or None) in s.dtype, (dlx, dly) float32 of one token block."""
+  if plan.config.grid_pass == "xla":
+    ds, a, dscore = _grid_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
+                                 da.astype(F32), plan.activation)
+    dscore = dscore.reshape(s.shape[0], lx.shape[1], ly.shape[1])
+    return ((ds.astype(s.dtype), a.astype(s.dtype) if with_a else None),
+            (dscore.sum(2), dscore.sum(1)))
   tokens, n_x = lx.shape
+  chunks = common.cdiv(ly.shape[1], column_width(ly.shape[1]))
   out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype),
-               jax.ShapeDtypeStruct((tokens, n_x), F32),
+               jax.ShapeDtypeStruct((tokens, chunks * n_x), F32),
                jax.ShapeDtypeStruct(ly.shape, F32)]
   if with_a:
     out_shape.append(jax.ShapeDtypeStruct(s.shape, s.dtype))
-  kernel = functools.partial(_grid_grads_kernel, activation=activation,
-                             block_t=config.block_t)
-  out = common.triton_call(
-      kernel, out_shape=out_shape, grid=(common.cdiv(tokens, config.block_t),),
-      num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
-      name="atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
-  return (out[0], out[3] if with_a else None), (out[1], out[2])
+  out = _launch(_grid_grads_kernel, out_shape, tokens, plan,
+                "atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
+  dlx = out[1].reshape(tokens, chunks, n_x).sum(1)
+  return (out[0], out[3] if with_a else None), (dlx, out[2])
 
 
-def _forward_block(x, up, down, lx, ly, theta, cut, activation: str):
+def _forward_block(x, up, down, lx, ly, theta, cut, plan: _Plan):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   s = grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
-  mask, w = _rule_grid(lx, ly, theta, cut)
-  act = reference.ACTIVATIONS[activation]
-  a = jnp.where(mask, w * act(s.astype(F32)), 0).astype(cdt)
+  a = _forward_grid(s, lx, ly, theta, cut, plan)
   return common.dot(a, down.astype(cdt)).astype(x.dtype), s, a
 
 
@@ -166,7 +268,7 @@ def _blocks(rows: int, *arrays):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """The static choices of one call: activation, tokens per block, whether the forward's
-  grid A is kept (one block), the backward's grid pass and its launch."""
+  grid A is kept (one block), the grid passes and their launch, interpret mode."""
   activation: str
   rows: int
   keep: bool
@@ -177,9 +279,9 @@ class _Plan:
 def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan):
   """y, the S grid blocks (blocks, rows, N) and, with `plan.keep` (one block), the A grid."""
   if plan.keep:
-    y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan.activation)
+    y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan)
     return y, s[None], a
-  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan.activation)[:2],
+  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan)[:2],
                  _blocks(plan.rows, x, lx, ly, theta, cut))
   return reference.unblock_tokens(y, x.shape[0]), s, None
 
@@ -194,25 +296,11 @@ def _fwd(x, up, down, lx, ly, theta, cut, plan):
   return y, (x, up, down, lx, ly, theta, cut, s, a)
 
 
-def _xla_grid_grads(s, da, lx, ly, theta, cut, activation: str, with_a: bool):
-  """`_grid_grads` as XLA fusions: (dS, A or None), (dlx, dly) float32."""
-  ds, a, dscore = _grid_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
-                               da.astype(F32), activation)
-  dscore = dscore.reshape(s.shape[0], lx.shape[1], ly.shape[1])
-  return ((ds.astype(s.dtype), a.astype(s.dtype) if with_a else None),
-          (dscore.sum(2), dscore.sum(1)))
-
-
 def _backward_block(b, s, up, down, plan: _Plan, cdt, a=None):
   """One token block: (dS, A) grids, and (dx, dlx, dly); A is rebuilt unless given."""
   xb, lxb, lyb, thetab, cutb, dyb = b
   da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-  grid_args = (s, da, lxb, lyb, thetab, cutb, plan.activation)
-  if plan.config.grid_grads == "kernel":
-    (ds, rebuilt), (dlx, dly) = _grid_grads(*grid_args, plan.config, a is None,
-                                            plan.interpret)
-  else:
-    (ds, rebuilt), (dlx, dly) = _xla_grid_grads(*grid_args, a is None)
+  (ds, rebuilt), (dlx, dly) = _grid_grads(s, da, lxb, lyb, thetab, cutb, plan, a is None)
   return (ds, rebuilt if a is None else a), (common.dot(ds, up.astype(cdt)), dlx, dly)
 
 
@@ -274,7 +362,7 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   if tokens == 0:
     return jnp.zeros(x.shape, x.dtype)
   rows = block_rows(tokens, up.shape[0], config.dense)
-  if config.grid_grads == "kernel" and rows * up.shape[0] >= 2 ** 31:
+  if config.grid_pass == "kernel" and rows * up.shape[0] >= 2 ** 31:
     raise ValueError(f"a token block's grid of {rows} x {up.shape[0]} elements passes the "
                      "grid kernel's int32 offsets: lower DenseConfig.max_block_elements "
                      "below 2^31")
