@@ -9,11 +9,11 @@ width 1024, k in {512, 1024, 2048, 4096}, 1K-16K tokens: OmniMoE 6.7 ms against 
 
   omnimoe  router (BatchNorm'd gates, log-softmax, exact top-k) + shared SwiGLU MLP +
            routed branch, in three implementations:
-             pallas      our path (`impl="pallas"`; unsorted top-k, the expert op picks
-                         by density: token kernels, or the whole grid as GEMMs)
-             pallas-rule the whole grid as GEMMs routed by the top-k's membership rule
-                         (`router_threshold.threshold`, `expert_rule`): no pairs; a
-                         candidate, not yet what the model runs
+             pallas      the model's path (`impl="pallas"`): where
+                         `router.routes_by_rule` (k in the thousands, the dense regime)
+                         the whole grid as GEMMs routed by the top-k's membership rule,
+                         no pairs (`router.select_rule`, `expert_rule`); elsewhere the
+                         unsorted top-k's pairs, and the expert op picks by density
              xla-dense   plain XLA: exact top-k (`omnimoe.reference`), then the routed
                          branch dense-masked: S = X U^T over all N, G the routing weights
                          scattered into (T, N), y = (G * silu(S)) V
@@ -67,7 +67,7 @@ from experiments.benchlib import (BF16, fwd_bwd, guarded, key_iter, peak_gib, sa
                                   timeit_unrolled)
 from omnimoe import ops, reference
 from omnimoe import router as router_lib
-from omnimoe.pallas import expert_rule, router_threshold
+from omnimoe.pallas import expert_rule
 
 N_AXIS = 320
 N = N_AXIS * N_AXIS
@@ -136,13 +136,19 @@ def experts(x, p, weights, indices, impl, activation, unique):
   return reference.atomic_experts(x, p["up"], p["down"], weights, indices, activation)
 
 
-def omnimoe_ffn(p, x, *, k, impl, rule_config=expert_rule.RuleConfig()):
-  """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score));
-  `rule_config`: the "pallas-rule" impl's config."""
+def by_rule(x, k, impl) -> bool:
+  """Whether the model's OmniMoE layer routes these tokens by the top-k's rule."""
+  return impl == "pallas" and router_lib.routes_by_rule(x.shape[0], k, N, "exp", "silu", impl)
+
+
+def omnimoe_ffn(p, x, *, k, impl, rule=None, rule_config=expert_rule.RuleConfig()):
+  """Shared SwiGLU MLP + Cartesian router + atomic experts (routing weights exp(score)).
+  impl "pallas" routes as the model does: by the rule (`expert_rule`, `rule_config`) or by
+  pairs; `rule` True or False forces one (experiments/bench_rule.py)."""
   lx, ly = router_log_probs(p, x)
-  if impl == "pallas-rule":
+  if by_rule(x, k, impl) if rule is None else rule:
     routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly,
-                                             *router_threshold.threshold(lx, ly, k),
+                                             *router_lib.select_rule(lx, ly, k),
                                              config=rule_config)
   else:
     weights, idx = router_lib.select_pairs(lx, ly, k, "exp",  # the model's
@@ -151,9 +157,10 @@ def omnimoe_ffn(p, x, *, k, impl, rule_config=expert_rule.RuleConfig()):
   return benchlib.shared_mlp(p, x) + routed
 
 
-def omnimoe_router(p, x, *, k, impl):
-  if impl == "pallas-rule":  # what the rule's FFN consumes: (theta, cut), no pairs
-    return router_threshold.threshold(*router_log_probs(p, x), k)
+def omnimoe_router(p, x, *, k, impl, rule=None):
+  """What the FFN's routed branch consumes: (theta, cut) by the rule, else the pairs."""
+  if by_rule(x, k, impl) if rule is None else rule:
+    return router_lib.select_rule(*router_log_probs(p, x), k)
   return top_k(*router_log_probs(p, x), k, impl)
 
 
@@ -396,9 +403,9 @@ def cases(selected, token_counts=TOKENS, ks=KS, peer_ks=PEER_K_HEAD):
   out = []
   for tokens in token_counts:
     for k in ks:
-      for impl in ("pallas", "pallas-rule", "xla"):
+      for impl in ("pallas", "xla"):
         out.append(("omnimoe", "router", impl, tokens, k, False))
-      for impl in ("pallas", "pallas-rule", "xla-dense", "xla-gather"):
+      for impl in ("pallas", "xla-dense", "xla-gather"):
         out.append(("omnimoe", "ffn", impl, tokens, k, impl != "xla-gather"))
     for kh in peer_ks:
       for impl in ("pallas", "xla-gather"):
@@ -486,12 +493,6 @@ def summary(rows):
           f"{r['fwd_ms'] / ours['fwd_ms']:.1f}x (target >= 10x)")
   if router and router["fwd_ms"]:
     say(f"router fwd {router['fwd_ms']:.3f} ms (target <= 0.3)")
-  rule, rule_router = (get(model="omnimoe", what=what, impl="pallas-rule", tokens=4096,
-                           k=4096) for what in ("ffn", "router"))
-  if rule and rule["fwd_ms"] and rule_router and rule_router["fwd_ms"]:
-    say(f"candidate pallas-rule (not the model's path): ffn fwd {rule['fwd_ms']:.3f} ms, "
-        f"fwd+bwd {rule['fwd_bwd_ms']} ms; its router (theta, cut) "
-        f"{rule_router['fwd_ms']:.3f} ms")
   checked = [r for r in rows if r.get("rel_err") is not None]
   bad = [r for r in checked if check_failed(r["rel_err"])]
   say(f"pallas FFN outputs checked against plain XLA: {len(checked)}, FAILED: {len(bad)} "

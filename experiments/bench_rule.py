@@ -2,10 +2,10 @@
 
   PYTHONPATH=. python3 experiments/bench_rule.py [--tokens 4096] [--k 4096] [--out DIR]
 
-The candidate `expert_rule` (bench_headline's impl `pallas-rule`) is adopted for the
-dense regime only if it wins the whole FFN's forward and forward+backward (kernels_notes.md
-v17, v19). One GPU run, the headline's shapes and inputs (`bench_headline`'s parameters,
-tokens and cotangent):
+The rule path (`expert_rule`, routed by (theta, cut), no pairs) is the model's path in the
+dense regime for k in the thousands (`router.routes_by_rule`) because it wins the whole
+FFN's forward and forward+backward here (kernels_notes.md v17, v19, v20). One GPU run, the
+headline's shapes and inputs (`bench_headline`'s parameters, tokens and cotangent):
   - the FFN fwd and fwd+bwd on the pairs path (the model's: threshold router, emit,
     `expert_dense`), and on the rule path with its grid passes as Pallas kernels and as
     their XLA twins (`RuleConfig.grid_pass`), each fwd+bwd's top kernels;
@@ -33,7 +33,7 @@ GRAD_NAMES = ("up", "down", "rx", "ry", "w_gate_up", "wd")
 
 def rule_ffn(k: int, config: expert_rule.RuleConfig):
   """bench_headline's OmniMoE FFN with the routed branch on the rule path."""
-  return lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas-rule", rule_config=config)
+  return lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas", rule=True, rule_config=config)
 
 
 def grad_errors(got, want) -> dict:
@@ -45,7 +45,7 @@ def grad_errors(got, want) -> dict:
 
 def variants(k: int):
   """(name, FFN, whether to list its kernels) in the order run."""
-  yield "pairs", lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas"), True
+  yield "pairs", lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas", rule=False), True
   for grid_pass in expert_rule.GRID_PASSES:
     yield (f"rule {grid_pass}",
            rule_ffn(k, expert_rule.RuleConfig(grid_pass=grid_pass)), True)
@@ -88,10 +88,11 @@ def main():
            if row["grad_rel_err"] else ""))
     for kern in row["kernels"]:
       say(f"    {kern['ms_per_call']:.3f} ms  {kern['kernel'][:60]}  {kern['hlo_op']}")
-  for impl in ("pallas", "pallas-rule"):
-    router = jax.jit(lambda p, x, impl=impl: bh.omnimoe_router(p, x, k=args.k, impl=impl))
-    ms = guarded(f"router {impl}", lambda: timeit(router, [(p, x) for x in xs]))
-    rows.append(dict(variant=f"router {impl}", fwd_ms=ms, fwd_bwd_ms=None,
+  for name, rule in (("pairs", False), ("rule", True)):
+    router = jax.jit(lambda p, x, rule=rule: bh.omnimoe_router(p, x, k=args.k, impl="pallas",
+                                                               rule=rule))
+    ms = guarded(f"router {name}", lambda: timeit(router, [(p, x) for x in xs]))
+    rows.append(dict(variant=f"router {name}", fwd_ms=ms, fwd_bwd_ms=None,
                      grad_rel_err=None, kernels=[]))
   say(f"\nT = {args.tokens}, k = {args.k}, N = {bh.N}, d = {bh.D}, F = {bh.F}, bf16 "
       f"({device}): ms")

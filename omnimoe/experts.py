@@ -32,6 +32,16 @@ def cast_tables(num_pairs: int, num_experts: int) -> bool:
   return 2 * num_pairs >= num_experts
 
 
+def sharded_layout(tokens: int, d: int, activation: str):
+  """The expert-parallel layout the bank runs on (`expert_parallel.layout_from_rules`), or
+  None: the plain op (no mesh of several devices, activation 'swiglu', or T or d that the
+  mesh's axes do not divide)."""
+  layout = expert_parallel.layout_from_rules()
+  if activation == "swiglu" or layout is None or not layout.fits(tokens, d):
+    return None
+  return layout
+
+
 class AtomicExpertBank(nn.Module):
   """`y_t = sum_k act(<x_t, U[e_tk]>) * g_tk * V[e_tk]` over N single-neuron experts.
 
@@ -58,6 +68,10 @@ class AtomicExpertBank(nn.Module):
   batch group; with one device, no mesh, activation 'swiglu', or a token count that the
   batch axes do not divide (model.init traces a single sequence), it runs the plain
   `ops.atomic_experts`, which XLA partitions by itself for impl 'xla'.
+
+  Routing: pairs (weights, indices), or `rule` = (lx, ly, theta, cut), the top-k as a
+  membership rule with weights exp(lx[i] + ly[j]) (`router.routes_by_rule` says when;
+  `omnimoe.pallas.expert_rule`, one device).
   """
   num_experts: int
   activation: str = "silu"
@@ -67,7 +81,8 @@ class AtomicExpertBank(nn.Module):
   unique_indices: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, weights: jax.Array | None = None,
+               indices: jax.Array | None = None, *, rule=None) -> jax.Array:
     d = x.shape[-1]
     init = nn.with_logical_partitioning(nn.initializers.normal(stddev=d ** -0.5),
                                         ("experts", "expert_embed"))
@@ -77,10 +92,14 @@ class AtomicExpertBank(nn.Module):
     if self.activation == "swiglu":
       gate = self.param("gate", init, (self.num_experts, d), self.param_dtype)
     x = x.astype(self.dtype)
+    if rule is not None:  # the dense regime: whole tables read, cast (`cast_tables`)
+      from omnimoe.pallas import expert_rule
+      return expert_rule.atomic_experts_rule(x, up.astype(self.dtype), down.astype(self.dtype),
+                                             *rule, activation=self.activation)
     if cast_tables(x.shape[0] * indices.shape[1], self.num_experts):
       up, down, gate = (None if t is None else t.astype(self.dtype) for t in (up, down, gate))
-    layout = expert_parallel.layout_from_rules()
-    if gate is None and layout is not None and layout.fits(x.shape[0], d):
+    layout = sharded_layout(x.shape[0], d, self.activation)
+    if layout is not None:
       return expert_parallel.sharded_atomic_experts(
           x, up, down, weights, indices, mesh=layout.mesh, table_axes=layout.table_axes,
           batch_axes=layout.batch_axes, activation=self.activation, impl=self.impl)

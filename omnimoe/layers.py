@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from omnimoe import config as config_lib
+from omnimoe import experts as experts_lib
 from omnimoe import reference
 from omnimoe import router as router_lib
 from omnimoe.experts import BANK_NAME, AtomicExpertBank
@@ -79,6 +80,9 @@ class DenseFFN(nn.Module):
 class OmniMoELayer(nn.Module):
   """`y = SharedMLP(x) + AtomicExpertBank(x, CartesianRouter(x))`.
 
+  The router hands the bank pairs, or, where `router.routes_by_rule` (Pallas, k in the
+  thousands, the dense regime), the top-k as a rule (theta, cut) and no pairs.
+
   aux['router_entropy'] is the entropy of the routing distribution over all N experts
   (`router.grid_entropy`); no auxiliary loss (neither the paper nor the released code has one).
   """
@@ -95,14 +99,30 @@ class OmniMoELayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool):
     tokens = _flatten(x)
-    weights, indices, stats = router_lib.CartesianRouter(
+    router = router_lib.CartesianRouter(
         self.num_experts, self.top_k, self.routing_weights, self.router_norm, self.impl,
-        self.param_dtype, self.dtype, name="router")(tokens, train=train)
-    routed = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
-                              self.param_dtype, unique_indices=True,  # one top-k per token
-                              name=BANK_NAME)(tokens, weights, indices)
+        self.param_dtype, self.dtype, name="router")
+    bank = AtomicExpertBank(self.num_experts, self.activation, self.impl, self.dtype,
+                            self.param_dtype, unique_indices=True,  # one top-k per token
+                            name=BANK_NAME)
+    if self._routes_by_rule(tokens.shape):
+      lx, ly = router.log_probs(tokens, train=train)
+      rule = (lx, ly, *router_lib.select_rule(lx, ly, self.top_k))
+      routed = bank(tokens, rule=rule)
+      stats = {"load": router_lib.rule_load(*rule),
+               "entropy": router_lib.grid_entropy(lx, ly)}
+    else:
+      weights, indices, stats = router(tokens, train=train)
+      routed = bank(tokens, weights, indices)
     shared = SharedMLP(self.shared_ffn_dim, self.dtype, self.param_dtype, name="shared_mlp")(x)
     return shared + routed.reshape(x.shape), routed_aux(stats["load"], stats["entropy"])
+
+  def _routes_by_rule(self, shape) -> bool:
+    """`router.routes_by_rule`, on one device (the expert-parallel op takes pairs)."""
+    tokens, d = shape
+    return (router_lib.routes_by_rule(tokens, self.top_k, self.num_experts,
+                                      self.routing_weights, self.activation, self.impl)
+            and experts_lib.sharded_layout(tokens, d, self.activation) is None)
 
 
 class CoarseMoE(nn.Module):

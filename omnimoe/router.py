@@ -66,6 +66,37 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
   return weights, indices
 
 
+def routes_by_rule(tokens: int, k: int, num_experts: int, routing_weights: str,
+                   activation: str, impl: str | None) -> bool:
+  """Whether an OmniMoE layer routes by the top-k's membership rule, (theta, cut) a token
+  and no pairs (`select_rule`, `omnimoe.pallas.expert_rule`), rather than by pairs: on the
+  Pallas path, with routing weights 'exp' and a scalar activation, for k in the threshold
+  router's range (above the fused kernel's `router_topk.MAX_KERNEL_K`) and in the dense
+  regime (`expert_ops.choose_path`). There it beats the pairs path, measured on one H100 at
+  the paper's headline (T = k = 4096, N = 320^2, whole FFN, experiments/bench_rule.py,
+  RESULTS.md): forward 3.14 ms against 3.49, forward+backward 8.82 against 9.53."""
+  if ops.resolve_impl(impl) != "pallas" or routing_weights != "exp" or activation == "swiglu":
+    return False
+  from omnimoe.pallas import expert_ops, router_topk
+  return (k > router_topk.MAX_KERNEL_K
+          and expert_ops.choose_path(tokens, k, num_experts) == "dense")
+
+
+def select_rule(lx: jax.Array, ly: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The top-k as a rule, (theta (T,) float32, cut (T,) int32): expert e = i n_y + j is
+  routed to token t iff fl32(lx[t, i] + ly[t, j]) > theta[t], or equals it and e <= cut[t]
+  (`omnimoe.pallas.router_threshold.threshold`; a selection, no gradient)."""
+  from omnimoe.pallas import router_threshold
+  return router_threshold.threshold(lx, ly, k)
+
+
+def rule_load(lx: jax.Array, ly: jax.Array, theta: jax.Array, cut: jax.Array) -> jax.Array:
+  """`expert_load` of the rule's routing: (N,) float32, tokens routed to each expert (an
+  O(T N) reduction of the rule's mask; under jit an unused load costs nothing)."""
+  from omnimoe.pallas import expert_rule
+  return expert_rule.routed_mask(lx, ly, theta, cut).sum(0, dtype=jnp.float32)
+
+
 class CartesianRouter(nn.Module):
   """Routes each token to k of N = n * n atomic experts.
 
@@ -82,6 +113,7 @@ class CartesianRouter(nn.Module):
 
   Returns (weights (T, k) float32, indices (T, k) int32, stats) with
   stats = {'entropy': scalar, see `grid_entropy`; 'load': (N,) float32, see `expert_load`}.
+  `log_probs` alone gives (lx, ly), for routing by the rule (`routes_by_rule`).
   """
   num_experts: int
   top_k: int
@@ -92,7 +124,8 @@ class CartesianRouter(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool):
+  def log_probs(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+    """(lx, ly) (T, n) float32: the gates, normalised, log-softmax."""
     n = math.isqrt(self.num_experts)
     init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "router"))
     log_probs = []
@@ -104,7 +137,10 @@ class CartesianRouter(nn.Module):
                               momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=jnp.float32,
                               name=f"norm_{axis}")(logits)
       log_probs.append(jax.nn.log_softmax(logits, axis=-1))
-    lx, ly = log_probs
+    return tuple(log_probs)
+
+  def __call__(self, x: jax.Array, *, train: bool):
+    lx, ly = self.log_probs(x, train=train)
     weights, indices = select_pairs(lx, ly, self.top_k, self.routing_weights, self.impl)
     stats = {"entropy": grid_entropy(lx, ly), "load": expert_load(indices, self.num_experts)}
     return weights, indices, stats

@@ -191,6 +191,43 @@ def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode, activa
   assert float(aux["aux_loss"]) == 0.0 and 0 < float(aux["router_entropy"]) <= math.log(49)
 
 
+def test_omnimoe_layer_routes_by_the_rule_where_it_wins_with_the_pairs_results():
+  """On the Pallas path, k past the fused top-k kernel and the dense regime, the layer
+  hands the bank the top-k as a rule (theta, cut) and emits no pairs: the same output,
+  expert load, entropy and gradients as the pairs path (XLA), float32."""
+  t, n, k, d = 18, 12, 80, 24
+  for mode, activation, impl, kk, want in (("exp", "silu", "pallas", k, True),
+                                           ("softmax", "silu", "pallas", k, False),
+                                           ("exp", "swiglu", "pallas", k, False),
+                                           ("exp", "silu", "xla", k, False),
+                                           ("exp", "silu", "pallas", 64, False)):
+    assert router_lib.routes_by_rule(t, kk, n * n, mode, activation, impl) == want
+  x = normal(7, (2, t // 2, d))
+  rule, pairs = (layers.OmniMoELayer(n * n, k, 20, "silu", "exp", "batchnorm", impl=impl)
+                 for impl in ("pallas", "xla"))
+  variables = init(pairs, x)
+
+  def loss(params, layer):
+    y, aux = layer.apply({**variables, "params": params}, x, train=True,
+                         mutable=["batch_stats"])[0]
+    return jnp.sum(y * normal(8, y.shape)), aux
+
+  kernels = [e.params["name"] for e in jaxprs.equations(jax.make_jaxpr(
+      lambda p: loss(p, rule))(variables["params"]).jaxpr) if e.primitive.name == "pallas_call"]
+  assert "atomic_experts_rule_forward_grid" in kernels and "router_emit" not in kernels
+  (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                static_argnums=1)(variables["params"], rule)
+  (value_want, aux_want), grads_want = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                               static_argnums=1)(variables["params"], pairs)
+  np.testing.assert_allclose(value, value_want, rtol=1e-5)
+  np.testing.assert_array_equal(aux["expert_load"], aux_want["expert_load"])
+  assert float(aux["expert_load"].sum()) == t * k
+  np.testing.assert_allclose(aux["router_entropy"], aux_want["router_entropy"], rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
+    g_want = dict(jax.tree_util.tree_leaves_with_path(nn.unbox(grads_want)))[path]
+    assert float(jnp.linalg.norm(g - g_want) / jnp.linalg.norm(g_want)) < 1e-5, path
+
+
 def test_tables_are_cast_wherever_the_op_takes_the_dense_path():
   """The dense path's grid GEMMs run in the tables' dtype: the bank must hand it bf16
   copies (float32 tables would make them float32 GEMMs over the whole grid)."""

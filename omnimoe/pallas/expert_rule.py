@@ -64,6 +64,11 @@ def _routed(score, ids, bound, cut):
   return (key > bound) | ((key == bound) & (ids <= cut))
 
 
+def routed_mask(lx: jax.Array, ly: jax.Array, theta: jax.Array, cut: jax.Array) -> jax.Array:
+  """(T, N) bool: which experts the rule above routes to each token (XLA)."""
+  return _rule_grid(lx, ly, theta, cut)[0]
+
+
 def _rule_grid(lx, ly, theta, cut):
   """(mask, exp(s)) over a block's (rows, N) grid, float32, from the rule above."""
   s = (lx.astype(F32)[:, :, None] + ly.astype(F32)[:, None, :]).reshape(lx.shape[0], -1)

@@ -327,8 +327,8 @@ def threshold(lx: jax.Array, ly: jax.Array, k: int, *,
 
   Expert e = i * n_y + j is among token t's top k iff, with s = fl32(lx[t, i] + ly[t, j]),
   `s > theta[t] or (s == theta[t] and e <= cut[t])`. theta is the k-th largest sum. A
-  selection: no gradient flows through it. Stage A of `cartesian_topk` on its own: the
-  tests check it and experiments/bench_headline.py times it; no kernel here consumes it.
+  selection: no gradient flows through it. Stage A of `cartesian_topk` on its own, what
+  the rule path consumes (`router.select_rule`, `omnimoe.pallas.expert_rule`).
   """
   _check(lx, ly, k, config)
   if lx.shape[0] == 0:
