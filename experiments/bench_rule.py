@@ -1,6 +1,7 @@
 """The dense regime routed by the top-k's rule against the pairs path, at the headline.
 
-  PYTHONPATH=. python3 experiments/bench_rule.py [--tokens 4096] [--k 4096] [--out DIR]
+  PYTHONPATH=. python3 experiments/bench_rule.py [--tokens 4096] [--k 4096] [--no-launches]
+      [--out DIR]
 
 The rule path (`expert_rule`, routed by (theta, cut), no pairs) is the model's path in the
 dense regime for k in the thousands (`router.routes_by_rule`) because it wins the whole
@@ -43,13 +44,13 @@ def grad_errors(got, want) -> dict:
   return dict(errs, x=benchlib.rel_err(gx, wx))
 
 
-def variants(k: int):
+def variants(k: int, launches=LAUNCHES):
   """(name, FFN, whether to list its kernels) in the order run."""
   yield "pairs", lambda p, x: bh.omnimoe_ffn(p, x, k=k, impl="pallas", rule=False), True
   for grid_pass in expert_rule.GRID_PASSES:
     yield (f"rule {grid_pass}",
            rule_ffn(k, expert_rule.RuleConfig(grid_pass=grid_pass)), True)
-  for rows, nw, ns in LAUNCHES:
+  for rows, nw, ns in launches:
     config = expert_rule.RuleConfig(block_rows=rows, num_warps=nw, num_stages=ns)
     yield f"rule kernel rows{rows} w{nw} s{ns}", rule_ffn(k, config), False
 
@@ -60,13 +61,15 @@ def main():
   parser.add_argument("--k", type=int, default=4096)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="experiments/results")
+  parser.add_argument("--launches", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the grid kernels' launches (LAUNCHES)")
   args = parser.parse_args()
   say(benchlib.run_header())
   device = jax.devices()[0].device_kind
   p = bh.model_params(args.seed, "omnimoe")
   xs, cot = bh.case_inputs(args.seed, "omnimoe", args.tokens)
   rows, want = [], None
-  for name, ffn, listed in variants(args.k):
+  for name, ffn, listed in variants(args.k, LAUNCHES if args.launches else ()):
     def measure():
       g = fwd_bwd(ffn, 2)
       row = dict(variant=name, fwd_ms=timeit(jax.jit(ffn), [(p, x) for x in xs]),

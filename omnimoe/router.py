@@ -66,19 +66,30 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
   return weights, indices
 
 
+# The rule path's grid passes cost the same at any k, the pairs path's emit and scatters
+# grow with k, so the rule wins from a density up. Measured, one H100, T = 4096,
+# N = 320^2, d = 1024, the whole FFN (experiments/bench_rule.py, RESULTS.md), pairs against
+# rule, fwd / fwd+bwd ms, at f9a35c6: k = 512 2.996 / 7.901 against 3.165 / 8.916;
+# k = 1024 3.093 / 8.232 against 3.130 / 8.980; k = 2048 3.233 / 8.574 against 3.116 /
+# 8.989; k = 4096 3.534 / 9.526 against 3.144 / 9.244 (T = 16,384: 17.36 / 55.73 against
+# 15.72 / 55.07). The forward crosses over between 1 % and 2 % of N, the fwd+bwd between
+# 2 % and 4 %: the rule is taken where it won both. (Since, the backward's grid pass lost
+# 0.3 ms: k = 4096 3.453 / 9.341 against 3.074 / 8.806; k = 2048 not re-measured.)
+RULE_MIN_DENSITY = 4096 / 102_400
+
+
 def routes_by_rule(tokens: int, k: int, num_experts: int, routing_weights: str,
                    activation: str, impl: str | None) -> bool:
   """Whether an OmniMoE layer routes by the top-k's membership rule, (theta, cut) a token
   and no pairs (`select_rule`, `omnimoe.pallas.expert_rule`), rather than by pairs: on the
   Pallas path, with routing weights 'exp' and a scalar activation, for k in the threshold
-  router's range (above the fused kernel's `router_topk.MAX_KERNEL_K`) and in the dense
-  regime (`expert_ops.choose_path`). There it beats the pairs path, measured on one H100 at
-  the paper's headline (T = k = 4096, N = 320^2, whole FFN, experiments/bench_rule.py,
-  RESULTS.md): forward 3.14 ms against 3.49, forward+backward 8.82 against 9.53."""
+  router's range (above the fused kernel's `router_topk.MAX_KERNEL_K`), in the dense
+  regime (`expert_ops.choose_path`) and from `RULE_MIN_DENSITY` of the experts a token up,
+  where it beat the pairs path forward and forward+backward (the figures above)."""
   if ops.resolve_impl(impl) != "pallas" or routing_weights != "exp" or activation == "swiglu":
     return False
   from omnimoe.pallas import expert_ops, router_topk
-  return (k > router_topk.MAX_KERNEL_K
+  return (k > router_topk.MAX_KERNEL_K and k >= RULE_MIN_DENSITY * num_experts
           and expert_ops.choose_path(tokens, k, num_experts) == "dense")
 
 

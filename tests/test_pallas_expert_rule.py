@@ -68,6 +68,7 @@ def check(args, rule, pairs, dy, config, tol, interpret=None):
     (21, 64, 12, 10, 30, 8, jnp.bfloat16, 0.5),
     (19, 64, 5, 40, 50, 0, jnp.float32, None),    # 3 column chunks of 16, the last padded
     (13, 32, 3, 48, 20, 8, jnp.bfloat16, None),   # 3 column chunks of 16, none padded
+    (9, 32, 16, 32, 100, 0, jnp.float32, None),   # tiles pad no row and no column: no masks
 ])
 @pytest.mark.parametrize("grid_pass", expert_rule.GRID_PASSES)
 def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_pass):

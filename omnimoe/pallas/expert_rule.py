@@ -33,9 +33,9 @@ n_y = 320, ran 1.7x slower), so tiles span a column width that pads n_y least
 (`column_width`), and W = exp(lx) exp(ly) costs one exp a row and a column rather than one
 a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum). On one H100
 at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md):
-forward pass 0.70 ms against XLA's fusion 0.89, backward pass 1.47 (block_rows 32)
-against XLA's three fusions 3.57; the XLA twins stay as `RuleConfig(grid_pass="xla")`
-for that A/B. The forward keeps S (T N elements: the backward
+forward pass 0.71 ms against XLA's fusion 0.89, backward pass 1.18 against XLA's three
+fusions 3.57 (kernel times); the XLA twins stay as `RuleConfig(grid_pass="xla")` for that
+A/B. The copy floors of the two passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The forward keeps S (T N elements: the backward
 needs act'(S) on every routed entry) and, with one token block, A (`DenseConfig.keep_grid`);
 token blocks bound the grids' size as in `expert_dense`.
 """
@@ -128,8 +128,9 @@ class _Tile(NamedTuple):
   """`block_rows` grid rows i x `column_width` columns j of one token: `token`
   (block_rows, 1) for indexing, the column chunk `column`, the flat expert ids raw (`ids`,
   for stores) and clamped (`loads`), which lanes are `inside` the grid, the rows (raw) and
-  which are real (`in_rows`), the rule's mask (`routed`, inside lanes only) and the
-  routing weights exp(lx[i]) exp(ly[j]) (one exp a row and a column, not one a lane)."""
+  which are real (`in_rows`; None for either: all, static), the rule's mask (`routed`,
+  inside lanes only) and the routing weights exp(lx[i]) exp(ly[j]) (one exp a row and a
+  column, not one a lane)."""
   token: jax.Array
   column: jax.Array
   ids: jax.Array
@@ -145,7 +146,8 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows: int, step, init,
                column_done=lambda column, carry: None):
   """This program's token's grid, column chunk by column chunk (`column_width`), each
   `block_rows` rows a step: `carry = step(tile, carry)` from `init` down a chunk's rows,
-  then `column_done((raw j, inside), carry)`."""
+  then `column_done((raw j, inside or None), carry)`. Where the tiles pad no row or no
+  column (static), that mask is None: unmasked loads and stores, no compare a lane."""
   n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
   width = column_width(n_y)
   t = pl.program_id(0)
@@ -156,17 +158,19 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows: int, step, init,
 
   def column(c, unused):
     j, cols, in_cols = common.lanes(width, n_y, c)
-    ly = plt.load(ly_ref.at[jnp.full_like(cols, t), cols], mask=in_cols,
-                  other=0.0).astype(F32)[None, :]
+    in_cols = None if n_y % width == 0 else in_cols
+    ly = _masked_load(ly_ref.at[jnp.full_like(cols, t), cols], in_cols)[None, :]
 
     def rows(b, carry):
       i, i_load, in_rows = common.lanes(block_rows, n_x, b)
-      lx = plt.load(lx_ref.at[token[:, 0], i_load], mask=in_rows,
-                    other=0.0).astype(F32)[:, None]
+      in_rows = None if n_x % block_rows == 0 else in_rows
+      lx = _masked_load(lx_ref.at[token[:, 0], i_load], in_rows)[:, None]
       ids = i[:, None] * n_y + j[None, :]
-      inside = in_rows[:, None] & in_cols[None, :]
+      inside = _both(None if in_rows is None else in_rows[:, None],
+                     None if in_cols is None else in_cols[None, :], ids.shape)
       tile = _Tile(token, c, ids, i_load[:, None] * n_y + cols[None, :], inside, i, in_rows,
-                   inside & _routed(lx + ly, ids, bound, cut), jnp.exp(lx) * jnp.exp(ly))
+                   _both(inside, _routed(lx + ly, ids, bound, cut), ids.shape),
+                   jnp.exp(lx) * jnp.exp(ly))
       return step(tile, carry)
 
     column_done((j, in_cols), lax.fori_loop(0, common.cdiv(n_x, block_rows), rows, init))
@@ -175,8 +179,22 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows: int, step, init,
   lax.fori_loop(0, common.cdiv(n_y, width), column, ())
 
 
+def _both(a, b, shape):
+  """a & b broadcast to `shape`, either None (no mask)."""
+  if a is None or b is None:
+    return None if a is None and b is None else jnp.broadcast_to(b if a is None else a, shape)
+  return a & b
+
+
+def _masked_load(ref, mask):
+  """float32 load, lanes outside `mask` (None: none) read as 0."""
+  if mask is None:
+    return plt.load(ref).astype(F32)
+  return plt.load(ref, mask=mask, other=0.0).astype(F32)
+
+
 def _load(ref, tile: _Tile):
-  return plt.load(ref.at[tile.token, tile.loads], mask=tile.inside, other=0.0).astype(F32)
+  return _masked_load(ref.at[tile.token, tile.loads], tile.inside)
 
 
 def _store(ref, tile: _Tile, value):
@@ -197,8 +215,9 @@ def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *,
 def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref,
                        dlx_ref, dly_ref, *a_ref, activation: str, block_rows: int):
   """dS, dly, dlx per column chunk (summed outside) and A where asked, of one token in one
-  pass over its S and dA (`_over_grid`): a tile's row sums are its chunk's part of dlx, and
-  dly a chunk's running column sum, kept in registers and stored once."""
+  pass over its S and dA (`_over_grid`): a tile's row sums are its chunk's part of dlx;
+  dly sums a chunk's tiles elementwise in registers and across rows once, at the chunk's
+  end (a reduction across rows each step would cost the warps a shared-memory exchange)."""
   n_x = lx_ref.shape[1]
   t = pl.program_id(0)
 
@@ -210,15 +229,15 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
       _store(a_ref[0], tile, a)
     plt.store(dlx_ref.at[tile.token[:, 0], tile.column * n_x + tile.rows],
               jnp.sum(dscore, axis=1), mask=tile.in_rows)
-    return dly + jnp.sum(dscore, axis=0)
+    return dly + dscore
 
   def column_done(column, dly):
     j, in_cols = column
-    plt.store(dly_ref.at[jnp.full_like(j, t), j], dly, mask=in_cols)
+    plt.store(dly_ref.at[jnp.full_like(j, t), j], jnp.sum(dly, axis=0), mask=in_cols)
 
   width = column_width(ly_ref.shape[1])
-  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step, jnp.zeros(width, F32),
-             column_done)
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step,
+             jnp.zeros((block_rows, width), F32), column_done)
 
 
 def _launch(kernel, out_shape, tokens: int, plan: _Plan, name: str):
