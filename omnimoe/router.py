@@ -73,8 +73,9 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
 # k = 1024 3.093 / 8.232 against 3.130 / 8.980; k = 2048 3.233 / 8.574 against 3.116 /
 # 8.989; k = 4096 3.534 / 9.526 against 3.144 / 9.244 (T = 16,384: 17.36 / 55.73 against
 # 15.72 / 55.07). The forward crosses over between 1 % and 2 % of N, the fwd+bwd between
-# 2 % and 4 %: the rule is taken where it won both. (Since, the backward's grid pass lost
-# 0.3 ms: k = 4096 3.453 / 9.341 against 3.074 / 8.806; k = 2048 not re-measured.)
+# 2 % and 4 %: the rule is taken where it won both. (At 22c10cb, whose backward grid pass
+# is 0.3 ms faster: k = 4096 3.453 / 9.341 against 3.074 / 8.806; k = 2048 3.199 / 8.345
+# against 3.066 / 8.774, still a loss in fwd+bwd.)
 RULE_MIN_DENSITY = 4096 / 102_400
 
 

@@ -230,6 +230,37 @@ def test_omnimoe_layer_routes_by_the_rule_where_it_wins_with_the_pairs_results()
     assert float(jnp.linalg.norm(g - g_want) / jnp.linalg.norm(g_want)) < 1e-5, path
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_omnimoe_layer_on_the_rule_path_on_gpu():
+  """The compiled rule path in the Flax layer at a real grid (T = 1024, k = 4096,
+  N = 320^2, bf16 compute, float32 parameters) against the XLA pairs path: output, expert
+  load and parameter gradients."""
+  t, n, k, d = 1024, 320, 4096, 1024
+  assert router_lib.routes_by_rule(t, k, n * n, "exp", "silu", "pallas")
+  x = normal(9, (1, t, d))
+  rule, pairs = (layers.OmniMoELayer(n * n, k, 1024, "silu", "exp", "batchnorm", impl=impl,
+                                     dtype=jnp.bfloat16) for impl in ("pallas", "xla"))
+  variables = init(pairs, x)
+  cot = normal(10, x.shape)
+
+  def loss(params, layer):
+    (y, aux), _ = layer.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+    return jnp.vdot(y, cot), aux["expert_load"]
+
+  (value, load), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                 static_argnums=1)(variables["params"], rule)
+  (value_want, load_want), grads_want = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                                static_argnums=1)(variables["params"], pairs)
+  assert abs(float(value - value_want)) <= 1e-3 * abs(float(value_want))
+  np.testing.assert_array_equal(load, load_want)
+  assert float(load.sum()) == t * k
+  want = dict(jax.tree_util.tree_leaves_with_path(nn.unbox(grads_want)))
+  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
+    assert float(jnp.linalg.norm(g - want[path]) / jnp.linalg.norm(want[path])) < 2e-2, path
+
+
 def test_tables_are_cast_wherever_the_op_takes_the_dense_path():
   """The dense path's grid GEMMs run in the tables' dtype: the bank must hand it bf16
   copies (float32 tables would make them float32 GEMMs over the whole grid)."""
