@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omnimoe import reference
 from omnimoe.pallas import expert_dense, expert_rule, router_threshold
 from tests import brute_force as bf
 from tests.test_pallas_experts import TOL
@@ -86,6 +87,36 @@ def test_rebuilt_grid_matches():
   args, rule, pairs, dy = rule_inputs(rng, 19, 96, 6, 7, 11, jnp.float32)
   check(args, rule, pairs, dy, expert_rule.RuleConfig(expert_dense.DenseConfig(keep_grid=False)),
         TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_second_order_matches_the_pairs_autodiff(keep):
+  """A gradient penalty (a Hessian-vector product in x, the tables and the gates' log-probs,
+  plus the gradient) through the rule op equals autodiff of the reference on the pairs
+  (weights exp(lx[i] + ly[j]) at the brute-force top-k)."""
+  rng = np.random.default_rng(8)
+  n_y = 6
+  args, rule, (_, ids), dy = rule_inputs(rng, 13, 40, 5, n_y, 9, jnp.float32)
+  ids = jnp.asarray(ids, jnp.int32)
+  probes = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in args]
+  config = expert_rule.RuleConfig(expert_dense.DenseConfig(keep_grid=keep))
+
+  def by_pairs(x, up, down, lx, ly):
+    scores = (jnp.take_along_axis(lx, ids // n_y, 1) + jnp.take_along_axis(ly, ids % n_y, 1))
+    return reference.atomic_experts(x, up, down, jnp.exp(scores), ids, "silu")
+
+  def hvp(fn):
+    value_and_grads = jax.value_and_grad(lambda *a: jnp.vdot(fn(*a), dy), argnums=range(5))
+
+    def penalised(*a):
+      value, grads = value_and_grads(*a)
+      return value + sum(jnp.vdot(g, v) for g, v in zip(grads, probes))
+
+    return value_and_grads(*args), jax.grad(penalised, argnums=range(5))(*args)
+
+  got = hvp(lambda *a: expert_rule.atomic_experts_rule(*a, *rule, config=config))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(hvp(by_pairs))):
+    assert bf.rel_err(g, w) < 1e-5
 
 
 def test_bad_shapes_are_refused():

@@ -58,11 +58,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from omnimoe import reference
 from omnimoe.pallas import (common, expert_buckets, expert_dense, expert_lines, expert_tables,
-                            expert_tokens)
+                            expert_tokens, second_order)
 
 TokenConfig = expert_tokens.TokenConfig
 TableConfig = expert_tables.TableConfig
@@ -250,16 +249,19 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   Same contract as `omnimoe.ops.atomic_experts` (which validates inputs); ids outside
   [0, N) contribute nothing. Differentiable in x, up, down and weights, in reverse mode to
   second order: the kernels compute first-order gradients, the reference's autodiff the
-  second (`_op`); forward mode (jax.jvp) is not defined for a custom VJP. `config.path`
-  picks the token-centric kernels here, the dense-regime GEMMs of `expert_dense` or the
+  second (`second_order.by_reference`); forward mode (jax.jvp) is not defined for a
+  custom VJP. `config.path` picks the token-centric kernels here, the dense-regime GEMMs of `expert_dense` or the
   expert-line kernels of `expert_lines` ("auto": `choose_path` on T, k and N).
   `unique_indices` (no token lists an expert twice) lets the dense path store its grids'
   pairs instead of adding them; the other paths need no such promise.
   """
   if x.shape[0] == 0 or indices.shape[1] == 0:  # no pairs: the kernels have no grid
     return jnp.zeros(x.shape, x.dtype)
-  return _op(x, up, down, weights, indices, activation, config,
-             common.resolve_interpret(interpret), unique_indices)
+  interpret = common.resolve_interpret(interpret)
+  op = second_order.by_reference(
+      lambda *a: _first_order(*a, activation, config, interpret, unique_indices),
+      lambda *a: reference.atomic_experts(*a, activation), num_diff=4)
+  return op(x, up, down, weights, indices)
 
 
 def _first_order(x, up, down, weights, indices, activation, config, interpret,
@@ -277,83 +279,3 @@ def _first_order(x, up, down, weights, indices, activation, config, interpret,
                                              activation=activation, config=config.lines,
                                              interpret=interpret)
   return _atomic_experts(x, up, down, weights, indices, activation, config, interpret)
-
-
-# Second-order reverse mode. The kernels are not differentiable themselves (Pallas calls
-# with aliased outputs and atomics), so `_op` computes its output and first-order gradients
-# with the kernels and differentiates both, only when asked (a Hessian-vector product, a
-# gradient penalty), as the reference's autodiff: exact maths at XLA speed, paid only where
-# a second order is taken. `_kernel_forward` is a custom JVP so that an outer
-# differentiation of `_op`'s forward rule sees the reference's tangent, not the kernels.
-# (A third order would differentiate the kernels' backward inside `_kernel_grads`' rule.)
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _op(x, up, down, weights, indices, activation, config, interpret, unique_indices):
-  return _first_order(x, up, down, weights, indices, activation, config, interpret,
-                      unique_indices)
-
-
-def _op_fwd(x, up, down, weights, indices, activation, config, interpret, unique_indices):
-  y, kernel_vjp = _kernel_forward(x, up, down, weights, indices, activation, config,
-                                  interpret, unique_indices)
-  return y, (x, up, down, weights, indices, kernel_vjp)
-
-
-def _op_bwd(activation, config, interpret, unique_indices, residuals, dy):
-  del config, interpret, unique_indices
-  x, up, down, weights, indices, kernel_vjp = residuals
-  return (*_kernel_grads(activation, x, up, down, weights, indices, dy, kernel_vjp), None)
-
-
-_op.defvjp(_op_fwd, _op_bwd)
-
-
-def _reference(activation, indices):
-  return lambda x, up, down, weights: reference.atomic_experts(x, up, down, weights, indices,
-                                                               activation)
-
-
-def _zero_tangent(a):
-  if jnp.issubdtype(a.dtype, jnp.inexact):
-    return jnp.zeros_like(a)
-  return np.zeros(a.shape, jax.dtypes.float0)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
-def _kernel_forward(x, up, down, weights, indices, activation, config, interpret,
-                    unique_indices):
-  """(y, the kernels' VJP) by the kernels; its tangent is the reference's."""
-  return jax.vjp(
-      lambda *a: _first_order(*a, indices, activation, config, interpret, unique_indices),
-      x, up, down, weights)
-
-
-@_kernel_forward.defjvp
-def _kernel_forward_jvp(activation, config, interpret, unique_indices, primals, tangents):
-  y, kernel_vjp = _kernel_forward(*primals, activation, config, interpret, unique_indices)
-  dy = jax.jvp(_reference(activation, primals[4]), primals[:4], tangents[:4])[1]
-  return (y, kernel_vjp), (dy, jax.tree.map(_zero_tangent, kernel_vjp))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_grads(activation, x, up, down, weights, indices, dy, kernel_vjp):
-  """(dx, dup, ddown, dweights) by the kernels (`kernel_vjp`); differentiated as the
-  reference's. `kernel_vjp`'s residuals are functions of the other inputs, so they get no
-  cotangent of their own (the reference's path already counts them)."""
-  del activation, x, up, down, weights, indices
-  return tuple(kernel_vjp(dy))
-
-
-def _kernel_grads_fwd(activation, x, up, down, weights, indices, dy, kernel_vjp):
-  return (_kernel_grads(activation, x, up, down, weights, indices, dy, kernel_vjp),
-          (x, up, down, weights, indices, dy))
-
-
-def _kernel_grads_bwd(activation, residuals, cotangents):
-  x, up, down, weights, indices, dy = residuals
-  op = _reference(activation, indices)
-  grads = lambda x, up, down, weights, dy: tuple(jax.vjp(op, x, up, down, weights)[1](dy))
-  return (*jax.vjp(grads, x, up, down, weights, dy)[1](tuple(cotangents)), None, None)
-
-
-_kernel_grads.defvjp(_kernel_grads_fwd, _kernel_grads_bwd)

@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from omnimoe import ops, reference
-from omnimoe.pallas import common
+from omnimoe.pallas import common, second_order
 from omnimoe.pallas.expert_dense import F32, DenseConfig, block_rows, grid_dot
 from omnimoe.pallas.router_topk import _ordered_key
 
@@ -364,7 +364,8 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   log-probabilities (N = n_x n_y), theta (T,) float32 and cut (T,) int32 from
   `router_threshold.threshold(lx, ly, k)`. Equal to `expert_dense.atomic_experts_dense` on
   the pairs of `cartesian_topk(lx, ly, k)` with weights exp(scores). Differentiable in x,
-  up, down, lx and ly (theta and cut are a selection: no gradient). `interpret`: the
+  up, down, lx and ly (theta and cut are a selection: no gradient), in reverse mode to
+  second order: the kernels give the first order, `_reference`'s autodiff the second. `interpret`: the
   backward's grid kernel in Pallas interpret mode (None: unless on a GPU).
   """
   for name, a, rank, meaning in (("x", x, 2, "T, d"), ("up", up, 2, "N, d"),
@@ -392,4 +393,17 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
                      "below 2^31")
   plan = _Plan(activation, rows, config.dense.keep_grid and rows == tokens, config,
                common.resolve_interpret(interpret))
-  return _rule_op(x, up, down, lx, ly, theta, cut.astype(jnp.int32), plan)
+  op = second_order.by_reference(lambda *a: _rule_op(*a, plan),
+                                 lambda *a: _reference(*a, activation), num_diff=5)
+  return op(x, up, down, lx, ly, theta, cut.astype(jnp.int32))
+
+
+def _reference(x, up, down, lx, ly, theta, cut, activation: str):
+  """The op as plain XLA in float32, differentiable by autodiff: what its second order
+  differentiates (`second_order.by_reference`). The rule's mask is a selection (no
+  gradient); the weights exp(lx[i] + ly[j]) carry the gates' gradients."""
+  mask = routed_mask(lax.stop_gradient(lx), lax.stop_gradient(ly), theta, cut)
+  w = jnp.exp(lx.astype(F32)[:, :, None] + ly.astype(F32)[:, None, :]).reshape(mask.shape)
+  s = jnp.dot(x.astype(F32), up.T.astype(F32), precision=lax.Precision.HIGHEST)
+  a = _forward_values(mask, w, s, activation)
+  return jnp.dot(a, down.astype(F32), precision=lax.Precision.HIGHEST).astype(x.dtype)
