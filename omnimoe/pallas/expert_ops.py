@@ -250,8 +250,9 @@ def atomic_experts(x: jax.Array, up: jax.Array, down: jax.Array, weights: jax.Ar
   [0, N) contribute nothing. Differentiable in x, up, down and weights, in reverse mode to
   second order: the kernels compute first-order gradients, the reference's autodiff the
   second (`second_order.by_reference`); forward mode (jax.jvp) is not defined for a
-  custom VJP. `config.path` picks the token-centric kernels here, the dense-regime GEMMs of `expert_dense` or the
-  expert-line kernels of `expert_lines` ("auto": `choose_path` on T, k and N).
+  custom VJP. `config.path` picks the token-centric kernels here, the dense-regime GEMMs
+  of `expert_dense` or the expert-line kernels of `expert_lines` ("auto": `choose_path` on
+  T, k and N).
   `unique_indices` (no token lists an expert twice) lets the dense path store its grids'
   pairs instead of adding them; the other paths need no such promise.
   """

@@ -35,9 +35,10 @@ a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum). On 
 at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md):
 forward pass 0.71 ms against XLA's fusion 0.89, backward pass 1.18 against XLA's three
 fusions 3.57 (kernel times); the XLA twins stay as `RuleConfig(grid_pass="xla")` for that
-A/B. The copy floors of the two passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The forward keeps S (T N elements: the backward
-needs act'(S) on every routed entry) and, with one token block, A (`DenseConfig.keep_grid`);
-token blocks bound the grids' size as in `expert_dense`.
+A/B. The copy floors of the two passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
+forward keeps S (T N elements: the backward needs act'(S) on every routed entry) and, with
+one token block, A (`DenseConfig.keep_grid`); token blocks bound the grids' size as in
+`expert_dense`. Second order (reverse mode): `second_order.by_reference` on `_reference`.
 """
 from __future__ import annotations
 
