@@ -136,8 +136,11 @@ def experts(x, p, weights, indices, impl, activation, unique):
   return reference.atomic_experts(x, p["up"], p["down"], weights, indices, activation)
 
 
-def by_rule(x, k, impl) -> bool:
-  """Whether the model's OmniMoE layer routes these tokens by the top-k's rule."""
+def by_rule(x, k, impl, rule=None) -> bool:
+  """Whether the routed branch routes by the top-k's rule: `rule` if given, else as the
+  model's OmniMoE layer does for these tokens."""
+  if rule is not None:
+    return rule
   return impl == "pallas" and router_lib.routes_by_rule(x.shape[0], k, N, "exp", "silu", impl)
 
 
@@ -146,7 +149,7 @@ def omnimoe_ffn(p, x, *, k, impl, rule=None, rule_config=expert_rule.RuleConfig(
   impl "pallas" routes as the model does: by the rule (`expert_rule`, `rule_config`) or by
   pairs; `rule` True or False forces one (experiments/bench_rule.py)."""
   lx, ly = router_log_probs(p, x)
-  if by_rule(x, k, impl) if rule is None else rule:
+  if by_rule(x, k, impl, rule):
     routed = expert_rule.atomic_experts_rule(x, p["up"], p["down"], lx, ly,
                                              *router_lib.select_rule(lx, ly, k),
                                              config=rule_config)
@@ -159,7 +162,7 @@ def omnimoe_ffn(p, x, *, k, impl, rule=None, rule_config=expert_rule.RuleConfig(
 
 def omnimoe_router(p, x, *, k, impl, rule=None):
   """What the FFN's routed branch consumes: (theta, cut) by the rule, else the pairs."""
-  if by_rule(x, k, impl) if rule is None else rule:
+  if by_rule(x, k, impl, rule):
     return router_lib.select_rule(*router_log_probs(p, x), k)
   return top_k(*router_log_probs(p, x), k, impl)
 

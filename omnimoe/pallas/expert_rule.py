@@ -366,8 +366,8 @@ def atomic_experts_rule(x: jax.Array, up: jax.Array, down: jax.Array, lx: jax.Ar
   `router_threshold.threshold(lx, ly, k)`. Equal to `expert_dense.atomic_experts_dense` on
   the pairs of `cartesian_topk(lx, ly, k)` with weights exp(scores). Differentiable in x,
   up, down, lx and ly (theta and cut are a selection: no gradient), in reverse mode to
-  second order: the kernels give the first order, `_reference`'s autodiff the second. `interpret`: the
-  backward's grid kernel in Pallas interpret mode (None: unless on a GPU).
+  second order: the kernels give the first order, `_reference`'s autodiff the second.
+  `interpret`: the grid kernels in Pallas interpret mode (None: unless on a GPU).
   """
   for name, a, rank, meaning in (("x", x, 2, "T, d"), ("up", up, 2, "N, d"),
                                  ("down", down, 2, "N, d"), ("lx", lx, 2, "T, n_x"),
@@ -403,8 +403,7 @@ def _reference(x, up, down, lx, ly, theta, cut, activation: str):
   """The op as plain XLA in float32, differentiable by autodiff: what its second order
   differentiates (`second_order.by_reference`). The rule's mask is a selection (no
   gradient); the weights exp(lx[i] + ly[j]) carry the gates' gradients."""
-  mask = routed_mask(lax.stop_gradient(lx), lax.stop_gradient(ly), theta, cut)
-  w = jnp.exp(lx.astype(F32)[:, :, None] + ly.astype(F32)[:, None, :]).reshape(mask.shape)
+  mask, w = _rule_grid(lx, ly, theta, cut)
   s = jnp.dot(x.astype(F32), up.T.astype(F32), precision=lax.Precision.HIGHEST)
   a = _forward_values(mask, w, s, activation)
   return jnp.dot(a, down.astype(F32), precision=lax.Precision.HIGHEST).astype(x.dtype)
