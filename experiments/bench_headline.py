@@ -420,7 +420,7 @@ def main_run(args):
   """Runs the sweep (or --crossover / --router-configs); returns the labels of the
   sweep's cases that failed their check or raised (empty: all good)."""
   device = jax.devices()[0].device_kind
-  tag = device.lower().replace(" ", "-")
+  tag = benchlib.device_tag(device)
   say(benchlib.run_header())
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"headline-{tag}.json")

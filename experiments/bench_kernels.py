@@ -687,7 +687,7 @@ def main():
     return plot_scaling(args.plot_scaling)
   parts = args.parts.split(",")
   device = jax.devices()[0].device_kind
-  tag = device.lower().replace(" ", "-")
+  tag = benchlib.device_tag(device)
   say(benchlib.run_header())
   detail = dict(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
   os.makedirs(args.out, exist_ok=True)

@@ -106,7 +106,7 @@ def main():
     say(f"| {r['variant']} | {bh.fmt(r['fwd_ms'], '.3f')} | {bh.fmt(r['fwd_bwd_ms'], '.3f')} "
         f"| {bh.fmt(err, '.1e')} |")
   os.makedirs(args.out, exist_ok=True)
-  tag = device.lower().replace(" ", "-")
+  tag = benchlib.device_tag(device)
   with open(os.path.join(args.out, f"rule-{tag}.json"), "w") as f:
     json.dump(rows, f, indent=1)
 

@@ -42,6 +42,12 @@ def run_header() -> str:
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
 
 
+def device_tag(device: str) -> str:
+  """A device kind as it goes into result file names ("NVIDIA H100 80GB HBM3" ->
+  "nvidia-h100-80gb-hbm3")."""
+  return device.lower().replace(" ", "-")
+
+
 def timeit(fn, arg_sets, *, trials=7, target_s=0.02):
   """Median ms per call of jitted `fn` over rotating `arg_sets`."""
   jax.block_until_ready(fn(*arg_sets[0]))
