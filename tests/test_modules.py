@@ -191,6 +191,33 @@ def test_omnimoe_layer_is_shared_mlp_plus_reference_experts(weights_mode, activa
   assert float(aux["aux_loss"]) == 0.0 and 0 < float(aux["router_entropy"]) <= math.log(49)
 
 
+def rule_and_pairs(n, k, shared, x, cot, dtype=jnp.float32):
+  """The OmniMoE layer (N = n^2, top k) in training mode on impl "pallas" (the rule path,
+  where `routes_by_rule`) and on impl "xla" (pairs), same parameters: for each, the value
+  and aux of <layer(x), cot> and the parameter gradients; and the Pallas kernels of the
+  first one's program."""
+  layers_ = [layers.OmniMoELayer(n * n, k, shared, "silu", "exp", "batchnorm", impl=impl,
+                                 dtype=dtype) for impl in ("pallas", "xla")]
+  variables = init(layers_[1], x)
+
+  def loss(params, layer):
+    (y, aux), _ = layer.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+    return jnp.vdot(y, cot), aux
+
+  kernels = [e.params["name"] for e in jaxprs.equations(jax.make_jaxpr(
+      lambda p: loss(p, layers_[0]))(variables["params"]).jaxpr)
+             if e.primitive.name == "pallas_call"]
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  return [step(variables["params"], layer) for layer in layers_], kernels
+
+
+def assert_grads_close(grads, want, tol):
+  want = dict(jax.tree_util.tree_leaves_with_path(nn.unbox(want)))
+  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
+    assert float(jnp.linalg.norm(g - want[path]) / jnp.linalg.norm(want[path])) < tol, path
+
+
 def test_omnimoe_layer_routes_by_the_rule_where_it_wins_with_the_pairs_results():
   """On the Pallas path, k past the fused top-k kernel and the dense regime, the layer
   hands the bank the top-k as a rule (theta, cut) and emits no pairs: the same output,
@@ -205,29 +232,14 @@ def test_omnimoe_layer_routes_by_the_rule_where_it_wins_with_the_pairs_results()
   for k_head, want in ((4096, True), (2048, False)):  # the measured crossover, N = 320^2
     assert router_lib.routes_by_rule(4096, k_head, 320 ** 2, "exp", "silu", "pallas") == want
   x = normal(7, (2, t // 2, d))
-  rule, pairs = (layers.OmniMoELayer(n * n, k, 20, "silu", "exp", "batchnorm", impl=impl)
-                 for impl in ("pallas", "xla"))
-  variables = init(pairs, x)
-
-  def loss(params, layer):
-    y, aux = layer.apply({**variables, "params": params}, x, train=True,
-                         mutable=["batch_stats"])[0]
-    return jnp.sum(y * normal(8, y.shape)), aux
-
-  kernels = [e.params["name"] for e in jaxprs.equations(jax.make_jaxpr(
-      lambda p: loss(p, rule))(variables["params"]).jaxpr) if e.primitive.name == "pallas_call"]
+  (((value, aux), grads), ((value_want, aux_want), grads_want)), kernels = rule_and_pairs(
+      n, k, 20, x, normal(8, x.shape))
   assert "atomic_experts_rule_forward_grid" in kernels and "router_emit" not in kernels
-  (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                static_argnums=1)(variables["params"], rule)
-  (value_want, aux_want), grads_want = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                               static_argnums=1)(variables["params"], pairs)
   np.testing.assert_allclose(value, value_want, rtol=1e-5)
   np.testing.assert_array_equal(aux["expert_load"], aux_want["expert_load"])
   assert float(aux["expert_load"].sum()) == t * k
   np.testing.assert_allclose(aux["router_entropy"], aux_want["router_entropy"], rtol=1e-6)
-  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
-    g_want = dict(jax.tree_util.tree_leaves_with_path(nn.unbox(grads_want)))[path]
-    assert float(jnp.linalg.norm(g - g_want) / jnp.linalg.norm(g_want)) < 1e-5, path
+  assert_grads_close(grads, grads_want, 1e-5)
 
 
 @pytest.mark.gpu
@@ -239,26 +251,12 @@ def test_omnimoe_layer_on_the_rule_path_on_gpu():
   t, n, k, d = 1024, 320, 4096, 1024
   assert router_lib.routes_by_rule(t, k, n * n, "exp", "silu", "pallas")
   x = normal(9, (1, t, d))
-  rule, pairs = (layers.OmniMoELayer(n * n, k, 1024, "silu", "exp", "batchnorm", impl=impl,
-                                     dtype=jnp.bfloat16) for impl in ("pallas", "xla"))
-  variables = init(pairs, x)
-  cot = normal(10, x.shape)
-
-  def loss(params, layer):
-    (y, aux), _ = layer.apply({**variables, "params": params}, x, train=True,
-                              mutable=["batch_stats"])
-    return jnp.vdot(y, cot), aux["expert_load"]
-
-  (value, load), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                 static_argnums=1)(variables["params"], rule)
-  (value_want, load_want), grads_want = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                                static_argnums=1)(variables["params"], pairs)
+  (((value, aux), grads), ((value_want, aux_want), grads_want)), _ = rule_and_pairs(
+      n, k, 1024, x, normal(10, x.shape), jnp.bfloat16)
   assert abs(float(value - value_want)) <= 1e-3 * abs(float(value_want))
-  np.testing.assert_array_equal(load, load_want)
-  assert float(load.sum()) == t * k
-  want = dict(jax.tree_util.tree_leaves_with_path(nn.unbox(grads_want)))
-  for path, g in jax.tree_util.tree_leaves_with_path(nn.unbox(grads)):
-    assert float(jnp.linalg.norm(g - want[path]) / jnp.linalg.norm(want[path])) < 2e-2, path
+  np.testing.assert_array_equal(aux["expert_load"], aux_want["expert_load"])
+  assert float(aux["expert_load"].sum()) == t * k
+  assert_grads_close(grads, grads_want, 2e-2)
 
 
 def test_tables_are_cast_wherever_the_op_takes_the_dense_path():
