@@ -30,8 +30,10 @@ dS, dlx, dly (and A where rebuilt) from S and dA in one read of each
 reductions over different axes of one grid, which XLA does not fuse into one pass). The
 passes behave as ALU-bound at the headline (tiles of one power-of-two row, 512 lanes for
 n_y = 320, ran 1.7x slower), so tiles span a column width that pads n_y least
-(`column_width`), and W = exp(lx) exp(ly) costs one exp a row and a column rather than one
-a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum). On one H100
+(`column_width`), W = exp(lx) exp(ly) costs one exp a row and a column rather than one
+a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum), and the rows
+of a column chunk that cannot hold a routed entry (below the top-k's staircase: most of
+the grid, `_over_grid`) cost a store of zeros, with no loads and no arithmetic. On one H100
 at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md):
 forward pass 0.71 ms against XLA's fusion 0.89, backward pass 1.18 against XLA's three
 fusions 3.57 (kernel times); the XLA twins stay as `RuleConfig(grid_pass="xla")` for that
@@ -127,11 +129,12 @@ def column_width(n_y: int) -> int:
 
 class _Tile(NamedTuple):
   """`block_rows` grid rows i x `column_width` columns j of one token: `token`
-  (block_rows, 1) for indexing, the column chunk `column`, the flat expert ids raw (`ids`,
-  for stores) and clamped (`loads`), which lanes are `inside` the grid, the rows (raw) and
+  (block_rows, 1) for indexing, the column chunk `column`, the flat expert ids (`ids`, for
+  stores; `loads`, clamped into the grid), which lanes are `inside` the grid, the rows and
   which are real (`in_rows`; None for either: all, static), the rule's mask (`routed`,
   inside lanes only) and the routing weights exp(lx[i]) exp(ly[j]) (one exp a row and a
-  column, not one a lane)."""
+  column, not one a lane). An idle tile (no routed entry: `_over_grid`) has neither mask
+  nor weights (None)."""
   token: jax.Array
   column: jax.Array
   ids: jax.Array
@@ -139,42 +142,82 @@ class _Tile(NamedTuple):
   inside: jax.Array
   rows: jax.Array
   in_rows: jax.Array
-  routed: jax.Array
-  weight: jax.Array
+  routed: jax.Array | None
+  weight: jax.Array | None
 
 
-def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows: int, step, init,
-               column_done=lambda column, carry: None):
+def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int,
+               barrier: bool, step, init, column_done=lambda column, carry: None,
+               idle=lambda tile: None):
   """This program's token's grid, column chunk by column chunk (`column_width`), each
-  `block_rows` rows a step: `carry = step(tile, carry)` from `init` down a chunk's rows,
-  then `column_done((raw j, inside or None), carry)`. Where the tiles pad no row or no
-  column (static), that mask is None: unmasked loads and stores, no compare a lane."""
+  `block_rows` rows a step: `carry = step(tile, carry)` from `init` down the chunk's busy
+  rows, `idle(tile)` on the rest, then `column_done((raw j, inside or None), carry)`.
+
+  A row is busy in a chunk if it can hold a routed entry there: iff
+  key(fl32(lx[i] + max_j ly[j])) >= the bound, since fl32 addition is monotone. The rows
+  below the top-k's staircase (55 % of the (row, chunk) pairs at the headline, 88 % at
+  k = 512) so cost a store of zeros, with no loads of S or dA and no arithmetic. The walk
+  takes the busy rows first: their ranks, from a cumsum, place the row ids in `order_ref`
+  (a (T, pow2(n_x)) int32 scratch output), which the steps read back (`barrier`: a CTA barrier
+  on each side of the store, on the GPU; interpret mode runs a program's steps in order).
+  Where the tiles pad no row or no column (static), that mask is None: unmasked loads and
+  stores, no compare a lane."""
   n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
   width = column_width(n_y)
+  blocks = common.cdiv(n_x, block_rows)
   t = pl.program_id(0)
   one = jnp.full((1,), t, jnp.int32)
   bound = _ordered_key(plt.load(theta_ref.at[one]).astype(F32))[:, None]
   cut = plt.load(cut_ref.at[one])[:, None]
   token = jnp.full((block_rows, 1), t, jnp.int32)
+  row, row_load, real_row = common.lanes(common.pow2(n_x), n_x)
+  row_token = jnp.full_like(row, t)
+  lx_rows = _masked_load(lx_ref.at[row_token, row_load], None)
 
   def column(c, unused):
     j, cols, in_cols = common.lanes(width, n_y, c)
     in_cols = None if n_y % width == 0 else in_cols
     ly = _masked_load(ly_ref.at[jnp.full_like(cols, t), cols], in_cols)[None, :]
+    top = jnp.max(ly if in_cols is None else jnp.where(in_cols[None, :], ly, -jnp.inf))
+    busy = (_ordered_key(lx_rows + top) >= bound[0]) & real_row
+    idle_rows = real_row & ~busy
+    busy_count = jnp.sum(busy.astype(jnp.int32))
+    rank = jnp.where(busy, jnp.cumsum(busy.astype(jnp.int32)) - 1,
+                     busy_count + jnp.cumsum(idle_rows.astype(jnp.int32)) - 1)
+    rank = jnp.where(real_row, rank, row)  # padding lanes keep their own slots
+    if barrier:
+      plt.debug_barrier()  # the previous chunk's reads of the order are done
+    plt.store(order_ref.at[row_token, rank], row)
+    if barrier:
+      plt.debug_barrier()
 
-    def rows(b, carry):
-      i, i_load, in_rows = common.lanes(block_rows, n_x, b)
+    def tile_at(b, with_rule: bool):
+      where, where_load, in_rows = common.lanes(block_rows, n_x, b)
       in_rows = None if n_x % block_rows == 0 else in_rows
-      lx = _masked_load(lx_ref.at[token[:, 0], i_load], in_rows)[:, None]
+      i = plt.load(order_ref.at[token[:, 0], where_load])
+      rows = i if in_rows is None else jnp.where(in_rows, i, where)
       ids = i[:, None] * n_y + j[None, :]
       inside = _both(None if in_rows is None else in_rows[:, None],
                      None if in_cols is None else in_cols[None, :], ids.shape)
-      tile = _Tile(token, c, ids, i_load[:, None] * n_y + cols[None, :], inside, i, in_rows,
-                   _both(inside, _routed(lx + ly, ids, bound, cut), ids.shape),
-                   jnp.exp(lx) * jnp.exp(ly))
-      return step(tile, carry)
+      if inside is not None:  # padded lanes aim past the grid, not at a real entry (masked
+        ids = jnp.where(inside, ids, n_x * n_y)  # stores in interpret mode write them)
+      routed = weight = None
+      if with_rule:
+        lx = _masked_load(lx_ref.at[token[:, 0], i], in_rows)[:, None]
+        routed = _both(inside, _routed(lx + ly, ids, bound, cut), ids.shape)
+        weight = jnp.exp(lx) * jnp.exp(ly)
+      return _Tile(token, c, ids, i[:, None] * n_y + cols[None, :], inside, rows, in_rows,
+                   routed, weight)
 
-    column_done((j, in_cols), lax.fori_loop(0, common.cdiv(n_x, block_rows), rows, init))
+    def idle_step(b, unused):
+      idle(tile_at(b, False))
+      return unused
+
+    busy_blocks = (busy_count + block_rows - 1) // block_rows
+    carry = lax.fori_loop(0, busy_blocks, lambda b, carry: step(tile_at(b, True), carry),
+                          init)
+    lax.fori_loop(busy_blocks, blocks, idle_step, ())
+    column_done((j, in_cols), carry)
     return unused
 
   lax.fori_loop(0, common.cdiv(n_y, width), column, ())
@@ -202,51 +245,70 @@ def _store(ref, tile: _Tile, value):
   plt.store(ref.at[tile.token, tile.ids], value.astype(ref.dtype), mask=tile.inside)
 
 
-def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *,
-                         activation: str, block_rows: int):
-  """A = M W act(S) of one token, S read once (`_over_grid`)."""
+def _zeros(tile: _Tile):
+  return jnp.zeros(tile.ids.shape, F32)
+
+
+def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, order_ref, *,
+                         activation: str, block_rows: int, barrier: bool):
+  """A = M W act(S) of one token, S read once where a row can hold a routed entry and A
+  zero elsewhere (`_over_grid`)."""
   def step(tile, carry):
     _store(a_ref, tile, _forward_values(tile.routed, tile.weight, _load(s_ref, tile),
                                         activation))
     return carry
 
-  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step, ())
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, barrier, step, (),
+             idle=lambda tile: _store(a_ref, tile, _zeros(tile)))
 
 
-def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref,
-                       dlx_ref, dly_ref, *a_ref, activation: str, block_rows: int):
+def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref, dlx_ref,
+                       dly_ref, *refs, activation: str, block_rows: int, barrier: bool):
   """dS, dly, dlx per column chunk (summed outside) and A where asked, of one token in one
-  pass over its S and dA (`_over_grid`): a tile's row sums are its chunk's part of dlx;
-  dly sums a chunk's tiles elementwise in registers and across rows once, at the chunk's
-  end (a reduction across rows each step would cost the warps a shared-memory exchange)."""
+  pass over its S and dA (`_over_grid`; zeros where a row holds no routed entry): a tile's
+  row sums are its chunk's part of dlx; dly sums a chunk's tiles elementwise in registers
+  and across rows once, at the chunk's end (a reduction across rows each step would cost
+  the warps a shared-memory exchange)."""
+  *a_ref, order_ref = refs  # A where asked, then the walk's scratch
   n_x = lx_ref.shape[1]
   t = pl.program_id(0)
+
+  def store(tile, ds, a, dlx):
+    _store(ds_ref, tile, ds)
+    if a_ref:
+      _store(a_ref[0], tile, a)
+    plt.store(dlx_ref.at[tile.token[:, 0], tile.column * n_x + tile.rows], dlx,
+              mask=tile.in_rows)
 
   def step(tile, dly):
     ds, a, dscore = _grid_values(tile.routed, tile.weight, _load(s_ref, tile),
                                  _load(da_ref, tile), activation)
-    _store(ds_ref, tile, ds)
-    if a_ref:
-      _store(a_ref[0], tile, a)
-    plt.store(dlx_ref.at[tile.token[:, 0], tile.column * n_x + tile.rows],
-              jnp.sum(dscore, axis=1), mask=tile.in_rows)
+    store(tile, ds, a, jnp.sum(dscore, axis=1))
     return dly + dscore
+
+  def idle(tile):
+    store(tile, _zeros(tile), _zeros(tile), jnp.zeros(tile.rows.shape, F32))
 
   def column_done(column, dly):
     j, in_cols = column
     plt.store(dly_ref.at[jnp.full_like(j, t), j], jnp.sum(dly, axis=0), mask=in_cols)
 
   width = column_width(ly_ref.shape[1])
-  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, block_rows, step,
-             jnp.zeros((block_rows, width), F32), column_done)
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, barrier, step,
+             jnp.zeros((block_rows, width), F32), column_done, idle)
 
 
-def _launch(kernel, out_shape, tokens: int, plan: _Plan, name: str):
-  return common.triton_call(
+def _launch(kernel, out_shape, lx, plan: _Plan, name: str):
+  """The kernel over lx's tokens, with the walk's int32 scratch (`_over_grid`) as its last
+  output, dropped from the results."""
+  call = common.triton_call(
       functools.partial(kernel, activation=plan.activation,
-                        block_rows=plan.config.block_rows),
-      out_shape=out_shape, grid=(tokens,), num_warps=plan.config.num_warps,
-      num_stages=plan.config.num_stages, interpret=plan.interpret, name=name)
+                        block_rows=plan.config.block_rows, barrier=not plan.interpret),
+      out_shape=[*out_shape, jax.ShapeDtypeStruct((lx.shape[0], common.pow2(lx.shape[1])),
+                                                  jnp.int32)], grid=(lx.shape[0],),
+      num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
+      interpret=plan.interpret, name=name)
+  return lambda *args: call(*args)[:-1]
 
 
 def _forward_grid(s, lx, ly, theta, cut, plan: _Plan):
@@ -254,8 +316,8 @@ def _forward_grid(s, lx, ly, theta, cut, plan: _Plan):
   if plan.config.grid_pass == "xla":
     return _forward_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
                            plan.activation).astype(s.dtype)
-  return _launch(_forward_grid_kernel, jax.ShapeDtypeStruct(s.shape, s.dtype), s.shape[0],
-                 plan, "atomic_experts_rule_forward_grid")(s, lx, ly, theta, cut)
+  return _launch(_forward_grid_kernel, [jax.ShapeDtypeStruct(s.shape, s.dtype)], lx, plan,
+                 "atomic_experts_rule_forward_grid")(s, lx, ly, theta, cut)[0]
 
 
 def _grid_grads(s, da, lx, ly, theta, cut, plan: _Plan, with_a: bool):
@@ -268,12 +330,10 @@ def _grid_grads(s, da, lx, ly, theta, cut, plan: _Plan, with_a: bool):
             (dscore.sum(2), dscore.sum(1)))
   tokens, n_x = lx.shape
   chunks = common.cdiv(ly.shape[1], column_width(ly.shape[1]))
-  out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype),
-               jax.ShapeDtypeStruct((tokens, chunks * n_x), F32),
-               jax.ShapeDtypeStruct(ly.shape, F32)]
-  if with_a:
-    out_shape.append(jax.ShapeDtypeStruct(s.shape, s.dtype))
-  out = _launch(_grid_grads_kernel, out_shape, tokens, plan,
+  grid = jax.ShapeDtypeStruct(s.shape, s.dtype)
+  out = _launch(_grid_grads_kernel,
+                [grid, jax.ShapeDtypeStruct((tokens, chunks * n_x), F32),
+                 jax.ShapeDtypeStruct(ly.shape, F32), *([grid] if with_a else [])], lx, plan,
                 "atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
   dlx = out[1].reshape(tokens, chunks, n_x).sum(1)
   return (out[0], out[3] if with_a else None), (dlx, out[2])
