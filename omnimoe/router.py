@@ -66,17 +66,15 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
   return weights, indices
 
 
-# The rule path's grid passes cost the same at any k, the pairs path's emit and scatters
-# grow with k, so the rule wins from a density up. Measured, one H100, T = 4096,
-# N = 320^2, d = 1024, the whole FFN (experiments/bench_rule.py, RESULTS.md), pairs against
-# rule, fwd / fwd+bwd ms, at f9a35c6: k = 512 2.996 / 7.901 against 3.165 / 8.916;
-# k = 1024 3.093 / 8.232 against 3.130 / 8.980; k = 2048 3.233 / 8.574 against 3.116 /
-# 8.989; k = 4096 3.534 / 9.526 against 3.144 / 9.244 (T = 16,384: 17.36 / 55.73 against
-# 15.72 / 55.07). The forward crosses over between 1 % and 2 % of N, the fwd+bwd between
-# 2 % and 4 %: the rule is taken where it won both. (At 22c10cb, whose backward grid pass
-# is 0.3 ms faster: k = 4096 3.453 / 9.341 against 3.074 / 8.806; k = 2048 3.199 / 8.345
-# against 3.066 / 8.774, still a loss in fwd+bwd.)
-RULE_MIN_DENSITY = 4096 / 102_400
+# The rule path's grid passes cost less as k falls (their rows below the top-k's staircase
+# cost a store of zeros), the pairs path's emit and scatters grow with k, so the rule wins
+# from a density up. Measured, one H100, T = 4096, N = 320^2, d = 1024, the whole FFN
+# (experiments/bench_rule.py, RESULTS.md), pairs against rule, fwd / fwd+bwd ms, in one
+# call at v21a (the grid kernels' sorted row walk): k = 4096 3.423 / 9.185 against
+# 3.078 / 8.701; k = 2048 3.183 / 8.851 against 2.963 / 8.400; k = 1024 3.036 / 8.089
+# against 2.930 / 8.241. The rule is taken where it won both, from 2 % of N. (Before the
+# row walk, at 22c10cb: k = 2048 3.199 / 8.345 against 3.066 / 8.774, a loss in fwd+bwd.)
+RULE_MIN_DENSITY = 2048 / 102_400
 
 
 def routes_by_rule(tokens: int, k: int, num_experts: int, routing_weights: str,

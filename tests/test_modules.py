@@ -229,7 +229,7 @@ def test_omnimoe_layer_routes_by_the_rule_where_it_wins_with_the_pairs_results()
                                            ("exp", "silu", "xla", k, False),
                                            ("exp", "silu", "pallas", 64, False)):
     assert router_lib.routes_by_rule(t, kk, n * n, mode, activation, impl) == want
-  for k_head, want in ((4096, True), (2048, False)):  # the measured crossover, N = 320^2
+  for k_head, want in ((2048, True), (1024, False)):  # the measured crossover, N = 320^2
     assert router_lib.routes_by_rule(4096, k_head, 320 ** 2, "exp", "silu", "pallas") == want
   x = normal(7, (2, t // 2, d))
   (((value, aux), grads), ((value_want, aux_want), grads_want)), kernels = rule_and_pairs(

@@ -71,13 +71,15 @@ def check(args, rule, pairs, dy, config, tol, interpret=None):
     (13, 32, 3, 48, 20, 8, jnp.bfloat16, None),   # 3 column chunks of 16, none padded
     (9, 32, 16, 32, 100, 0, jnp.float32, None),   # tiles pad no row and no column: no masks
 ])
-@pytest.mark.parametrize("grid_pass", expert_rule.GRID_PASSES)
-def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_pass):
+@pytest.mark.parametrize("grid_pass,row_walk", [
+    ("kernel", "sorted"), ("kernel", "ranked"), ("xla", "sorted")])  # the XLA twin walks none
+def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid_pass,
+                              row_walk):
   rng = np.random.default_rng(tokens + d + k + rows)
   args, rule, pairs, dy = rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum)
   config = expert_rule.RuleConfig(
       expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
-      else expert_dense.DenseConfig(), grid_pass=grid_pass)
+      else expert_dense.DenseConfig(), grid_pass=grid_pass, row_walk=row_walk)
   check(args, rule, pairs, dy, config, TOL[dtype])
 
 
@@ -161,6 +163,8 @@ def test_rule_config_is_checked():
     expert_rule.RuleConfig(block_rows=3)
   with pytest.raises(ValueError, match="RuleConfig.num_stages must be an int >= 1"):
     expert_rule.RuleConfig(num_stages=0)
+  with pytest.raises(ValueError, match="row_walk must be one of"):
+    expert_rule.RuleConfig(row_walk="random")
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -174,8 +178,9 @@ def test_grid_kernels_lower_to_triton(keep):
       jax.ShapeDtypeStruct((tokens, n), jnp.float32) for n in (n_x, n_y)] + [
       jax.ShapeDtypeStruct((tokens,), jnp.float32), jax.ShapeDtypeStruct((tokens,), jnp.int32)]
   dense = expert_dense.DenseConfig(keep_grid=keep)
-  for grid_pass, kernels in (("kernel", 2), ("xla", 0)):
-    config = expert_rule.RuleConfig(dense, grid_pass=grid_pass)
+  for grid_pass, row_walk, kernels in (("kernel", "sorted", 2), ("kernel", "ranked", 2),
+                                      ("xla", "sorted", 0)):
+    config = expert_rule.RuleConfig(dense, grid_pass=grid_pass, row_walk=row_walk)
     loss = lambda *a: jnp.sum(expert_rule.atomic_experts_rule(
         *a, config=config, interpret=False).astype(jnp.float32))
     grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
@@ -185,9 +190,11 @@ def test_grid_kernels_lower_to_triton(keep):
 @pytest.mark.gpu
 @pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grid_kernel_on_gpu(dtype):
-  """The compiled grid kernel at the headline's grid (320 x 320, k = 512), 37 tokens (a
+@pytest.mark.parametrize("row_walk", expert_rule.ROW_WALKS)
+def test_grid_kernel_on_gpu(dtype, row_walk):
+  """The compiled grid kernels at the headline's grid (320 x 320, k = 512), 37 tokens (a
   ragged last program), against brute force."""
   rng = np.random.default_rng(7)
   args, rule, pairs, dy = rule_inputs(rng, 37, 128, 320, 320, 512, dtype)
-  check(args, rule, pairs, dy, expert_rule.RuleConfig(), TOL[dtype], interpret=False)
+  check(args, rule, pairs, dy, expert_rule.RuleConfig(row_walk=row_walk), TOL[dtype],
+        interpret=False)

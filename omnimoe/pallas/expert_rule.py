@@ -34,10 +34,11 @@ n_y = 320, ran 1.7x slower), so tiles span a column width that pads n_y least
 a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum), and the rows
 of a column chunk that cannot hold a routed entry (below the top-k's staircase: most of
 the grid, `_over_grid`) cost a store of zeros, with no loads and no arithmetic. On one H100
-at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md):
-forward pass 0.71 ms against XLA's fusion 0.89, backward pass 1.18 against XLA's three
-fusions 3.57 (kernel times); the XLA twins stay as `RuleConfig(grid_pass="xla")` for that
-A/B. The copy floors of the two passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
+at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md,
+kernel times): forward pass 0.61 ms and backward 1.06, plus one 0.07 ms XLA argsort of lx
+for the row walk, against 0.72 and 1.19 without the walk in the same call (0.89 and 3.57
+for the XLA twins, `RuleConfig(grid_pass="xla")`, kept for that A/B, at 22c10cb). The
+copy floors of the whole passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
 forward keeps S (T N elements: the backward needs act'(S) on every routed entry) and, with
 one token block, A (`DenseConfig.keep_grid`); token blocks bound the grids' size as in
 `expert_dense`. Second order (reverse mode): `second_order.by_reference` on `_reference`.
@@ -95,6 +96,7 @@ def _forward_values(mask, w, s, activation: str):
 
 
 GRID_PASSES = ("kernel", "xla")
+ROW_WALKS = ("sorted", "ranked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +105,23 @@ class RuleConfig:
   backward's dS, dlx, dly and, where rebuilt, A from S and dA): "kernel" (Pallas,
   `_forward_grid_kernel` and `_grid_grads_kernel`) or "xla" (the same maths as XLA
   fusions); the kernels' launch (grid rows per loop step, warps, software-pipelining
-  stages of the loop)."""
+  stages of the loop) and how they find a column chunk's busy rows (`row_walk`,
+  `_over_grid`: "sorted" rows by an XLA argsort, timed; "ranked" by in-kernel ranks,
+  without the sort, not yet timed)."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
   num_warps: int = 4
   num_stages: int = 1
+  row_walk: str = "sorted"
 
   def __post_init__(self):
     if self.grid_pass not in GRID_PASSES:
       raise ValueError(f"RuleConfig.grid_pass must be one of {GRID_PASSES}, got "
                        f"{self.grid_pass!r}")
+    if self.row_walk not in ROW_WALKS:
+      raise ValueError(f"RuleConfig.row_walk must be one of {ROW_WALKS}, got "
+                       f"{self.row_walk!r}")
     common.check_pow2("RuleConfig.block_rows", self.block_rows)
     common.check_pow2("RuleConfig.num_warps", self.num_warps)
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -146,7 +154,12 @@ class _Tile(NamedTuple):
   weight: jax.Array | None
 
 
-def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int,
+def row_order(lx: jax.Array) -> jax.Array:
+  """(T, n_x) int32: each token's grid rows by descending lx (the "sorted" walk)."""
+  return jnp.argsort(lx, axis=1, descending=True).astype(jnp.int32)
+
+
+def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int, walk: str,
                barrier: bool, step, init, column_done=lambda column, carry: None,
                idle=lambda tile: None):
   """This program's token's grid, column chunk by column chunk (`column_width`), each
@@ -157,9 +170,12 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int,
   key(fl32(lx[i] + max_j ly[j])) >= the bound, since fl32 addition is monotone. The rows
   below the top-k's staircase (55 % of the (row, chunk) pairs at the headline, 88 % at
   k = 512) so cost a store of zeros, with no loads of S or dA and no arithmetic. The walk
-  takes the busy rows first: their ranks, from a cumsum, place the row ids in `order_ref`
-  (a (T, pow2(n_x)) int32 scratch output), which the steps read back (`barrier`: a CTA barrier
-  on each side of the store, on the GPU; interpret mode runs a program's steps in order).
+  (`RuleConfig.row_walk`) takes the busy rows first, reading the row ids from `order_ref`:
+    "sorted": `row_order` (an input): busy rows come first, since busyness is monotone in
+      lx; the walk runs up to the last busy place (a bound that holds for any order);
+    "ranked": the busy rows' ranks, from a cumsum, place the row ids in `order_ref` (a
+      (T, pow2(n_x)) int32 scratch output), per chunk (`barrier`: a CTA barrier on each
+      side of the store, on the GPU; interpret mode runs a program's steps in order).
   Where the tiles pad no row or no column (static), that mask is None: unmasked loads and
   stores, no compare a lane."""
   n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
@@ -170,26 +186,34 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int,
   bound = _ordered_key(plt.load(theta_ref.at[one]).astype(F32))[:, None]
   cut = plt.load(cut_ref.at[one])[:, None]
   token = jnp.full((block_rows, 1), t, jnp.int32)
-  row, row_load, real_row = common.lanes(common.pow2(n_x), n_x)
-  row_token = jnp.full_like(row, t)
-  lx_rows = _masked_load(lx_ref.at[row_token, row_load], None)
+  place, place_load, real = common.lanes(common.pow2(n_x), n_x)
+  place_token = jnp.full_like(place, t)
+  rows_at = place_load if walk == "ranked" else plt.load(order_ref.at[place_token, place_load])
+  lx_at = _masked_load(lx_ref.at[place_token, rows_at], None)
+
+  def busy_rows(busy):
+    """How many places the walk must take in full: the rest are idle."""
+    if walk == "sorted":
+      return jnp.max(jnp.where(busy, place + 1, 0))
+    idle_rows = real & ~busy
+    count = jnp.sum(busy.astype(jnp.int32))
+    rank = jnp.where(busy, jnp.cumsum(busy.astype(jnp.int32)) - 1,
+                     count + jnp.cumsum(idle_rows.astype(jnp.int32)) - 1)
+    rank = jnp.where(real, rank, place)  # padding lanes keep their own slots
+    if barrier:
+      plt.debug_barrier()  # the previous chunk's reads of the order are done
+    plt.store(order_ref.at[place_token, rank], place)
+    if barrier:
+      plt.debug_barrier()
+    return count
 
   def column(c, unused):
     j, cols, in_cols = common.lanes(width, n_y, c)
     in_cols = None if n_y % width == 0 else in_cols
     ly = _masked_load(ly_ref.at[jnp.full_like(cols, t), cols], in_cols)[None, :]
     top = jnp.max(ly if in_cols is None else jnp.where(in_cols[None, :], ly, -jnp.inf))
-    busy = (_ordered_key(lx_rows + top) >= bound[0]) & real_row
-    idle_rows = real_row & ~busy
-    busy_count = jnp.sum(busy.astype(jnp.int32))
-    rank = jnp.where(busy, jnp.cumsum(busy.astype(jnp.int32)) - 1,
-                     busy_count + jnp.cumsum(idle_rows.astype(jnp.int32)) - 1)
-    rank = jnp.where(real_row, rank, row)  # padding lanes keep their own slots
-    if barrier:
-      plt.debug_barrier()  # the previous chunk's reads of the order are done
-    plt.store(order_ref.at[row_token, rank], row)
-    if barrier:
-      plt.debug_barrier()
+    busy_blocks = common.cdiv(
+        busy_rows((_ordered_key(lx_at + top) >= bound[0]) & real), block_rows)
 
     def tile_at(b, with_rule: bool):
       where, where_load, in_rows = common.lanes(block_rows, n_x, b)
@@ -213,7 +237,6 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int,
       idle(tile_at(b, False))
       return unused
 
-    busy_blocks = (busy_count + block_rows - 1) // block_rows
     carry = lax.fori_loop(0, busy_blocks, lambda b, carry: step(tile_at(b, True), carry),
                           init)
     lax.fori_loop(busy_blocks, blocks, idle_step, ())
@@ -249,8 +272,8 @@ def _zeros(tile: _Tile):
   return jnp.zeros(tile.ids.shape, F32)
 
 
-def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, order_ref, *,
-                         activation: str, block_rows: int, barrier: bool):
+def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *, order_ref,
+                         activation: str, block_rows: int, walk: str, barrier: bool):
   """A = M W act(S) of one token, S read once where a row can hold a routed entry and A
   zero elsewhere (`_over_grid`)."""
   def step(tile, carry):
@@ -258,18 +281,18 @@ def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, order
                                         activation))
     return carry
 
-  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, barrier, step, (),
-             idle=lambda tile: _store(a_ref, tile, _zeros(tile)))
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, walk, barrier, step,
+             (), idle=lambda tile: _store(a_ref, tile, _zeros(tile)))
 
 
 def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref, dlx_ref,
-                       dly_ref, *refs, activation: str, block_rows: int, barrier: bool):
+                       dly_ref, *a_ref, order_ref, activation: str, block_rows: int,
+                       walk: str, barrier: bool):
   """dS, dly, dlx per column chunk (summed outside) and A where asked, of one token in one
   pass over its S and dA (`_over_grid`; zeros where a row holds no routed entry): a tile's
   row sums are its chunk's part of dlx; dly sums a chunk's tiles elementwise in registers
   and across rows once, at the chunk's end (a reduction across rows each step would cost
   the warps a shared-memory exchange)."""
-  *a_ref, order_ref = refs  # A where asked, then the walk's scratch
   n_x = lx_ref.shape[1]
   t = pl.program_id(0)
 
@@ -294,21 +317,27 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
     plt.store(dly_ref.at[jnp.full_like(j, t), j], jnp.sum(dly, axis=0), mask=in_cols)
 
   width = column_width(ly_ref.shape[1])
-  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, barrier, step,
+  _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, walk, barrier, step,
              jnp.zeros((block_rows, width), F32), column_done, idle)
 
 
 def _launch(kernel, out_shape, lx, plan: _Plan, name: str):
-  """The kernel over lx's tokens, with the walk's int32 scratch (`_over_grid`) as its last
-  output, dropped from the results."""
+  """The kernel over lx's tokens, given the walk's `order_ref` (`_over_grid`): `row_order`
+  as a last input ("sorted"), or an int32 scratch as a last output, dropped ("ranked")."""
+  walk = plan.config.row_walk
+  ranked = walk == "ranked"
+  scratch = [jax.ShapeDtypeStruct((lx.shape[0], common.pow2(lx.shape[1])), jnp.int32)]
+
+  def body(*refs):
+    at = len(refs) - 1 if ranked else len(refs) - len(out_shape) - 1
+    kernel(*refs[:at], *refs[at + 1:], order_ref=refs[at], activation=plan.activation,
+           block_rows=plan.config.block_rows, walk=walk, barrier=not plan.interpret)
+
   call = common.triton_call(
-      functools.partial(kernel, activation=plan.activation,
-                        block_rows=plan.config.block_rows, barrier=not plan.interpret),
-      out_shape=[*out_shape, jax.ShapeDtypeStruct((lx.shape[0], common.pow2(lx.shape[1])),
-                                                  jnp.int32)], grid=(lx.shape[0],),
+      body, out_shape=[*out_shape, *(scratch if ranked else [])], grid=(lx.shape[0],),
       num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
       interpret=plan.interpret, name=name)
-  return lambda *args: call(*args)[:-1]
+  return lambda *args: call(*args, *([] if ranked else [row_order(lx)]))[:len(out_shape)]
 
 
 def _forward_grid(s, lx, ly, theta, cut, plan: _Plan):
