@@ -682,7 +682,7 @@ def test_lm_matches_a_hand_written_forward():
   variables = init(model, ids)
   logits, _ = run(model, variables, ids)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables["params"]))
-  heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+  head_dim = cfg.d_model // cfg.n_heads
   positions = np.arange(ids.shape[1], dtype=np.float64)
   causal = np.tril(np.ones((ids.shape[1], ids.shape[1]), bool))
   x = p["embed"]["embedding"][np.asarray(ids)]
