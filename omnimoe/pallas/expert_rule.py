@@ -223,8 +223,10 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int, w
       ids = i[:, None] * n_y + j[None, :]
       inside = _both(None if in_rows is None else in_rows[:, None],
                      None if in_cols is None else in_cols[None, :], ids.shape)
-      if inside is not None:  # padded lanes aim past the grid, not at a real entry (masked
-        ids = jnp.where(inside, ids, n_x * n_y)  # stores in interpret mode write them)
+      if inside is not None:
+        # padded lanes aim past the grid, not at a real entry: interpret mode's masked
+        # stores write them too (the old value, racing the real lane's new one)
+        ids = jnp.where(inside, ids, n_x * n_y)
       routed = weight = None
       if with_rule:
         lx = _masked_load(lx_ref.at[token[:, 0], i], in_rows)[:, None]
