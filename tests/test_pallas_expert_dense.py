@@ -127,6 +127,24 @@ def test_choose_path_and_bad_configs():
     expert_ops.atomic_experts(*args, jnp.asarray(idx), config=blocks_of(0, 16))
 
 
+@pytest.mark.parametrize("tokens,n_experts,most,want", [
+    (4096, 320 * 320, 2 ** 29, 4096),      # fits: one block
+    (16384, 320 * 320, 2 ** 29, 4096),     # 4 blocks of 4096, not 3 x 5240 + 664 padded
+    (6000, 320 * 320, 2 ** 29, 3000),      # 2 blocks of 3000, not 5240 + 760 padded
+    (37, 100, 8 * 100, 8),                 # 5 blocks of 8 (40 rows)
+    (33, 100, 12 * 100, 8),                # 12 rows allowed, rounded down to 8: 5 blocks of 8
+    (100, 1000, 1, 8),                     # at least 8 rows whatever the bound
+])
+def test_token_blocks_are_balanced(tokens, n_experts, most, want):
+  config = expert_dense.DenseConfig(max_block_elements=most)
+  rows = expert_dense.block_rows(tokens, n_experts, config)
+  assert rows == want
+  if rows < tokens:
+    allowed = max(8, most // n_experts // 8 * 8)
+    assert rows % 8 == 0 and rows <= allowed
+    assert -(-tokens // rows) == -(-tokens // allowed)  # no more blocks than needed
+
+
 @pytest.mark.parametrize("dtype,rows", [(jnp.float32, 0), (jnp.bfloat16, 0), (jnp.float32, 8)])
 def test_unique_pairs_are_stored(dtype, rows):
   """unique_indices=True (grids written by stores): the same results on distinct ids per

@@ -39,9 +39,10 @@ The backward needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k
 4 backward), not seven.
 
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
-in blocks of `rows` = max_block_elements // N (a `lax.scan`; dU and dV accumulate in
-float32 across blocks; with one block they leave the GEMMs in the tables' dtype): 2^29
-elements (1 GiB in bf16), one block for the headline's 4096 tokens, four for 16,384.
+in blocks of at most max_block_elements // N rows, balanced (`block_rows`; a `lax.scan`;
+dU and dV accumulate in float32 across blocks; with one block they leave the GEMMs in the
+tables' dtype): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
+four of 4096 rows for 16,384.
 With one block the forward's A is kept for the backward (`keep_grid`; T N elements,
 0.84 GB at the headline) instead of being zero-filled and scattered again;
 `keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the
@@ -69,9 +70,15 @@ class DenseConfig:
 
 
 def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
-  """Tokens per block: all of them if they fit, else a multiple of 8 (at least 8)."""
-  rows = config.max_block_elements // num_experts
-  return tokens if rows >= tokens else max(8, rows // 8 * 8)
+  """Tokens per block: all of them if they fit, else a multiple of 8 (at least 8) that
+  splits them into the fewest blocks allowed, evenly: the last block's padding rows cost
+  whole grid rows of GEMM and grid-pass work (16,384 tokens at N = 102,400: 4 x 4096 rows,
+  where the largest allowed block, 5240, would pad them to 20,960)."""
+  most = config.max_block_elements // num_experts
+  if most >= tokens:
+    return tokens
+  most = max(8, most // 8 * 8)
+  return common.cdiv(common.cdiv(tokens, common.cdiv(tokens, most)), 8) * 8
 
 
 @dataclasses.dataclass(frozen=True)

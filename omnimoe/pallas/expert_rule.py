@@ -35,10 +35,11 @@ a lane (within a few float32 ulps of exp(s), as exp(s) is of the exact sum), and
 of a column chunk that cannot hold a routed entry (below the top-k's staircase: most of
 the grid, `_over_grid`) cost a store of zeros, with no loads and no arithmetic. On one H100
 at the headline (T = k = 4096, N = 320^2, bf16, `experiments/bench_rule.py`, RESULTS.md,
-kernel times): forward pass 0.61 ms and backward 1.06, plus one 0.07 ms XLA argsort of lx
-for the row walk, against 0.72 and 1.19 without the walk in the same call (0.89 and 3.57
-for the XLA twins, `RuleConfig(grid_pass="xla")`, kept for that A/B, at 22c10cb). The
-copy floors of the whole passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
+kernel times): forward pass 0.62 ms and backward 0.90 with the busy rows ranked in the
+kernel (`RuleConfig.row_walk`), against 0.61 and 1.08 plus a 0.08 ms argsort for the
+sorted walk in the same call; 0.72 and 1.19 without a walk (an earlier call), 0.89 and
+3.57 for the XLA twins (`RuleConfig(grid_pass="xla")`, kept for that A/B, at 22c10cb).
+The copy floors of the whole passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
 forward keeps S (T N elements: the backward needs act'(S) on every routed entry) and, with
 one token block, A (`DenseConfig.keep_grid`); token blocks bound the grids' size as in
 `expert_dense`. Second order (reverse mode): `second_order.by_reference` on `_reference`.
@@ -96,7 +97,7 @@ def _forward_values(mask, w, s, activation: str):
 
 
 GRID_PASSES = ("kernel", "xla")
-ROW_WALKS = ("sorted", "ranked")
+ROW_WALKS = ("ranked", "sorted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +107,14 @@ class RuleConfig:
   `_forward_grid_kernel` and `_grid_grads_kernel`) or "xla" (the same maths as XLA
   fusions); the kernels' launch (grid rows per loop step, warps, software-pipelining
   stages of the loop) and how they find a column chunk's busy rows (`row_walk`,
-  `_over_grid`: "sorted" rows by an XLA argsort, timed; "ranked" by in-kernel ranks,
-  without the sort, not yet timed)."""
+  `_over_grid`: "ranked" by in-kernel ranks, or "sorted" by an XLA argsort of lx; ranked
+  was the faster in every case timed, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md)."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
   num_warps: int = 4
   num_stages: int = 1
-  row_walk: str = "sorted"
+  row_walk: str = "ranked"
 
   def __post_init__(self):
     if self.grid_pass not in GRID_PASSES:
@@ -171,11 +172,11 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int, w
   below the top-k's staircase (55 % of the (row, chunk) pairs at the headline, 88 % at
   k = 512) so cost a store of zeros, with no loads of S or dA and no arithmetic. The walk
   (`RuleConfig.row_walk`) takes the busy rows first, reading the row ids from `order_ref`:
-    "sorted": `row_order` (an input): busy rows come first, since busyness is monotone in
-      lx; the walk runs up to the last busy place (a bound that holds for any order);
     "ranked": the busy rows' ranks, from a cumsum, place the row ids in `order_ref` (a
       (T, pow2(n_x)) int32 scratch output), per chunk (`barrier`: a CTA barrier on each
-      side of the store, on the GPU; interpret mode runs a program's steps in order).
+      side of the store, on the GPU; interpret mode runs a program's steps in order);
+    "sorted": `row_order` (an input): busy rows come first, since busyness is monotone in
+      lx; the walk runs up to the last busy place (a bound that holds for any order).
   Where the tiles pad no row or no column (static), that mask is None: unmasked loads and
   stores, no compare a lane."""
   n_x, n_y = lx_ref.shape[1], ly_ref.shape[1]
