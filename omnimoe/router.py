@@ -68,12 +68,12 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
 
 # The rule path's grid passes cost less as k falls (their rows below the top-k's staircase
 # cost a store of zeros), the pairs path's emit and scatters grow with k, so the rule wins
-# from a density up. Measured, one H100, T = 4096, N = 320^2, d = 1024, the whole FFN
-# (experiments/bench_rule.py, RESULTS.md), pairs against rule, fwd / fwd+bwd ms, in one
-# call at v21a (the grid kernels' sorted row walk): k = 4096 3.423 / 9.185 against
-# 3.078 / 8.701; k = 2048 3.183 / 8.851 against 2.963 / 8.400; k = 1024 3.036 / 8.089
-# against 2.930 / 8.241. The rule is taken where it won both, from 2 % of N. (Before the
-# row walk, at 22c10cb: k = 2048 3.199 / 8.345 against 3.066 / 8.774, a loss in fwd+bwd.)
+# from a density up. Measured, one H100, N = 320^2, d = 1024, the whole FFN
+# (experiments/bench_rule.py, RESULTS.md, v22), pairs against rule (the ranked row walk),
+# fwd+bwd ms: T = 4096: k = 768 7.846 / 7.969, k = 1024 8.152 / 7.897, k = 2048 8.310 /
+# 8.188, k = 4096 9.330 / 8.503; T = 1024: k = 1024 2.217 / 2.255, k = 2048 2.291 / 2.249;
+# T = 16,384 (token blocks as a Python loop): k = 2048 40.177 / 35.383, k = 4096 45.500 /
+# 36.492. The rule wins every forward timed (k >= 512) and, from 2 % of N, every fwd+bwd.
 RULE_MIN_DENSITY = 2048 / 102_400
 
 

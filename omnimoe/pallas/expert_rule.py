@@ -108,7 +108,7 @@ class RuleConfig:
   fusions); the kernels' launch (grid rows per loop step, warps, software-pipelining
   stages of the loop) and how they find a column chunk's busy rows (`row_walk`,
   `_over_grid`: "ranked" by in-kernel ranks, or "sorted" by an XLA argsort of lx; ranked
-  was the faster in every case timed, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md)."""
+  was the faster in 33 of 34 comparisons, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md)."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
@@ -379,7 +379,10 @@ def _forward_block(x, up, down, lx, ly, theta, cut, plan: _Plan):
 
 
 def _blocks(rows: int, *arrays):
-  return [reference.token_blocks(a, rows, 0) for a in arrays]
+  """The arrays' token blocks of `rows` rows (the last one zero-padded), a tuple a block."""
+  blocked = [reference.token_blocks(a, rows, 0) for a in arrays]
+  for b in range(blocked[0].shape[0]):
+    yield tuple(a[b] for a in blocked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,13 +397,16 @@ class _Plan:
 
 
 def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan):
-  """y, the S grid blocks (blocks, rows, N) and, with `plan.keep` (one block), the A grid."""
+  """y, the S grid of each token block (a tuple) and, with `plan.keep` (one block), the A
+  grid. The blocks are a Python loop, not a `lax.map`, here and in the backward: a map
+  stacks its blocks' S into one residual by a copy (5.8 ms of the FFN's 54 ms fwd+bwd at
+  T = 16,384, k = 4096 on one H100; the loop: 42.3 -> 36.5 ms, RESULTS.md)."""
   if plan.keep:
     y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan)
-    return y, s[None], a
-  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan)[:2],
-                 _blocks(plan.rows, x, lx, ly, theta, cut))
-  return reference.unblock_tokens(y, x.shape[0]), s, None
+    return y, (s,), a
+  ys, ss = zip(*(_forward_block(b[0], up, down, *b[1:], plan)[:2]
+                 for b in _blocks(plan.rows, x, lx, ly, theta, cut)))
+  return reference.unblock_tokens(jnp.stack(ys), x.shape[0]), ss, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -430,16 +436,14 @@ def _bwd(plan: _Plan, residuals, dy):
     dup = grid_dot(ds.T, x.astype(cdt), up.dtype)
     ddown = grid_dot(a.T, dy.astype(cdt), down.dtype)
   else:
-    def block(grads, b):
-      (ds, a), per_token = _backward_block(b[:-1], b[-1], up, down, plan, cdt)
-      dup, ddown = grads
-      return (dup + common.dot(ds.T, b[0].astype(cdt)),
-              ddown + common.dot(a.T, b[5].astype(cdt))), per_token
-
-    zeros = jnp.zeros(up.shape, F32)
-    (dup, ddown), per_token = lax.scan(
-        block, (zeros, zeros), (*_blocks(plan.rows, x, lx, ly, theta, cut, dy), s))
-    per_token = [reference.unblock_tokens(p, x.shape[0]) for p in per_token]
+    dup = ddown = jnp.zeros(up.shape, F32)
+    per_block = []
+    for b, s_block in zip(_blocks(plan.rows, x, lx, ly, theta, cut, dy), s):
+      (ds, a), per_token = _backward_block(b, s_block, up, down, plan, cdt)
+      dup = dup + common.dot(ds.T, b[0].astype(cdt))
+      ddown = ddown + common.dot(a.T, b[5].astype(cdt))
+      per_block.append(per_token)
+    per_token = [reference.unblock_tokens(jnp.stack(p), x.shape[0]) for p in zip(*per_block)]
   dx, dlx, dly = per_token
   return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
           dlx.astype(lx.dtype), dly.astype(ly.dtype), None, None)
