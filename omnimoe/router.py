@@ -72,8 +72,10 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
 # (experiments/bench_rule.py, RESULTS.md, v22), pairs against rule (the ranked row walk),
 # fwd+bwd ms: T = 4096: k = 768 7.846 / 7.969, k = 1024 8.152 / 7.897, k = 2048 8.310 /
 # 8.188, k = 4096 9.330 / 8.503; T = 1024: k = 1024 2.217 / 2.255, k = 2048 2.291 / 2.249;
-# T = 16,384 (token blocks as a Python loop): k = 2048 40.177 / 35.383, k = 4096 45.500 /
-# 36.492. The rule wins every forward timed (k >= 512) and, from 2 % of N, every fwd+bwd.
+# T = 16,384: k = 2048 40.128 / 41.116, k = 4096 45.598 / 42.317. The rule wins every
+# forward timed (k >= 512) and from 2 % of N every fwd+bwd but T = 16,384's at k = 2048
+# (2.5 % slower; a Python loop over its token blocks instead of the scan won it, 35.383
+# ms, but did not keep the blocks' memory bound in a CPU compile: RESULTS.md, v22, item 3).
 RULE_MIN_DENSITY = 2048 / 102_400
 
 

@@ -379,10 +379,7 @@ def _forward_block(x, up, down, lx, ly, theta, cut, plan: _Plan):
 
 
 def _blocks(rows: int, *arrays):
-  """The arrays' token blocks of `rows` rows (the last one zero-padded), a tuple a block."""
-  blocked = [reference.token_blocks(a, rows, 0) for a in arrays]
-  for b in range(blocked[0].shape[0]):
-    yield tuple(a[b] for a in blocked)
+  return [reference.token_blocks(a, rows, 0) for a in arrays]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,17 +394,13 @@ class _Plan:
 
 
 def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan):
-  """y, the S grid of each token block (a tuple) and, with `plan.keep` (one block), the A
-  grid. The blocks are a Python loop, not a `lax.map` and a `lax.scan`: the map stacked
-  its blocks' S into one residual by a copy and the scan zero-filled its float32 table
-  gradients (4.7 and 2.0 ms of the FFN's 42.3 ms fwd+bwd at T = 16,384, k = 4096, one
-  H100; with the loop 36.5 ms, RESULTS.md)."""
+  """y, the S grid blocks (blocks, rows, N) and, with `plan.keep` (one block), the A grid."""
   if plan.keep:
     y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan)
-    return y, (s,), a
-  ys, ss = zip(*(_forward_block(b[0], up, down, *b[1:], plan)[:2]
-                 for b in _blocks(plan.rows, x, lx, ly, theta, cut)))
-  return reference.unblock_tokens(jnp.stack(ys), x.shape[0]), ss, None
+    return y, s[None], a
+  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan)[:2],
+                 _blocks(plan.rows, x, lx, ly, theta, cut))
+  return reference.unblock_tokens(y, x.shape[0]), s, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -437,14 +430,16 @@ def _bwd(plan: _Plan, residuals, dy):
     dup = grid_dot(ds.T, x.astype(cdt), up.dtype)
     ddown = grid_dot(a.T, dy.astype(cdt), down.dtype)
   else:
-    dup = ddown = jnp.zeros(up.shape, F32)
-    per_block = []
-    for b, s_block in zip(_blocks(plan.rows, x, lx, ly, theta, cut, dy), s):
-      (ds, a), per_token = _backward_block(b, s_block, up, down, plan, cdt)
-      dup = dup + common.dot(ds.T, b[0].astype(cdt))
-      ddown = ddown + common.dot(a.T, b[5].astype(cdt))
-      per_block.append(per_token)
-    per_token = [reference.unblock_tokens(jnp.stack(p), x.shape[0]) for p in zip(*per_block)]
+    def block(grads, b):
+      (ds, a), per_token = _backward_block(b[:-1], b[-1], up, down, plan, cdt)
+      dup, ddown = grads
+      return (dup + common.dot(ds.T, b[0].astype(cdt)),
+              ddown + common.dot(a.T, b[5].astype(cdt))), per_token
+
+    zeros = jnp.zeros(up.shape, F32)
+    (dup, ddown), per_token = lax.scan(
+        block, (zeros, zeros), (*_blocks(plan.rows, x, lx, ly, theta, cut, dy), s))
+    per_token = [reference.unblock_tokens(p, x.shape[0]) for p in per_token]
   dx, dlx, dly = per_token
   return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
           dlx.astype(lx.dtype), dly.astype(ly.dtype), None, None)
