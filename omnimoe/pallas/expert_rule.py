@@ -161,8 +161,7 @@ def row_order(lx: jax.Array) -> jax.Array:
 
 
 def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int, walk: str,
-               barrier: bool, step, init, column_done=lambda column, carry: None,
-               idle=lambda tile: None):
+               barrier: bool, step, idle, init, column_done=lambda column, carry: None):
   """This program's token's grid, column chunk by column chunk (`column_width`), each
   `block_rows` rows a step: `carry = step(tile, carry)` from `init` down the chunk's busy
   rows, `idle(tile)` on the rest, then `column_done((raw j, inside or None), carry)`.
@@ -285,7 +284,7 @@ def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *, or
     return carry
 
   _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, walk, barrier, step,
-             (), idle=lambda tile: _store(a_ref, tile, _zeros(tile)))
+             lambda tile: _store(a_ref, tile, _zeros(tile)), ())
 
 
 def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref, dlx_ref,
@@ -321,7 +320,7 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
 
   width = column_width(ly_ref.shape[1])
   _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows, walk, barrier, step,
-             jnp.zeros((block_rows, width), F32), column_done, idle)
+             idle, jnp.zeros((block_rows, width), F32), column_done)
 
 
 def _launch(kernel, out_shape, lx, plan: _Plan, name: str):
