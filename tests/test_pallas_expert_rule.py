@@ -50,8 +50,9 @@ def check(args, rule, pairs, dy, config, tol, interpret=None):
                                                  interpret=interpret)
   y, vjp = jax.vjp(f, *args)
   want_y, want_grads = brute_force(args, pairs, dy)
-  assert y.dtype == args[0].dtype and y.shape == args[0].shape
-  assert bf.rel_err(y, want_y) < tol
+  for got in (y, f(*args)):  # under vjp (S kept) and the forward alone (S per block)
+    assert got.dtype == args[0].dtype and got.shape == args[0].shape
+    assert bf.rel_err(got, want_y) < tol
   for name, got, want, arg in zip(("dx", "dup", "ddown", "dlx", "dly"), vjp(dy), want_grads,
                                   args):
     assert got.dtype == arg.dtype and got.shape == arg.shape, name
@@ -81,6 +82,20 @@ def test_values_and_gradients(tokens, d, n_x, n_y, k, rows, dtype, quantum, grid
       expert_dense.DenseConfig(max_block_elements=rows * n_x * n_y) if rows
       else expert_dense.DenseConfig(), grid_pass=grid_pass, row_walk=row_walk)
   check(args, rule, pairs, dy, config, TOL[dtype])
+
+
+@pytest.mark.parametrize("grid_pass", expert_rule.GRID_PASSES)
+def test_token_blocks_in_groups(grid_pass):
+  """S kept whole per group of token blocks (`RuleConfig.max_group_elements`), each block
+  reading its rows at an offset: 23 tokens in 6 blocks of 4 (the last padded), in groups
+  of 4 and 2 blocks."""
+  rng = np.random.default_rng(6)
+  n_x, n_y = 6, 7
+  args, rule, pairs, dy = rule_inputs(rng, 23, 48, n_x, n_y, 12, jnp.float32)
+  config = expert_rule.RuleConfig(
+      expert_dense.DenseConfig(max_block_elements=4 * n_x * n_y), grid_pass=grid_pass,
+      max_group_elements=4 * 4 * n_x * n_y + 3)
+  check(args, rule, pairs, dy, config, TOL[jnp.float32])
 
 
 def test_rebuilt_grid_matches():
@@ -165,6 +180,8 @@ def test_rule_config_is_checked():
     expert_rule.RuleConfig(num_stages=0)
   with pytest.raises(ValueError, match="row_walk must be one of"):
     expert_rule.RuleConfig(row_walk="random")
+  with pytest.raises(ValueError, match="max_group_elements must be an int in"):
+    expert_rule.RuleConfig(max_group_elements=2 ** 31)
 
 
 @pytest.mark.parametrize("keep", [True, False])

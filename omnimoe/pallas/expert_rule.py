@@ -41,8 +41,10 @@ sorted walk in the same call; 0.72 and 1.19 without a walk (an earlier call), 0.
 3.57 for the XLA twins (`RuleConfig(grid_pass="xla")`, kept for that A/B, at 22c10cb).
 The copy floors of the whole passes (1.7 and 2.5 GB) are ~0.55 and ~0.8 ms. The
 forward keeps S (T N elements: the backward needs act'(S) on every routed entry) and, with
-one token block, A (`DenseConfig.keep_grid`); token blocks bound the grids' size as in
-`expert_dense`. Second order (reverse mode): `second_order.by_reference` on `_reference`.
+one token block, A (`DenseConfig.keep_grid`); token blocks bound the other grids' size as
+in `expert_dense`. S is one GEMM for a group of token blocks (all of them, up to 2^31
+elements: `_groups`), each block's passes reading its rows at an offset. Second order
+(reverse mode): `second_order.by_reference` on `_reference`.
 """
 from __future__ import annotations
 
@@ -108,13 +110,17 @@ class RuleConfig:
   fusions); the kernels' launch (grid rows per loop step, warps, software-pipelining
   stages of the loop) and how they find a column chunk's busy rows (`row_walk`,
   `_over_grid`: "ranked" by in-kernel ranks, or "sorted" by an XLA argsort of lx; ranked
-  was the faster in 33 of 34 comparisons, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md)."""
+  was the faster in 33 of 34 comparisons, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md);
+  and the most elements of one S buffer (`max_group_elements`: `_forward` keeps S whole
+  for as many token blocks as fit; XLA programs with intermediates past 2^31 elements
+  have ended in illegal memory accesses on the GPU, `reference.MAX_ELEMENTS`)."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
   num_warps: int = 4
   num_stages: int = 1
   row_walk: str = "ranked"
+  max_group_elements: int = 2 ** 31 - 1
 
   def __post_init__(self):
     if self.grid_pass not in GRID_PASSES:
@@ -127,6 +133,10 @@ class RuleConfig:
     common.check_pow2("RuleConfig.num_warps", self.num_warps)
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"RuleConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
+    if not isinstance(self.max_group_elements, int) or not (
+        1 <= self.max_group_elements < 2 ** 31):
+      raise ValueError("RuleConfig.max_group_elements must be an int in [1, 2^31), got "
+                       f"{self.max_group_elements!r}")
 
 
 def column_width(n_y: int) -> int:
@@ -262,8 +272,15 @@ def _masked_load(ref, mask):
   return plt.load(ref, mask=mask, other=0.0).astype(F32)
 
 
-def _load(ref, tile: _Tile):
-  return _masked_load(ref.at[tile.token, tile.loads], tile.inside)
+def _load(ref, tile: _Tile, first=None):
+  """The tile's entries of a grid; `first` (1,): the grid row of the block's first token
+  (S, kept whole for a group of blocks: `_forward`), else the block's own grid."""
+  return _masked_load(ref.at[tile.token if first is None else tile.token + first,
+                             tile.loads], tile.inside)
+
+
+def _first_row(first_ref):
+  return plt.load(first_ref.at[jnp.zeros((1,), jnp.int32)])
 
 
 def _store(ref, tile: _Tile, value):
@@ -274,12 +291,15 @@ def _zeros(tile: _Tile):
   return jnp.zeros(tile.ids.shape, F32)
 
 
-def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *, order_ref,
-                         activation: str, block_rows: int, walk: str, barrier: bool):
-  """A = M W act(S) of one token, S read once where a row can hold a routed entry and A
-  zero elsewhere (`_over_grid`)."""
+def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, first_ref, a_ref, *,
+                         order_ref, activation: str, block_rows: int, walk: str,
+                         barrier: bool):
+  """A = M W act(S) of one token, S read once (from row `first_ref` on) where a row can
+  hold a routed entry and A zero elsewhere (`_over_grid`)."""
+  first = _first_row(first_ref)
+
   def step(tile, carry):
-    _store(a_ref, tile, _forward_values(tile.routed, tile.weight, _load(s_ref, tile),
+    _store(a_ref, tile, _forward_values(tile.routed, tile.weight, _load(s_ref, tile, first),
                                         activation))
     return carry
 
@@ -287,8 +307,8 @@ def _forward_grid_kernel(s_ref, lx_ref, ly_ref, theta_ref, cut_ref, a_ref, *, or
              lambda tile: _store(a_ref, tile, _zeros(tile)), ())
 
 
-def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref, dlx_ref,
-                       dly_ref, *a_ref, order_ref, activation: str, block_rows: int,
+def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, first_ref, ds_ref,
+                       dlx_ref, dly_ref, *a_ref, order_ref, activation: str, block_rows: int,
                        walk: str, barrier: bool):
   """dS, dly, dlx per column chunk (summed outside) and A where asked, of one token in one
   pass over its S and dA (`_over_grid`; zeros where a row holds no routed entry): a tile's
@@ -297,6 +317,7 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
   the warps a shared-memory exchange)."""
   n_x = lx_ref.shape[1]
   t = pl.program_id(0)
+  first = _first_row(first_ref)
 
   def store(tile, ds, a, dlx):
     _store(ds_ref, tile, ds)
@@ -306,7 +327,7 @@ def _grid_grads_kernel(s_ref, da_ref, lx_ref, ly_ref, theta_ref, cut_ref, ds_ref
               mask=tile.in_rows)
 
   def step(tile, dly):
-    ds, a, dscore = _grid_values(tile.routed, tile.weight, _load(s_ref, tile),
+    ds, a, dscore = _grid_values(tile.routed, tile.weight, _load(s_ref, tile, first),
                                  _load(da_ref, tile), activation)
     store(tile, ds, a, jnp.sum(dscore, axis=1))
     return dly + dscore
@@ -342,43 +363,41 @@ def _launch(kernel, out_shape, lx, plan: _Plan, name: str):
   return lambda *args: call(*args, *([] if ranked else [row_order(lx)]))[:len(out_shape)]
 
 
-def _forward_grid(s, lx, ly, theta, cut, plan: _Plan):
-  """A of one token block (rows, N) in s.dtype."""
+def _block_of(s, first, tokens: int):
+  """The XLA twins' view of one block's rows of S (a slice XLA fuses into its reader)."""
+  return lax.dynamic_slice_in_dim(s, first, tokens).astype(F32)
+
+
+def _forward_grid(s, first, lx, ly, theta, cut, plan: _Plan):
+  """A (rows, N) in s.dtype of the token block whose S starts at row `first` of s."""
+  grid = jax.ShapeDtypeStruct((lx.shape[0], s.shape[1]), s.dtype)
   if plan.config.grid_pass == "xla":
-    return _forward_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
+    return _forward_values(*_rule_grid(lx, ly, theta, cut), _block_of(s, first, lx.shape[0]),
                            plan.activation).astype(s.dtype)
-  return _launch(_forward_grid_kernel, [jax.ShapeDtypeStruct(s.shape, s.dtype)], lx, plan,
-                 "atomic_experts_rule_forward_grid")(s, lx, ly, theta, cut)[0]
+  return _launch(_forward_grid_kernel, [grid], lx, plan, "atomic_experts_rule_forward_grid")(
+      s, lx, ly, theta, cut, jnp.reshape(first, (1,)))[0]
 
 
-def _grid_grads(s, da, lx, ly, theta, cut, plan: _Plan, with_a: bool):
-  """(dS, A or None) in s.dtype, (dlx, dly) float32 of one token block."""
+def _grid_grads(s, first, da, lx, ly, theta, cut, plan: _Plan, with_a: bool):
+  """(dS, A or None) in s.dtype, (dlx, dly) float32 of the token block whose S starts at
+  row `first` of s and whose dA is `da`."""
   if plan.config.grid_pass == "xla":
-    ds, a, dscore = _grid_values(*_rule_grid(lx, ly, theta, cut), s.astype(F32),
-                                 da.astype(F32), plan.activation)
-    dscore = dscore.reshape(s.shape[0], lx.shape[1], ly.shape[1])
+    ds, a, dscore = _grid_values(*_rule_grid(lx, ly, theta, cut),
+                                 _block_of(s, first, lx.shape[0]), da.astype(F32),
+                                 plan.activation)
+    dscore = dscore.reshape(da.shape[0], lx.shape[1], ly.shape[1])
     return ((ds.astype(s.dtype), a.astype(s.dtype) if with_a else None),
             (dscore.sum(2), dscore.sum(1)))
   tokens, n_x = lx.shape
   chunks = common.cdiv(ly.shape[1], column_width(ly.shape[1]))
-  grid = jax.ShapeDtypeStruct(s.shape, s.dtype)
+  grid = jax.ShapeDtypeStruct(da.shape, s.dtype)
   out = _launch(_grid_grads_kernel,
                 [grid, jax.ShapeDtypeStruct((tokens, chunks * n_x), F32),
                  jax.ShapeDtypeStruct(ly.shape, F32), *([grid] if with_a else [])], lx, plan,
-                "atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut)
+                "atomic_experts_rule_grid_grads")(s, da, lx, ly, theta, cut,
+                                                  jnp.reshape(first, (1,)))
   dlx = out[1].reshape(tokens, chunks, n_x).sum(1)
   return (out[0], out[3] if with_a else None), (dlx, out[2])
-
-
-def _forward_block(x, up, down, lx, ly, theta, cut, plan: _Plan):
-  cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
-  s = grid_dot(x.astype(cdt), up.T.astype(cdt), cdt)
-  a = _forward_grid(s, lx, ly, theta, cut, plan)
-  return common.dot(a, down.astype(cdt)).astype(x.dtype), s, a
-
-
-def _blocks(rows: int, *arrays):
-  return [reference.token_blocks(a, rows, 0) for a in arrays]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,31 +411,75 @@ class _Plan:
   interpret: bool
 
 
-def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan):
-  """y, the S grid blocks (blocks, rows, N) and, with `plan.keep` (one block), the A grid."""
-  if plan.keep:
-    y, s, a = _forward_block(x, up, down, lx, ly, theta, cut, plan)
-    return y, s[None], a
-  y, s = lax.map(lambda b: _forward_block(b[0], up, down, *b[1:], plan)[:2],
-                 _blocks(plan.rows, x, lx, ly, theta, cut))
-  return reference.unblock_tokens(y, x.shape[0]), s, None
+def _groups(plan: _Plan, num_experts: int, *arrays):
+  """The arrays' token blocks (the last one zero-padded), in groups of as many blocks as
+  keep their S grids within `max_group_elements`: per group, the blocks' first rows in the
+  group's S (blocks,) int32 and each array's blocks (blocks, rows, ...)."""
+  blocked = [reference.token_blocks(a, plan.rows, 0) for a in arrays]
+  count = blocked[0].shape[0]
+  size = max(1, plan.config.max_group_elements // (plan.rows * num_experts))
+  return [(jnp.arange(min(size, count - g), dtype=jnp.int32) * plan.rows,
+           [a[g:g + size] for a in blocked]) for g in range(0, count, size)]
+
+
+def _joined(groups):
+  """Per-group stacks of blocks, as one stack."""
+  return groups[0] if len(groups) == 1 else jnp.concatenate(groups)
+
+
+def _forward_block(s, first, down, lx, ly, theta, cut, plan: _Plan, dtype):
+  """y in `dtype` and A of the token block whose S starts at row `first` of s."""
+  a = _forward_grid(s, first, lx, ly, theta, cut, plan)
+  return common.dot(a, down.astype(s.dtype)).astype(dtype), a
+
+
+def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan, residuals: bool):
+  """y and, with `residuals`, S (a tuple: one grid (blocks x rows, N) per group of token
+  blocks, `_groups`) and, with `plan.keep` (one block), the A grid. A group's S is one
+  GEMM, and each block's grid pass reads its rows at an offset: a `lax.map` that made S
+  block by block stacked it by a copy into a zero-filled buffer (6.7 ms of the FFN's
+  42.3 ms fwd+bwd at T = 16,384, k = 4096 on one H100; RESULTS.md). Without residuals
+  (the forward alone) each block makes its own S, which dies with the block."""
+  cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
+  table = up.T.astype(cdt)
+  if not residuals:
+    def block(b):
+      s = grid_dot(b[0].astype(cdt), table, cdt)
+      return _forward_block(s, jnp.int32(0), down, *b[1:], plan, x.dtype)[0]
+
+    y = lax.map(block, [reference.token_blocks(a, plan.rows, 0) for a in (x, lx, ly, theta, cut)])
+    return reference.unblock_tokens(y, x.shape[0]), None, None
+  ys, ss, a = [], [], None
+  for firsts, (xg, *rule) in _groups(plan, up.shape[0], x, lx, ly, theta, cut):
+    s = grid_dot(xg.reshape(-1, xg.shape[-1]).astype(cdt), table, cdt)
+    if plan.keep:
+      y, a = _forward_block(s, firsts[0], down, *(r[0] for r in rule), plan, x.dtype)
+      y = y[None]
+    else:
+      y = lax.map(lambda b, s=s: _forward_block(s, b[0], down, *b[1:], plan, x.dtype)[0],
+                  (firsts, *rule))
+    ys.append(y)
+    ss.append(s)
+  return reference.unblock_tokens(_joined(ys), x.shape[0]), tuple(ss), a
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _rule_op(x, up, down, lx, ly, theta, cut, plan):
-  return _forward(x, up, down, lx, ly, theta, cut, plan)[0]
+  return _forward(x, up, down, lx, ly, theta, cut, plan, residuals=False)[0]
 
 
 def _fwd(x, up, down, lx, ly, theta, cut, plan):
-  y, s, a = _forward(x, up, down, lx, ly, theta, cut, plan)
+  y, s, a = _forward(x, up, down, lx, ly, theta, cut, plan, residuals=True)
   return y, (x, up, down, lx, ly, theta, cut, s, a)
 
 
-def _backward_block(b, s, up, down, plan: _Plan, cdt, a=None):
-  """One token block: (dS, A) grids, and (dx, dlx, dly); A is rebuilt unless given."""
+def _backward_block(b, first, s, up, down, plan: _Plan, cdt, a=None):
+  """One token block, its S from row `first` of s: (dS, A) grids, and (dx, dlx, dly); A is
+  rebuilt unless given."""
   xb, lxb, lyb, thetab, cutb, dyb = b
   da = grid_dot(dyb.astype(cdt), down.T.astype(cdt), cdt)
-  (ds, rebuilt), (dlx, dly) = _grid_grads(s, da, lxb, lyb, thetab, cutb, plan, a is None)
+  (ds, rebuilt), (dlx, dly) = _grid_grads(s, first, da, lxb, lyb, thetab, cutb, plan,
+                                          a is None)
   return (ds, rebuilt if a is None else a), (common.dot(ds, up.astype(cdt)), dlx, dly)
 
 
@@ -424,21 +487,25 @@ def _bwd(plan: _Plan, residuals, dy):
   x, up, down, lx, ly, theta, cut, s, kept_a = residuals
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   if plan.keep:
-    (ds, a), per_token = _backward_block((x, lx, ly, theta, cut, dy), s[0], up, down,
-                                         plan, cdt, kept_a)
+    (ds, a), per_token = _backward_block((x, lx, ly, theta, cut, dy), jnp.int32(0), s[0], up,
+                                         down, plan, cdt, kept_a)
     dup = grid_dot(ds.T, x.astype(cdt), up.dtype)
     ddown = grid_dot(a.T, dy.astype(cdt), down.dtype)
   else:
-    def block(grads, b):
-      (ds, a), per_token = _backward_block(b[:-1], b[-1], up, down, plan, cdt)
+    def block(grads, b, s):
+      (ds, a), per_token = _backward_block(b[1:], b[0], s, up, down, plan, cdt)
       dup, ddown = grads
-      return (dup + common.dot(ds.T, b[0].astype(cdt)),
-              ddown + common.dot(a.T, b[5].astype(cdt))), per_token
+      return (dup + common.dot(ds.T, b[1].astype(cdt)),
+              ddown + common.dot(a.T, b[6].astype(cdt))), per_token
 
-    zeros = jnp.zeros(up.shape, F32)
-    (dup, ddown), per_token = lax.scan(
-        block, (zeros, zeros), (*_blocks(plan.rows, x, lx, ly, theta, cut, dy), s))
-    per_token = [reference.unblock_tokens(p, x.shape[0]) for p in per_token]
+    grads, per_group = (jnp.zeros(up.shape, F32),) * 2, []
+    for (firsts, blocks), s_group in zip(
+        _groups(plan, up.shape[0], x, lx, ly, theta, cut, dy), s):
+      grads, per_token = lax.scan(functools.partial(block, s=s_group), grads,
+                                  (firsts, *blocks))
+      per_group.append(per_token)
+    dup, ddown = grads
+    per_token = [reference.unblock_tokens(_joined(p), x.shape[0]) for p in zip(*per_group)]
   dx, dlx, dly = per_token
   return (dx.astype(x.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
           dlx.astype(lx.dtype), dly.astype(ly.dtype), None, None)
