@@ -208,10 +208,15 @@ def test_grid_kernels_lower_to_triton(keep):
 @pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("row_walk", expert_rule.ROW_WALKS)
-def test_grid_kernel_on_gpu(dtype, row_walk):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_grid_kernel_on_gpu(dtype, row_walk, blocks):
   """The compiled grid kernels at the headline's grid (320 x 320, k = 512), 37 tokens (a
-  ragged last program), against brute force."""
+  ragged last program), against brute force; `blocks`: in 5 token blocks of 8 (the last
+  padded), S kept in groups of 2 blocks (read at offsets, groups joined)."""
   rng = np.random.default_rng(7)
   args, rule, pairs, dy = rule_inputs(rng, 37, 128, 320, 320, 512, dtype)
-  check(args, rule, pairs, dy, expert_rule.RuleConfig(row_walk=row_walk), TOL[dtype],
-        interpret=False)
+  grid = 320 * 320
+  config = expert_rule.RuleConfig(
+      expert_dense.DenseConfig(max_block_elements=8 * grid), row_walk=row_walk,
+      max_group_elements=2 * 8 * grid) if blocks else expert_rule.RuleConfig(row_walk=row_walk)
+  check(args, rule, pairs, dy, config, TOL[dtype], interpret=False)
