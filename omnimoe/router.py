@@ -69,13 +69,12 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
 # The rule path's grid passes cost less as k falls (their rows below the top-k's staircase
 # cost a store of zeros), the pairs path's emit and scatters grow with k, so the rule wins
 # from a density up. Measured, one H100, N = 320^2, d = 1024, the whole FFN
-# (experiments/bench_rule.py, RESULTS.md, v22), pairs against rule (the ranked row walk),
-# fwd+bwd ms: T = 4096: k = 768 7.846 / 7.969, k = 1024 8.152 / 7.897, k = 2048 8.310 /
-# 8.188, k = 4096 9.330 / 8.503; T = 1024: k = 1024 2.217 / 2.255, k = 2048 2.291 / 2.249;
-# T = 16,384: k = 2048 40.128 / 41.116, k = 4096 45.598 / 42.317. The rule wins every
-# forward timed (k >= 512) and from 2 % of N every fwd+bwd but T = 16,384's at k = 2048
-# (2.5 % slower; a Python loop over its token blocks instead of the scan won it, 35.383
-# ms, but did not keep the blocks' memory bound in a CPU compile: RESULTS.md, v22, item 3).
+# (experiments/bench_rule.py, RESULTS.md, v22 and v23), pairs against rule (the ranked row
+# walk), fwd+bwd ms: T = 4096: k = 768 7.846 / 7.969, k = 1024 8.152 / 7.897, k = 2048
+# 8.310 / 8.188, k = 4096 9.330 / 8.503; T = 1024: k = 1024 2.217 / 2.255, k = 2048 2.291 /
+# 2.249; T = 16,384 (S one GEMM for all token blocks, v23): k = 2048 40.110 / 35.171,
+# k = 4096 45.474 / 36.175. The rule wins every forward timed (k >= 512) and from 2 % of
+# N every fwd+bwd timed.
 RULE_MIN_DENSITY = 2048 / 102_400
 
 
