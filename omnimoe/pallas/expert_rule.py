@@ -370,10 +370,10 @@ def _block_of(s, first, tokens: int):
 
 def _forward_grid(s, first, lx, ly, theta, cut, plan: _Plan):
   """A (rows, N) in s.dtype of the token block whose S starts at row `first` of s."""
-  grid = jax.ShapeDtypeStruct((lx.shape[0], s.shape[1]), s.dtype)
   if plan.config.grid_pass == "xla":
     return _forward_values(*_rule_grid(lx, ly, theta, cut), _block_of(s, first, lx.shape[0]),
                            plan.activation).astype(s.dtype)
+  grid = jax.ShapeDtypeStruct((lx.shape[0], s.shape[1]), s.dtype)
   return _launch(_forward_grid_kernel, [grid], lx, plan, "atomic_experts_rule_forward_grid")(
       s, lx, ly, theta, cut, jnp.reshape(first, (1,)))[0]
 
@@ -411,11 +411,16 @@ class _Plan:
   interpret: bool
 
 
+def _blocks(rows: int, *arrays):
+  """Each array's token blocks (blocks, rows, ...), the last one zero-padded."""
+  return [reference.token_blocks(a, rows, 0) for a in arrays]
+
+
 def _groups(plan: _Plan, num_experts: int, *arrays):
-  """The arrays' token blocks (the last one zero-padded), in groups of as many blocks as
-  keep their S grids within `max_group_elements`: per group, the blocks' first rows in the
-  group's S (blocks,) int32 and each array's blocks (blocks, rows, ...)."""
-  blocked = [reference.token_blocks(a, plan.rows, 0) for a in arrays]
+  """The arrays' token blocks (`_blocks`) in groups of as many blocks as keep their S
+  grids within `max_group_elements`: per group, the blocks' first rows in the group's S
+  (blocks,) int32 and each array's blocks."""
+  blocked = _blocks(plan.rows, *arrays)
   count = blocked[0].shape[0]
   size = max(1, plan.config.max_group_elements // (plan.rows * num_experts))
   return [(jnp.arange(min(size, count - g), dtype=jnp.int32) * plan.rows,
@@ -447,7 +452,7 @@ def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan, residuals: bool):
       s = grid_dot(b[0].astype(cdt), table, cdt)
       return _forward_block(s, jnp.int32(0), down, *b[1:], plan, x.dtype)[0]
 
-    y = lax.map(block, [reference.token_blocks(a, plan.rows, 0) for a in (x, lx, ly, theta, cut)])
+    y = lax.map(block, _blocks(plan.rows, x, lx, ly, theta, cut))
     return reference.unblock_tokens(y, x.shape[0]), None, None
   ys, ss, a = [], [], None
   for firsts, (xg, *rule) in _groups(plan, up.shape[0], x, lx, ly, theta, cut):
@@ -493,10 +498,11 @@ def _bwd(plan: _Plan, residuals, dy):
     ddown = grid_dot(a.T, dy.astype(cdt), down.dtype)
   else:
     def block(grads, b, s):
-      (ds, a), per_token = _backward_block(b[1:], b[0], s, up, down, plan, cdt)
+      first, *b = b
+      (ds, a), per_token = _backward_block(b, first, s, up, down, plan, cdt)
       dup, ddown = grads
-      return (dup + common.dot(ds.T, b[1].astype(cdt)),
-              ddown + common.dot(a.T, b[6].astype(cdt))), per_token
+      return (dup + common.dot(ds.T, b[0].astype(cdt)),
+              ddown + common.dot(a.T, b[5].astype(cdt))), per_token
 
     grads, per_group = (jnp.zeros(up.shape, F32),) * 2, []
     for (firsts, blocks), s_group in zip(
