@@ -134,9 +134,13 @@ def test_choose_path_and_bad_configs():
     (37, 100, 8 * 100, 8),                 # 5 blocks of 8 (40 rows)
     (33, 100, 12 * 100, 8),                # 12 rows allowed, rounded down to 8: 5 blocks of 8
     (100, 1000, 1, 8),                     # at least 8 rows whatever the bound
+    (16384, 320 * 320, None, 16384),       # the default: one block up to 2^31 - 1
+    (32768, 320 * 320, None, 16384),       # past it, 2 balanced blocks
 ])
 def test_token_blocks_are_balanced(tokens, n_experts, most, want):
-  config = expert_dense.DenseConfig(max_block_elements=most)
+  config = (expert_dense.DenseConfig() if most is None
+            else expert_dense.DenseConfig(max_block_elements=most))
+  most = config.max_block_elements
   rows = expert_dense.block_rows(tokens, n_experts, config)
   assert rows == want
   if rows < tokens:

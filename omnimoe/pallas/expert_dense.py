@@ -41,12 +41,18 @@ The backward needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
 in blocks of at most max_block_elements // N rows, balanced (`block_rows`; a `lax.scan`;
 dU and dV accumulate in float32 across blocks; with one block they leave the GEMMs in the
-tables' dtype): 2^29 elements (1 GiB in bf16), one block for the headline's 4096 tokens,
-four of 4096 rows for 16,384.
+tables' dtype). The default, 2^31 - 1 elements (4 GiB a grid in bf16; XLA programs with
+intermediates past 2^31 elements have ended in illegal memory accesses on the GPU,
+`reference.MAX_ELEMENTS`), makes one block up to 20,971 tokens at N = 102,400.
 With one block the forward's A is kept for the backward (`keep_grid`; T N elements,
-0.84 GB at the headline) instead of being zero-filled and scattered again;
+0.84 GB at the headline's 4096 tokens) instead of being zero-filled and scattered again;
 `keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the
-headline, whole FFN): fwd+bwd 10.50 -> 9.25 ms with A kept (RESULTS.md, run 5).
+headline, whole FFN): fwd+bwd 10.50 -> 9.25 ms with A kept (RESULTS.md, run 5). At
+16,384 tokens (one H100, RESULTS.md "Table A on one H100"), one block against four of
+2^29 elements: fwd+bwd 37.7 -> 32.1 ms at k = 1024, peak memory 3.7 -> 10.7 GiB; on the
+rule path (`expert_rule`, k = 4096) 37.1 -> 33.5 ms, 7.4 -> 10.4 GiB. Training with many
+such layers keeps one A per layer: lower `max_block_elements` or set `keep_grid=False`
+where that memory is short.
 """
 from __future__ import annotations
 
@@ -65,15 +71,16 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  max_block_elements: int = 2 ** 29  # rows x N of one token block's (rows, N) grids
+  max_block_elements: int = 2 ** 31 - 1  # rows x N of one token block's (rows, N) grids
   keep_grid: bool = True  # one token block: keep the forward's grid A for the backward
 
 
 def block_rows(tokens: int, num_experts: int, config: DenseConfig) -> int:
   """Tokens per block: all of them if they fit, else a multiple of 8 (at least 8) that
   splits them into the fewest blocks allowed, evenly: the last block's padding rows cost
-  whole grid rows of GEMM and grid-pass work (16,384 tokens at N = 102,400: 4 x 4096 rows,
-  where the largest allowed block, 5240, would pad them to 20,960)."""
+  whole grid rows of GEMM and grid-pass work (16,384 tokens at N = 102,400 in blocks of
+  2^29 elements: 4 x 4096 rows, where the largest allowed block, 5240, would pad them to
+  20,960)."""
   most = config.max_block_elements // num_experts
   if most >= tokens:
     return tokens
