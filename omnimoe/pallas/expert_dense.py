@@ -48,11 +48,11 @@ With one block the forward's A is kept for the backward (`keep_grid`; T N elemen
 0.84 GB at the headline's 4096 tokens) instead of being zero-filled and scattered again;
 `keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the
 headline, whole FFN): fwd+bwd 10.50 -> 9.25 ms with A kept (RESULTS.md, run 5). At
-16,384 tokens (one H100, RESULTS.md "Table A on one H100"), one block against four of
-2^29 elements: fwd+bwd 37.7 -> 32.1 ms at k = 1024, peak memory 3.7 -> 10.7 GiB; on the
-rule path (`expert_rule`, k = 4096) 37.1 -> 33.5 ms, 7.4 -> 10.4 GiB. Training with many
-such layers keeps one A per layer: lower `max_block_elements` or set `keep_grid=False`
-where that memory is short.
+16,384 tokens (one H100, the whole FFN, RESULTS.md "Table A on one H100"), one block
+against four of 2^29 elements: fwd+bwd 37.6 -> 31.7 ms at k = 1024, peak memory 3.7 ->
+10.7 GiB (the forward alone 2.2 -> 6.8); on the rule path (`expert_rule`, k = 4096)
+37.1 -> 33.5 ms, 7.4 -> 10.4 GiB. Training with many such layers keeps one A per layer:
+lower `max_block_elements` or set `keep_grid=False` where that memory is short.
 """
 from __future__ import annotations
 
