@@ -74,7 +74,9 @@ def select_pairs(lx: jax.Array, ly: jax.Array, k: int, routing_weights: str,
 # 8.310 / 8.188, k = 4096 9.330 / 8.503; T = 1024: k = 1024 2.217 / 2.255, k = 2048 2.291 /
 # 2.249; T = 16,384 (S one GEMM for all token blocks, v23): k = 2048 40.110 / 35.171,
 # k = 4096 45.474 / 36.175. The rule wins every forward timed (k >= 512) and from 2 % of
-# N every fwd+bwd timed.
+# N every fwd+bwd timed. Those T = 16,384 rows ran in four token blocks; since one block
+# holds them (`DenseConfig.max_block_elements`, v24) both paths got faster (pairs k = 1024
+# 37.6 -> 31.7, rule k = 4096 37.1 -> 33.5) and the two have not been A/B'd there again.
 RULE_MIN_DENSITY = 2048 / 102_400
 
 
