@@ -41,9 +41,8 @@ The backward needs S only at the pairs: the forward keeps s_tj = S[t, e_tj] (T k
 Memory. The (rows, N) temporaries (S, A; dA, A, dS) are bounded by processing the tokens
 in blocks of at most max_block_elements // N rows, balanced (`block_rows`; a `lax.scan`;
 dU and dV accumulate in float32 across blocks; with one block they leave the GEMMs in the
-tables' dtype). The default, 2^31 - 1 elements (4 GiB a grid in bf16; XLA programs with
-intermediates past 2^31 elements have ended in illegal memory accesses on the GPU,
-`reference.MAX_ELEMENTS`), makes one block up to 20,971 tokens at N = 102,400.
+tables' dtype). The default, `MAX_GRID_ELEMENTS` (4 GiB a grid in bf16), makes one block
+up to 20,971 tokens at N = 102,400.
 With one block the forward's A is kept for the backward (`keep_grid`; T N elements,
 0.84 GB at the headline's 4096 tokens) instead of being zero-filled and scattered again;
 `keep_grid=False` trades that memory back for the rebuild. Measured (one H200, the
@@ -69,9 +68,15 @@ from omnimoe.pallas import common
 F32 = jnp.float32
 
 
+# The most elements of one (rows, N) grid by default, here and for `expert_rule`'s S
+# groups: XLA programs with intermediates past 2^31 elements have ended in illegal memory
+# accesses on the GPU (`reference.MAX_ELEMENTS`).
+MAX_GRID_ELEMENTS = 2 ** 31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  max_block_elements: int = 2 ** 31 - 1  # rows x N of one token block's (rows, N) grids
+  max_block_elements: int = MAX_GRID_ELEMENTS  # rows x N of one token block's (rows, N) grids
   keep_grid: bool = True  # one token block: keep the forward's grid A for the backward
 
 

@@ -60,7 +60,8 @@ from jax.experimental.pallas import triton as plt
 
 from omnimoe import ops, reference
 from omnimoe.pallas import common, second_order
-from omnimoe.pallas.expert_dense import F32, DenseConfig, block_rows, grid_dot
+from omnimoe.pallas.expert_dense import (F32, MAX_GRID_ELEMENTS, DenseConfig, block_rows,
+                                          grid_dot)
 from omnimoe.pallas.router_topk import _ordered_key
 
 
@@ -112,15 +113,14 @@ class RuleConfig:
   `_over_grid`: "ranked" by in-kernel ranks, or "sorted" by an XLA argsort of lx; ranked
   was the faster in 33 of 34 comparisons, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md);
   and the most elements of one S buffer (`max_group_elements`: `_forward` keeps S whole
-  for as many token blocks as fit; XLA programs with intermediates past 2^31 elements
-  have ended in illegal memory accesses on the GPU, `reference.MAX_ELEMENTS`)."""
+  for as many token blocks as fit, up to `expert_dense.MAX_GRID_ELEMENTS`)."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
   num_warps: int = 4
   num_stages: int = 1
   row_walk: str = "ranked"
-  max_group_elements: int = 2 ** 31 - 1
+  max_group_elements: int = MAX_GRID_ELEMENTS
 
   def __post_init__(self):
     if self.grid_pass not in GRID_PASSES:
@@ -134,7 +134,7 @@ class RuleConfig:
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"RuleConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
     if not isinstance(self.max_group_elements, int) or not (
-        1 <= self.max_group_elements < 2 ** 31):
+        1 <= self.max_group_elements <= MAX_GRID_ELEMENTS):
       raise ValueError("RuleConfig.max_group_elements must be an int in [1, 2^31), got "
                        f"{self.max_group_elements!r}")
 
