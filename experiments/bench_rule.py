@@ -10,7 +10,8 @@ headline's shapes and inputs (`bench_headline`'s parameters, tokens and cotangen
   - the FFN fwd and fwd+bwd on the pairs path (the model's: threshold router, emit,
     `expert_dense`), and on the rule path with its grid passes as Pallas kernels and as
     their XLA twins (`RuleConfig.grid_pass`), and with the kernels' other row walks
-    (`RuleConfig.row_walk`), each fwd+bwd's top kernels;
+    (`RuleConfig.row_walk`), and with the forward alone's A from one fused GEMM
+    (`RuleConfig.forward_grid`), each fwd+bwd's top kernels;
   - the grid kernels' launches (`LAUNCHES`: grid rows a loop step, warps, stages);
   - the two routers: pairs (threshold search + emit) and rule (threshold search only);
   - every rule variant's gradients against the pairs path's (relative errors, bf16).
@@ -53,6 +54,9 @@ def variants(k: int, launches=LAUNCHES):
            rule_ffn(k, expert_rule.RuleConfig(grid_pass=grid_pass)), True)
   for walk in expert_rule.ROW_WALKS[1:]:
     yield f"rule kernel {walk}", rule_ffn(k, expert_rule.RuleConfig(row_walk=walk)), True
+  for grid in expert_rule.FORWARD_GRIDS[1:]:
+    yield (f"rule kernel, forward grid by {grid}",
+           rule_ffn(k, expert_rule.RuleConfig(forward_grid=grid)), False)
   for rows, nw, ns in launches:
     config = expert_rule.RuleConfig(block_rows=rows, num_warps=nw, num_stages=ns)
     yield f"rule kernel rows{rows} w{nw} s{ns}", rule_ffn(k, config), False

@@ -59,7 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from omnimoe import ops, reference
-from omnimoe.pallas import common, second_order
+from omnimoe.pallas import common, rule_gemm, second_order
 from omnimoe.pallas.expert_dense import (F32, MAX_GRID_ELEMENTS, DenseConfig, block_rows,
                                           grid_dot)
 from omnimoe.pallas.router_topk import _ordered_key
@@ -101,6 +101,7 @@ def _forward_values(mask, w, s, activation: str):
 
 GRID_PASSES = ("kernel", "xla")
 ROW_WALKS = ("ranked", "sorted")
+FORWARD_GRIDS = ("pass", "gemm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,11 @@ class RuleConfig:
   `_over_grid`: "ranked" by in-kernel ranks, or "sorted" by an XLA argsort of lx; ranked
   was the faster in 33 of 34 comparisons, T = 1024 to 16,384, k = 512 to 4096: RESULTS.md);
   and the most elements of one S buffer (`max_group_elements`: `_forward` keeps S whole
-  for as many token blocks as fit, up to `expert_dense.MAX_GRID_ELEMENTS`)."""
+  for as many token blocks as fit, up to `expert_dense.MAX_GRID_ELEMENTS`). Where the
+  forward alone (no backward follows) gets A (`forward_grid`): "pass", S by cuBLAS then
+  the forward grid pass; "gemm", one Mosaic GPU kernel with the rule in its epilogue
+  (`rule_gemm`, launched by `gemm`; S never stored) where `rule_gemm.supported` holds,
+  else "pass"."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
@@ -121,8 +126,13 @@ class RuleConfig:
   num_stages: int = 1
   row_walk: str = "ranked"
   max_group_elements: int = MAX_GRID_ELEMENTS
+  forward_grid: str = "pass"
+  gemm: rule_gemm.RuleGemmConfig = rule_gemm.RuleGemmConfig()
 
   def __post_init__(self):
+    if self.forward_grid not in FORWARD_GRIDS:
+      raise ValueError(f"RuleConfig.forward_grid must be one of {FORWARD_GRIDS}, got "
+                       f"{self.forward_grid!r}")
     if self.grid_pass not in GRID_PASSES:
       raise ValueError(f"RuleConfig.grid_pass must be one of {GRID_PASSES}, got "
                        f"{self.grid_pass!r}")
@@ -448,7 +458,15 @@ def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan, residuals: bool):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   table = up.T.astype(cdt)
   if not residuals:
+    fused = plan.config.forward_grid == "gemm" and rule_gemm.supported(
+        cdt, cdt, x.shape[1], ly.shape[1], plan.activation, plan.config.gemm)
+
     def block(b):
+      if fused:
+        a = rule_gemm.rule_gemm(b[0].astype(cdt), up.astype(cdt), *b[1:],
+                                activation=plan.activation, config=plan.config.gemm,
+                                interpret=plan.interpret)
+        return common.dot(a, down.astype(cdt)).astype(x.dtype)
       s = grid_dot(b[0].astype(cdt), table, cdt)
       return _forward_block(s, jnp.int32(0), down, *b[1:], plan, x.dtype)[0]
 
