@@ -331,6 +331,7 @@ def test_bench_rule_times_every_variant_and_compares_gradients(monkeypatch, tmp_
   rows = {r["variant"]: r for r in json.loads(path.read_text())}
   want = (["pairs", "rule kernel", "rule xla"]
           + [f"rule kernel {walk}" for walk in expert_rule.ROW_WALKS[1:]]
+          + [f"rule kernel, forward grid by {g}" for g in expert_rule.FORWARD_GRIDS[1:]]
           + [f"rule kernel rows{b} w{w} s{s}" for b, w, s in bench_rule.LAUNCHES]
           + ["router pairs", "router rule"])
   assert list(rows) == want

@@ -49,9 +49,10 @@ from omnimoe.pallas.router_topk import _ordered_key
 
 F32 = jnp.float32
 DTYPES = (jnp.bfloat16, jnp.float16)
-# In-kernel forms (Mosaic GPU lowers exp, not logistic).
+# In-kernel forms: silu(s) = s sigmoid(s) = s (1 + tanh(s / 2)) / 2, one tanh and no
+# division (Mosaic GPU lowers no logistic; its divisions are IEEE-exact and slow).
 ACTIVATIONS = {
-    "silu": lambda s: s / (1.0 + jnp.exp(-s)),
+    "silu": lambda s: 0.5 * s * (1.0 + jnp.tanh(0.5 * s)),
     "relu": lambda s: jnp.maximum(s, 0.0),
     "identity": lambda s: s,
 }
@@ -69,8 +70,9 @@ class RuleGemmConfig:
   stages: int = 3
   epi_m: int = 64
   epi_n: int = 32
-  minor_tokens: bool = True
+  minor_tokens: bool = False
   band: int = 1
+  approx_math: bool = True
 
   def __post_init__(self):
     for name in ("tile_m", "tile_k", "epi_m", "epi_n"):
@@ -236,6 +238,7 @@ def rule_gemm(x: jax.Array, up: jax.Array, lx: jax.Array, ly: jax.Array, theta: 
       out_type=jax.ShapeDtypeStruct((padded, n_x * n_y), x.dtype),
       grid=(num_sms or _num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
+          approx_math=config.approx_math,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_interpret_params() if interpret else None)
   a = kernel(pad(x, 0), up.T if interpret else up, pad(lx.astype(F32), 0).T,
