@@ -342,3 +342,24 @@ def test_bench_rule_times_every_variant_and_compares_gradients(monkeypatch, tmp_
     assert max(errs.values()) < 2e-2, (name, errs)
     assert rows[name]["fwd_ms"] == rows[name]["fwd_bwd_ms"] == 1.0
   assert rows["router rule"]["fwd_ms"] == 1.0
+
+
+def test_bench_rule_gemm_checks_the_fused_grid(monkeypatch, tmp_path):
+  """experiments/bench_rule_gemm.py at toy sizes (interpret mode, timings replaced): the
+  two-step and fused rows, the fused A checked against the two-step one (routed sets
+  equal, bf16 error), the JSON as printed."""
+  from experiments import bench_rule_gemm as brg
+  monkeypatch.setattr(brg, "CASES", ((64, 300),))
+  monkeypatch.setattr(brg, "D", 64)
+  monkeypatch.setattr(brg, "LAUNCHES", ())
+  monkeypatch.setattr(brg, "device_ms", lambda fn, args: (fn(*args), 1.0)[1])
+  monkeypatch.setattr(brg.benchlib, "timeit", lambda fn, arg_sets: 2.0)
+  monkeypatch.setattr(sys, "argv", ["bench_rule_gemm.py", "--tokens", "100",
+                                    "--out", str(tmp_path)])
+  brg.main()
+  (path,) = tmp_path.glob("rule-gemm-*.json")
+  rows = json.loads(path.read_text())
+  assert [r["variant"] for r in rows] == ["cuBLAS S alone", "cuBLAS S + grid pass", "fused"]
+  fused = rows[-1]
+  assert fused["routed_mismatch"] == 0 and 0 < fused["rel_err"] < 1e-2
+  assert fused["device_ms"] == 1.0 and fused["host_ms"] == 2.0
