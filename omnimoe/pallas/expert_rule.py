@@ -120,8 +120,8 @@ class RuleConfig:
   for as many token blocks as fit, up to `expert_dense.MAX_GRID_ELEMENTS`). Where the
   forward alone (no backward follows) gets A (`forward_grid`): "pass", S by cuBLAS then
   the forward grid pass; "gemm", one Mosaic GPU kernel with the rule in its epilogue
-  (`rule_gemm`, launched by `gemm`; S never stored) where `rule_gemm.supported` holds,
-  else "pass"."""
+  (`rule_gemm`, launched by `gemm`; S never stored; Hopper GPUs: wgmma) where
+  `rule_gemm.supported` holds, else "pass"."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
