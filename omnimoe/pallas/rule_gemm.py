@@ -258,5 +258,8 @@ def rule_gemm(x: jax.Array, up: jax.Array, lx: jax.Array, ly: jax.Array, theta: 
 
 
 def _interpret_params():
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
-  return InterpretGPUParams()
+  """Mosaic GPU interpret mode's parameters: public from JAX 0.11, private in 0.10."""
+  params = getattr(plgpu, "InterpretGPUParams", None)
+  if params is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params  # noqa: PLC0415
+  return params()
