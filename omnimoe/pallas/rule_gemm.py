@@ -261,5 +261,6 @@ def _interpret_params():
   """Mosaic GPU interpret mode's parameters: public from JAX 0.11, private in 0.10."""
   params = getattr(plgpu, "InterpretGPUParams", None)
   if params is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params  # noqa: PLC0415
+    from jax._src.pallas.mosaic_gpu.interpret import params as private  # noqa: PLC0415
+    params = private.InterpretGPUParams
   return params()
