@@ -65,14 +65,8 @@ from omnimoe import ops, reference
 from omnimoe.pallas import common, rule_gemm, second_order
 from omnimoe.pallas.expert_dense import (F32, MAX_GRID_ELEMENTS, DenseConfig, block_rows,
                                           grid_dot)
+from omnimoe.pallas.router_threshold import kept
 from omnimoe.pallas.router_topk import _ordered_key
-
-
-def _routed(score, ids, bound, cut):
-  """The rule above: float32 sums `score` at flat expert ids `ids` against a token's theta
-  (as its int32 key, `bound`) and cut, broadcast (tokens, 1) against the grid."""
-  key = _ordered_key(score)
-  return (key > bound) | ((key == bound) & (ids <= cut))
 
 
 def routed_mask(lx: jax.Array, ly: jax.Array, theta: jax.Array, cut: jax.Array) -> jax.Array:
@@ -84,7 +78,7 @@ def _rule_grid(lx, ly, theta, cut):
   """(mask, exp(s)) over a block's (rows, N) grid, float32, from the rule above."""
   s = (lx.astype(F32)[:, :, None] + ly.astype(F32)[:, None, :]).reshape(lx.shape[0], -1)
   ids = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  mask = _routed(s, ids, _ordered_key(theta.astype(F32))[:, None], cut[:, None])
+  mask = kept(s, ids, _ordered_key(theta.astype(F32))[:, None], cut[:, None])
   return mask, jnp.exp(s)
 
 
@@ -253,7 +247,7 @@ def _over_grid(lx_ref, ly_ref, theta_ref, cut_ref, order_ref, block_rows: int, w
       routed = weight = None
       if with_rule:
         lx = _masked_load(lx_ref.at[token[:, 0], i], in_rows)[:, None]
-        routed = _both(inside, _routed(lx + ly, ids, bound, cut), ids.shape)
+        routed = _both(inside, kept(lx + ly, ids, bound, cut), ids.shape)
         weight = jnp.exp(lx) * jnp.exp(ly)
       return _Tile(token, c, ids, i[:, None] * n_y + cols[None, :], inside, rows, in_rows,
                    routed, weight)

@@ -336,6 +336,15 @@ def threshold(lx: jax.Array, ly: jax.Array, k: int, *,
   return _theta_cut(lx, ly, k, config, common.resolve_interpret(interpret))
 
 
+def kept(score: jax.Array, ids: jax.Array, bound: jax.Array, cut: jax.Array) -> jax.Array:
+  """`threshold`'s rule applied: whether float32 sums `score` at flat expert ids `ids` are
+  kept against a token's theta (as its int32 key, `bound` = `_ordered_key(theta)`) and
+  cut, broadcast against each other. Plain jnp, so XLA and the grid kernels (Triton and
+  Mosaic GPU, `expert_rule`, `rule_gemm`) evaluate the same rule."""
+  key = _ordered_key(score)
+  return (key > bound) | ((key == bound) & (ids <= cut))
+
+
 def cartesian_topk(lx: jax.Array, ly: jax.Array, k: int, *, sorted: bool = True,  # noqa: A002
                    config: ThresholdConfig = ThresholdConfig(),
                    interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:

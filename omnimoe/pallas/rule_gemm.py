@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from omnimoe.pallas import common
+from omnimoe.pallas.router_threshold import kept
 from omnimoe.pallas.router_topk import _ordered_key
 
 F32 = jnp.float32
@@ -192,8 +193,7 @@ def _kernel(x_gmem, u_gmem, lxt_gmem, ly_gmem, bound_gmem, cut_gmem, a_gmem, *,
               j = column + ni * epi_n
               ly = _read(ly_gmem.at[tok, pl.ds(j, epi_n)], plgpu.Layout.WGMMA, interpret)
               ids = row * n_y + j + _column_ids((epi_m, epi_n), interpret)
-              key = _ordered_key(lx + ly)
-              routed = (key > bound) | ((key == bound) & (ids <= cut))
+              routed = kept(lx + ly, ids, bound, cut)
               s = acc[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n]
               a = jnp.where(routed, wx * jnp.exp(ly) * ACTIVATIONS[activation](s), 0.0)
               slot = (mi * (width // epi_n) + ni) % 2
