@@ -59,6 +59,8 @@ def test_what_it_serves():
   assert rule_gemm.tile_n(320) == 160 and rule_gemm.tile_n(256) == 128
   assert rule_gemm.tile_n(32, SMALL) == 16 and rule_gemm.tile_n(100) is None
   assert rule_gemm.supported(jnp.bfloat16, jnp.bfloat16, 1024, 320, "silu")
+  assert not rule_gemm.supported(jnp.bfloat16, jnp.bfloat16, 1024, 320, "silu",
+                                 rule_gemm.RuleGemmConfig(stages=4))  # > 227 KB
   for args in ((jnp.float32, jnp.float32, 1024, 320, "silu"),    # no tf32 GEMM here
                (jnp.bfloat16, jnp.float16, 1024, 320, "silu"),
                (jnp.bfloat16, jnp.bfloat16, 96, 320, "silu"),     # d % tile_k

@@ -67,16 +67,18 @@ ACTIVATIONS = {
     "identity": lambda s: s,
 }
 MAX_TILE_N = 256  # wgmma's widest N
+# An H100's shared memory a block (227 KB), less what Mosaic GPU adds (barriers, alignment)
+SHARED_MEMORY_BYTES = 232_448 - 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class RuleGemmConfig:
-  """Launch of `rule_gemm`: tokens per tile, the contraction step, pipeline stages (shared
-  memory: stages x (tile_m + 2 tile_n) x tile_k x 2 bytes; 4 stages of the defaults at
-  n_y = 320 pass an H100's 227 KB), the epilogue's sub-tile, the tile order
-  (`minor_tokens`: the token tiles of one expert tile first), its band width (`band`:
-  `plgpu.planar_snake`'s tile width) and Mosaic GPU's approximate exp and tanh
-  (`approx_math`: 1.858 against 2.124 ms exact; A is stored in 16 bits)."""
+  """Launch of `rule_gemm`: tokens per tile, the contraction step, pipeline stages
+  (`shared_memory_bytes`: 3 stages of the defaults at n_y = 320 fit an H100's 227 KB, 4
+  do not), the epilogue's sub-tile, the tile order (`minor_tokens`: the token tiles of one
+  expert tile first), its band width (`band`: `plgpu.planar_snake`'s tile width) and
+  Mosaic GPU's approximate exp and tanh (`approx_math`: 1.858 against 2.124 ms exact; A is
+  stored in 16 bits)."""
   tile_m: int = 128
   tile_k: int = 64
   stages: int = 3
@@ -107,12 +109,20 @@ def tile_n(n_y: int, config: RuleGemmConfig = RuleGemmConfig()) -> int | None:
   return None
 
 
+def shared_memory_bytes(width: int, config: RuleGemmConfig) -> int:
+  """The kernel's shared memory: the pipeline's stages of x and U blocks (16-bit), and per
+  consumer warpgroup two epilogue slots of A (16-bit) and of ly (float32)."""
+  stages = config.stages * (config.tile_m + 2 * width) * config.tile_k * 2
+  return stages + 2 * 2 * config.epi_m * config.epi_n * (2 + 4)
+
+
 def supported(x_dtype, table_dtype, d: int, n_y: int, activation: str,
               config: RuleGemmConfig = RuleGemmConfig()) -> bool:
   """Whether `rule_gemm` serves these inputs (else the caller keeps GEMM + pass)."""
+  width = tile_n(n_y, config)
   return (jnp.dtype(x_dtype) in map(jnp.dtype, DTYPES) and jnp.dtype(x_dtype) == jnp.dtype(
       table_dtype) and activation in ACTIVATIONS and d % config.tile_k == 0 and
-          tile_n(n_y, config) is not None)
+          width is not None and shared_memory_bytes(width, config) <= SHARED_MEMORY_BYTES)
 
 
 def _read(ref, layout, interpret: bool):
@@ -160,8 +170,10 @@ def _kernel(x_gmem, u_gmem, lxt_gmem, ly_gmem, bound_gmem, cut_gmem, a_gmem, *,
       pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, u_gmem),
       out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), a_gmem.dtype,
                           transforms=smem_transforms(epi_n, a_gmem.dtype.itemsize)),
+      ly_smem=plgpu.SMEM((2, 2, epi_m, epi_n), F32, transforms=smem_transforms(epi_n, 4)),
+      ly_ready=plgpu.Barrier(num_arrivals=1, num_barriers=4),
       collective_axes="wg")
-  def _scope(allocs, out_smem):
+  def _scope(allocs, out_smem, ly_smem, ly_ready):
     wg = lax.axis_index("wg")
 
     @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -174,35 +186,46 @@ def _kernel(x_gmem, u_gmem, lxt_gmem, ly_gmem, bound_gmem, cut_gmem, a_gmem, *,
       first = n_idx * cta_n
       row = first // n_y
       column = first - row * n_y + wg * width  # this warpgroup's first grid column j
+      # the epilogue's sub-tiles (token rows mi, columns ni); sub-tile s uses slot s % 2
+      subtiles = [(mi, ni) for mi in range(tm // epi_m) for ni in range(width // epi_n)]
+      tokens_of = lambda mi: pl.ds(m_idx * tm + mi * epi_m, epi_m)  # noqa: E731
+
+      def fetch_ly(s):
+        """TMA of sub-tile s's ly block into its slot; the epilogue waits on it."""
+        mi, ni = subtiles[s]
+        plgpu.copy_gmem_to_smem(ly_gmem.at[tokens_of(mi), pl.ds(column + ni * epi_n, epi_n)],
+                                ly_smem.at[wg, s % 2], ly_ready.at[2 * wg + s % 2])
 
       def epilogue(run):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, width), F32))
         def _acc(acc_ref):
+          for s in range(min(2, len(subtiles))):  # in flight during the main loop
+            fetch_ly(s)
           run(acc_ref)
           acc = acc_ref[...]
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          for mi in range(tm // epi_m):
-            tok = pl.ds(m_idx * tm + mi * epi_m, epi_m)
-            per_token = [lax.broadcast_in_dim(_read(ref, row_layout, interpret), (epi_m, epi_n),
-                                              [0])
-                         for ref in (lxt_gmem.at[row, tok], bound_gmem.at[tok],
-                                     cut_gmem.at[tok])]
-            lx, bound, cut = per_token
-            wx = jnp.exp(lx)
-            for ni in range(width // epi_n):
-              j = column + ni * epi_n
-              ly = _read(ly_gmem.at[tok, pl.ds(j, epi_n)], plgpu.Layout.WGMMA, interpret)
-              ids = row * n_y + j + _column_ids((epi_m, epi_n), interpret)
-              routed = kept(lx + ly, ids, bound, cut)
-              s = acc[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n]
-              a = jnp.where(routed, wx * jnp.exp(ly) * ACTIVATIONS[activation](s), 0.0)
-              slot = (mi * (width // epi_n) + ni) % 2
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg, slot] = a.astype(a_gmem.dtype)
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
-                  a_gmem.at[tok, pl.ds(first + wg * width + ni * epi_n, epi_n)])
+          for s, (mi, ni) in enumerate(subtiles):
+            tok, slot = tokens_of(mi), s % 2
+            if ni == 0:
+              lx, bound, cut = [
+                  lax.broadcast_in_dim(_read(ref, row_layout, interpret), (epi_m, epi_n), [0])
+                  for ref in (lxt_gmem.at[row, tok], bound_gmem.at[tok], cut_gmem.at[tok])]
+              wx = jnp.exp(lx)
+            j = column + ni * epi_n
+            plgpu.barrier_wait(ly_ready.at[2 * wg + slot])
+            ly = ly_smem[wg, slot]
+            ids = row * n_y + j + _column_ids((epi_m, epi_n), interpret)
+            routed = kept(lx + ly, ids, bound, cut)
+            s_tile = acc[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n]
+            a = jnp.where(routed, wx * jnp.exp(ly) * ACTIVATIONS[activation](s_tile), 0.0)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            out_smem[wg, slot] = a.astype(a_gmem.dtype)
+            plgpu.commit_smem()  # also: every thread has read ly's slot, so refill it
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg, slot],
+                a_gmem.at[tok, pl.ds(first + wg * width + ni * epi_n, epi_n)])
+            if s + 2 < len(subtiles):
+              fetch_ly(s + 2)
 
       def mma(unused_idx, x_smem, u_smem, acc_ref):
         if interpret:
