@@ -21,15 +21,18 @@ expert tile is `2 tile_n` columns, one per consumer warpgroup, and divides n_y, 
 lies in one grid row i: the epilogue needs lx[t, i] as one value a token (read from
 lx^T), ly[t, j] as a block, and theta's key and cut a token.
 It runs in `epi_m x epi_n` sub-tiles, each stored through shared memory by TMA while the
-next is computed.
+next is computed. A sub-tile's ly block comes by TMA into one of two shared-memory slots
+per consumer warpgroup, issued two sub-tiles ahead (the first two while the main loop
+runs) and refilled once `commit_smem`'s warpgroup barrier shows every thread has read it.
 
 Measured (one H100, T = 4096, d = 1024, bf16, device time; experiments/RESULTS.md "The
-forward grid in one Mosaic GPU GEMM"): 1.858 ms at the headline (n = 320, k = 4096)
-against cuBLAS S + the grid pass, 1.900 (cuBLAS S alone 1.052; this kernel storing S with
-no rule 1.171); 1.867 against 1.683 at k = 1024. Of the epilogue's ~0.69 ms, ~0.5 is the
-ly block's strided loads from global memory (`_read`, unoptimised): bringing ly into
-shared memory by TMA a sub-tile ahead is the next step. Until it wins, `expert_rule` uses
-it only when asked (`RuleConfig.forward_grid="gemm"`).
+forward grid in one Mosaic GPU GEMM"), with ly read straight from global memory
+(`plgpu.load`, unoptimised), before the TMA slots: 1.858 ms at the headline (n = 320,
+k = 4096) against cuBLAS S + the grid pass, 1.900 (cuBLAS S alone 1.052; this kernel
+storing S with no rule 1.171); 1.867 against 1.683 at k = 1024. Of the epilogue's
+~0.69 ms, ~0.5 was those ly loads (1.359 ms without them), which the TMA slots replace;
+the slots are not yet timed (`experiments/bench_rule_gemm.py`). Until it wins,
+`expert_rule` uses it only when asked (`RuleConfig.forward_grid="gemm"`).
 
 Interpret mode (CPU tests; `jax._src.pallas.mosaic_gpu.interpret`, JAX >= 0.10) runs
 the same kernel body with two substitutions it needs: U^T blocks instead of transposed
