@@ -17,6 +17,7 @@ from tests.test_pallas_expert_rule import check, rule_inputs
 
 # small tiles for interpret mode: 64 tokens, 16-column epilogue sub-tiles
 SMALL = rule_gemm.RuleGemmConfig(tile_m=64, tile_k=32, stages=2, epi_m=64, epi_n=16)
+SMALL_TWO_ROWS = rule_gemm.RuleGemmConfig(tile_m=128, tile_k=32, stages=2, epi_m=64, epi_n=16)
 TOL = 1e-2
 
 
@@ -39,17 +40,19 @@ def check_grid(got, want, routed):
   assert bf.rel_err(got, want) < TOL
 
 
-@pytest.mark.parametrize("tokens,d,n_x,n_y,k,dtype,quantum,activation", [
-    (100, 64, 8, 32, 64, jnp.bfloat16, None, "silu"),      # k = N / 4; T padded to 128
-    (37, 64, 4, 64, 256, jnp.float16, None, "relu"),       # k = N; two sub-tiles a tile
-    (64, 32, 8, 32, 40, jnp.bfloat16, 0.5, "silu"),        # sums tie often: the cut decides
-    (5, 64, 3, 32, 1, jnp.bfloat16, None, "identity"),     # k = 1, one ragged token tile
+@pytest.mark.parametrize("tokens,d,n_x,n_y,k,dtype,quantum,activation,config", [
+    (100, 64, 8, 32, 64, jnp.bfloat16, None, "silu", SMALL),   # k = N / 4; T padded to 128
+    (37, 64, 4, 64, 256, jnp.float16, None, "relu", SMALL),    # k = N; two sub-tiles a tile
+    (64, 32, 8, 32, 40, jnp.bfloat16, 0.5, "silu", SMALL),     # sums tie often: the cut decides
+    (5, 64, 3, 32, 1, jnp.bfloat16, None, "identity", SMALL),  # k = 1, one ragged token tile
+    # 2 x 4 sub-tiles a tile: the ly slots refilled, lx read again for the second 64 rows
+    (150, 64, 3, 128, 96, jnp.bfloat16, None, "silu", SMALL_TWO_ROWS),
 ])
-def test_values(tokens, d, n_x, n_y, k, dtype, quantum, activation):
+def test_values(tokens, d, n_x, n_y, k, dtype, quantum, activation, config):
   rng = np.random.default_rng(tokens + d + k)
   args, (theta, cut), pairs, _ = rule_inputs(rng, tokens, d, n_x, n_y, k, dtype, quantum)
   got = rule_gemm.rule_gemm(args[0], args[1], args[3], args[4], theta, cut,
-                            activation=activation, config=SMALL, interpret=True)
+                            activation=activation, config=config, interpret=True)
   want, routed = brute_force_grid(args, pairs, activation)
   assert got.dtype == dtype and got.shape == want.shape
   check_grid(got, want, routed)
