@@ -62,6 +62,9 @@ def test_what_it_serves():
   assert rule_gemm.tile_n(320) == 160 and rule_gemm.tile_n(256) == 128
   assert rule_gemm.tile_n(32, SMALL) == 16 and rule_gemm.tile_n(100) is None
   assert rule_gemm.supported(jnp.bfloat16, jnp.bfloat16, 1024, 320, "silu")
+  assert rule_gemm.runs_here(True)  # interpret mode, on any host
+  if jax.devices()[0].platform == "cpu":
+    assert not rule_gemm.runs_here(False)
   assert not rule_gemm.supported(jnp.bfloat16, jnp.bfloat16, 1024, 320, "silu",
                                  rule_gemm.RuleGemmConfig(stages=4))  # > 227 KB
   for args in ((jnp.float32, jnp.float32, 1024, 320, "silu"),    # no tf32 GEMM here
@@ -104,12 +107,15 @@ def test_rule_op_forward_alone_by_the_gemm():
   forward under vjp and the gradients keep the passes; all against brute force."""
   rng = np.random.default_rng(3)
   args, rule, pairs, dy = rule_inputs(rng, 70, 64, 6, 32, 48, jnp.bfloat16)
-  check(args, rule, pairs, dy, expert_rule.RuleConfig(forward_grid="gemm", gemm=SMALL),
-        TOL, interpret=True)
+  config = expert_rule.RuleConfig(forward_grid="gemm", gemm=SMALL)
+  forward = jax.make_jaxpr(lambda *a: expert_rule.atomic_experts_rule(
+      *a, *rule, config=config, interpret=True))(*args)
+  assert str(forward).count("mpmd_map") == 1  # the Mosaic GPU kernel, not a fallback
+  check(args, rule, pairs, dy, config, TOL, interpret=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+@pytest.mark.skipif(not rule_gemm.runs_here(False), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("n,k,activation", [(320, 512, "silu"), (256, 4096, "relu")])
 def test_on_gpu(n, k, activation):
   """Compiled, at the headline's grid and at 256 x 256; 300 tokens (a ragged tile)."""

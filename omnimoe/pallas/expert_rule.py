@@ -114,8 +114,9 @@ class RuleConfig:
   for as many token blocks as fit, up to `expert_dense.MAX_GRID_ELEMENTS`). Where the
   forward alone (no backward follows) gets A (`forward_grid`): "pass", S by cuBLAS then
   the forward grid pass; "gemm", one Mosaic GPU kernel with the rule in its epilogue
-  (`rule_gemm`, launched by `gemm`; S never stored; Hopper GPUs: wgmma) where
-  `rule_gemm.supported` holds, else "pass"."""
+  (`rule_gemm`, launched by `gemm`; S never stored) where it runs (a Hopper GPU, or
+  interpret mode: `rule_gemm.runs_here`) and serves the inputs (`rule_gemm.supported`),
+  else "pass"."""
   dense: DenseConfig = DenseConfig()
   grid_pass: str = "kernel"
   block_rows: int = 16
@@ -455,8 +456,9 @@ def _forward(x, up, down, lx, ly, theta, cut, plan: _Plan, residuals: bool):
   cdt = common.mma_dtype(x.dtype, up.dtype, down.dtype)
   table = up.T.astype(cdt)
   if not residuals:
-    fused = plan.config.forward_grid == "gemm" and rule_gemm.supported(
-        cdt, cdt, x.shape[1], ly.shape[1], plan.activation, plan.config.gemm)
+    fused = (plan.config.forward_grid == "gemm" and rule_gemm.runs_here(plan.interpret) and
+             rule_gemm.supported(cdt, cdt, x.shape[1], ly.shape[1], plan.activation,
+                                 plan.config.gemm))
 
     def block(b):
       if fused:

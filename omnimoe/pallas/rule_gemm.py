@@ -247,6 +247,13 @@ def _kernel(x_gmem, u_gmem, lxt_gmem, ly_gmem, bound_gmem, cut_gmem, a_gmem, *,
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def runs_here(interpret: bool) -> bool:
+  """Whether the kernel can run: interpret mode, or a Hopper GPU (wgmma is sm_90's)."""
+  device = jax.devices()[0]
+  return interpret or (device.platform == "gpu" and
+                       str(getattr(device, "compute_capability", "")).split(".")[0] == "9")
+
+
 def _num_sms() -> int:
   return jax.devices()[0].core_count if jax.default_backend() == "gpu" else 4
 
