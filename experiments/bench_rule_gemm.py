@@ -26,9 +26,9 @@ from omnimoe.pallas.expert_dense import grid_dot
 CASES = ((320, 4096), (320, 1024), (256, 2048))  # (n, k); N = n^2
 D = 1024
 DEFAULT = rule_gemm.RuleGemmConfig()
-LAUNCHES = (  # beside the default, at the headline only (v25b: minor_tokens=True and
-    # band > 1 were slower, 3.07 and 1.96-2.01 against 1.94 ms; v25: 4 stages exceed shared
-    # memory, tile_m = 64 took 2.23 ms)
+LAUNCHES = (  # beside the default, at the headline only (v25b: the other tile order and
+    # bands of 2-8 tiles were slower, 3.07 and 1.96-2.01 against 1.94 ms; v25: 4 stages
+    # exceed shared memory, tile_m = 64 took 2.23 ms)
     dataclasses.replace(DEFAULT, stages=2), dataclasses.replace(DEFAULT, approx_math=False),
     dataclasses.replace(DEFAULT, stages=2, epi_m=128))
 

@@ -15,11 +15,12 @@ Mosaic GPU gives the Hopper pieces a GEMM needs to keep cuBLAS's rate: TMA loads
 a warp-specialised pipeline (one producer warpgroup, two consumers).
 
 Layout. A persistent kernel (one program per SM) walks the (token tile, expert tile)
-pairs, the expert tiles of one token tile first (`RuleGemmConfig.minor_tokens`: the
-other order, meant to read each U tile from memory once, ran 3.07 against 1.94 ms). An
-expert tile is `2 tile_n` columns, one per consumer warpgroup, and divides n_y, so it
-lies in one grid row i: the epilogue needs lx[t, i] as one value a token (read from
-lx^T), ly[t, j] as a block, and theta's key and cut a token.
+pairs, the expert tiles of one token tile first (`plgpu.planar_snake`, bands of one tile;
+on one H100, experiments/results/rule-gemm-*-v25{a,b}-log.txt: the other order, meant to
+read each U tile from memory once, ran 3.07 against 1.94 ms, bands of 2-8 tiles
+1.96-2.01). An expert tile is `2 tile_n` columns, one per consumer warpgroup, and divides
+n_y, so it lies in one grid row i: the epilogue needs lx[t, i] as one value a token (read
+from lx^T), ly[t, j] as a block, and theta's key and cut a token.
 It runs in `epi_m x epi_n` sub-tiles, each stored through shared memory by TMA while the
 next is computed. A sub-tile's ly block comes by TMA into one of two shared-memory slots
 per consumer warpgroup, issued two sub-tiles ahead (the first two while the main loop
@@ -36,8 +37,8 @@ the slots are not yet timed (`experiments/bench_rule_gemm.py`). Until it wins,
 
 Interpret mode (CPU tests; `jax._src.pallas.mosaic_gpu.interpret`, JAX >= 0.10) runs
 the same kernel body with two substitutions it needs: U^T blocks instead of transposed
-U blocks (the interpreter has no transposed shared-memory refs) and plain reads of the
-epilogue's inputs instead of `plgpu.load` from global memory. The tests also lower the
+U blocks (the interpreter has no transposed shared-memory refs) and plain reads of lx,
+theta's key and cut instead of `plgpu.load` from global memory. The tests also lower the
 GPU form on the CPU (`test_lowers_for_gpu`: Mosaic GPU's layout inference and lowering).
 
 Equivalent JAX code (per token block):
@@ -78,17 +79,13 @@ SHARED_MEMORY_BYTES = 232_448 - 1024
 class RuleGemmConfig:
   """Launch of `rule_gemm`: tokens per tile, the contraction step, pipeline stages
   (`shared_memory_bytes`: 3 stages of the defaults at n_y = 320 fit an H100's 227 KB, 4
-  do not), the epilogue's sub-tile, the tile order (`minor_tokens`: the token tiles of one
-  expert tile first), its band width (`band`: `plgpu.planar_snake`'s tile width) and
-  Mosaic GPU's approximate exp and tanh (`approx_math`: 1.858 against 2.124 ms exact; A is
-  stored in 16 bits)."""
+  do not), the epilogue's sub-tile and Mosaic GPU's approximate exp and tanh
+  (`approx_math`: 1.858 against 2.124 ms exact; A is stored in 16 bits)."""
   tile_m: int = 128
   tile_k: int = 64
   stages: int = 3
   epi_m: int = 64
   epi_n: int = 32
-  minor_tokens: bool = False
-  band: int = 1
   approx_math: bool = True
 
   def __post_init__(self):
@@ -97,10 +94,8 @@ class RuleGemmConfig:
     if self.tile_m % 64 or self.epi_m > self.tile_m or self.tile_m % self.epi_m:
       raise ValueError(f"RuleGemmConfig: tile_m must be a multiple of 64 and of epi_m, got "
                        f"tile_m={self.tile_m}, epi_m={self.epi_m}")
-    for name in ("stages", "band"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"RuleGemmConfig.{name} must be an int >= 1, got "
-                         f"{getattr(self, name)!r}")
+    if not isinstance(self.stages, int) or self.stages < 1:
+      raise ValueError(f"RuleGemmConfig.stages must be an int >= 1, got {self.stages!r}")
 
 
 def tile_n(n_y: int, config: RuleGemmConfig = RuleGemmConfig()) -> int | None:
@@ -182,10 +177,7 @@ def _kernel(x_gmem, u_gmem, lxt_gmem, ly_gmem, bound_gmem, cut_gmem, a_gmem, *,
     @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
     def _tile(info):
       (flat,) = info.index
-      if config.minor_tokens:
-        n_idx, m_idx = plgpu.planar_snake(flat, (n_tiles, m_tiles), 1, config.band)
-      else:
-        m_idx, n_idx = plgpu.planar_snake(flat, (m_tiles, n_tiles), 1, config.band)
+      m_idx, n_idx = plgpu.planar_snake(flat, (m_tiles, n_tiles), 1, 1)
       first = n_idx * cta_n
       row = first // n_y
       column = first - row * n_y + wg * width  # this warpgroup's first grid column j
