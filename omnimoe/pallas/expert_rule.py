@@ -47,7 +47,8 @@ elements: `_groups`), each block's passes reading its rows at an offset. Second 
 (reverse mode): `second_order.by_reference` on `_reference`. The forward alone can take A
 from one Mosaic GPU GEMM with the rule in its epilogue instead (`RuleConfig.forward_grid`,
 `rule_gemm`): 1.858 ms against S + pass 1.900 at the headline, 1.867 against 1.683 at
-k = 1024 (one H100, device time), so not the default.
+k = 1024 (one H100, device time, before its epilogue took ly by TMA; not yet re-timed),
+so not the default.
 """
 from __future__ import annotations
 
